@@ -1,0 +1,272 @@
+"""The edge agent: take the newest global model, train E local steps, publish the delta, repeat.
+
+It never waits for other agents: after each local round it starts again from the newest model it holds
+(in ``sync`` mode, announced by the model's ``fedmqtt.mode``, it trains once per version instead).
+Presence is a retained status with a last will that marks it offline; the connection is re-made with
+jittered exponential backoff; updates wait in an outbox until the aggregator acknowledges them.
+
+Lifecycle: ``async with EdgeAgent(...) as agent: await agent.wait_updates(10)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+import numpy as np
+
+from fedmqtt import codec
+from fedmqtt.data import as_source
+from fedmqtt.errors import CodecError, IncompatibleModel, InvalidUpdate, TransportError
+from fedmqtt.schemas import Ack, Status, dump, parse_model_metadata
+from fedmqtt.topics import Topics, check_segment
+from fedmqtt.training import Trainer
+from fedmqtt.transport import Connector, ConnectOptions, Transport, Will
+from fedmqtt.types import Array, Encoding, ModelInfo
+
+log = logging.getLogger("fedmqtt.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    topics: Topics = field(default_factory=Topics)
+    local_steps: int = 20  # E optimizer steps per local round
+    encoding: Encoding = "delta"
+    round_seconds: float = 0.0  # pad each local round to at least this long (simulates a slow device)
+    ack_timeout: float = 30.0  # re-send an unacknowledged update after this long
+    max_outbox: int = 8  # unacknowledged updates held before training pauses (back-pressure)
+    backoff_max: float = 10.0
+    session_expiry: int = 600
+
+
+class GlobalModel(NamedTuple):
+    info: ModelInfo
+    params: dict[str, Array]
+
+
+class Pending(NamedTuple):
+    payload: bytes
+    sent_at: float
+
+
+class EdgeAgent:
+    """One device. ``trainer`` knows the model and loss; ``data`` is ArrayData, (x, y) or an async stream."""
+
+    def __init__(
+        self,
+        connect: Connector,
+        agent_id: str,
+        trainer: Trainer,
+        data: Any,
+        config: AgentConfig | None = None,
+        on_ack: Callable[[Ack], None] | None = None,
+    ) -> None:
+        self.agent_id = check_segment(agent_id, "agent id")
+        self.config = config or AgentConfig()
+        self.topics = self.config.topics
+        self.trainer = trainer
+        self.data = as_source(data)
+        self.fingerprint = codec.fingerprint(trainer.initial)
+        self._connect = connect
+        self._on_ack = on_ack
+        self.model: GlobalModel | None = None
+        self._model_changed = asyncio.Event()
+        self.outbox: dict[str, Pending] = {}
+        self._outbox_space = asyncio.Event()
+        self._outbox_space.set()
+        self._transport: Transport | None = None
+        self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._running: list[asyncio.Task[None]] = []
+        self._tasks: asyncio.TaskGroup | None = None
+        self.updates_sent = 0
+        self.acks: dict[str, int] = {"accepted": 0, "rejected": 0}
+        self.last_rejection: Ack | None = None
+        self.last_loss: float | None = None
+        self.trained_versions: list[int] = []
+        self.error: str | None = None
+        self._state = "online"
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._running = [
+            self._tasks.create_task(self._connection_loop(), name=f"{self.agent_id}:connection"),
+            self._tasks.create_task(self._training_loop(), name=f"{self.agent_id}:training"),
+            self._tasks.create_task(self._resender(), name=f"{self.agent_id}:resender"),
+        ]
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._closing.set()
+        t = self._transport
+        if t is not None and self._connected.is_set():  # a clean goodbye; the will covers the rest
+            with contextlib.suppress(TransportError, TimeoutError):
+                await asyncio.wait_for(self._publish_status(t, "offline"), 2.0)
+        for task in self._running:
+            task.cancel()
+        assert self._tasks is not None
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._tasks.__aexit__(None, None, None)
+
+    async def run(self) -> None:
+        async with self:
+            await self._closing.wait()
+
+    def stop(self) -> None:
+        self._closing.set()
+
+    async def wait_model(self, timeout: float = 10.0) -> GlobalModel:
+        deadline = time.monotonic() + timeout
+        while self.model is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.agent_id}: no global model within {timeout}s")
+            await asyncio.sleep(0.01)
+        return self.model
+
+    async def wait_updates(self, n: int, timeout: float = 60.0) -> None:
+        """Wait until ``n`` updates have been acknowledged (accepted or rejected)."""
+        deadline = time.monotonic() + timeout
+        while sum(self.acks.values()) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.agent_id}: {self.acks} after {timeout}s, wanted {n} acks")
+            await asyncio.sleep(0.01)
+
+    # ---- connection -----------------------------------------------------------------------------
+    def _status(self, state: str) -> bytes:
+        version = self.model.info.version if self.model else None
+        return dump(Status(agent=self.agent_id, state=state, version=version,  # type: ignore[arg-type]
+                           updates_sent=self.updates_sent, ts=time.time()))
+
+    async def _publish_status(self, t: Transport, state: str) -> None:
+        self._state = state
+        await t.publish(self.topics.status(self.agent_id), self._status(state), qos=1, retain=True)
+
+    async def _connection_loop(self) -> None:
+        attempt = 0
+        will = Will(self.topics.status(self.agent_id), self._status("offline"), qos=1, retain=True)
+        opts = ConnectOptions(f"fedmqtt-agent-{self.agent_id}", will=will, clean_start=False,
+                              session_expiry=self.config.session_expiry)
+        while not self._closing.is_set():
+            try:
+                async with self._connect(opts) as t:
+                    await self._publish_status(t, "online")
+                    await t.subscribe(self.topics.acks(self.agent_id), qos=1)
+                    await t.subscribe(self.topics.model, qos=1)
+                    self._transport = t
+                    self._connected.set()
+                    attempt = 0
+                    for update_id, pending in list(self.outbox.items()):  # re-send what was never acked
+                        await self._send(update_id, pending.payload)
+                    async for msg in t.messages():
+                        if msg.topic == self.topics.model:
+                            self._on_model(msg.payload)
+                        elif msg.topic == self.topics.acks(self.agent_id):
+                            self._on_ack_message(msg.payload)
+            except TransportError as exc:
+                log.warning("%s: connection: %s", self.agent_id, exc)
+            self._connected.clear()
+            self._transport = None
+            attempt += 1
+            delay = min(self.config.backoff_max, 0.2 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+
+    def _on_model(self, payload: bytes) -> None:
+        try:
+            decoded = codec.decode(payload)
+            info = parse_model_metadata(decoded.metadata)
+            if info.fingerprint != self.fingerprint or decoded.tensors.keys() != self.trainer.names:
+                raise IncompatibleModel("the global model's parameter tree differs from this agent's model")
+        except (CodecError, InvalidUpdate, IncompatibleModel) as exc:
+            self.error = f"global model refused: {exc}"
+            log.error("%s: %s", self.agent_id, self.error)
+            return
+        if self.model is None or info.version >= self.model.info.version:
+            self.model = GlobalModel(info, decoded.tensors)
+            self._model_changed.set()
+
+    def _on_ack_message(self, payload: bytes) -> None:
+        try:
+            ack = Ack.model_validate_json(payload)
+        except ValueError:
+            return
+        if self.outbox.pop(ack.update_id, None) is None and ack.update_id:
+            return  # an ack for an update already settled (a duplicate delivery)
+        self._outbox_space.set()
+        # "duplicate" means the aggregator applied this update before: settled, not lost.
+        self.acks["accepted" if ack.status == "accepted" or ack.reason == "duplicate" else "rejected"] += 1
+        if ack.status == "rejected" and ack.reason != "duplicate":
+            self.last_rejection = ack
+            log.warning("%s: update %s rejected: %s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
+        if self._on_ack:
+            self._on_ack(ack)
+
+    # ---- training and sending -------------------------------------------------------------------
+    async def _next_model(self) -> GlobalModel:
+        """The newest model; in sync mode, one newer than the last this agent trained on."""
+        while True:
+            m = self.model
+            if m is not None and not (m.info.mode == "sync" and self.trained_versions
+                                      and m.info.version <= self.trained_versions[-1]):
+                return m
+            self._model_changed.clear()
+            await self._model_changed.wait()
+
+    async def _training_loop(self) -> None:
+        cfg = self.config
+        while True:
+            model = await self._next_model()
+            await self._outbox_space.wait()
+            started = time.monotonic()
+            batches = await self.data.take(cfg.local_steps)
+            new, self.last_loss = await asyncio.to_thread(self.trainer.train, model.params, batches)
+            tensors = delta_of(new, model.params) if cfg.encoding == "delta" else new
+            self.trained_versions.append(model.info.version)
+            del self.trained_versions[:-100]
+            update_id = uuid.uuid4().hex
+            payload = codec.encode_update(
+                tensors, agent=self.agent_id, update_id=update_id, base_version=model.info.version,
+                num_samples=self.data.num_samples, encoding=cfg.encoding, model_fingerprint=self.fingerprint)
+            remaining = cfg.round_seconds - (time.monotonic() - started)
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            self.outbox[update_id] = Pending(payload, time.monotonic())
+            if len(self.outbox) >= cfg.max_outbox:
+                self._outbox_space.clear()
+            await self._send(update_id, payload)
+
+    async def _send(self, update_id: str, payload: bytes) -> None:
+        t = self._transport
+        if t is None:
+            return  # stays in the outbox; sent after the next connect
+        try:
+            await t.publish(self.topics.update(self.agent_id), payload, qos=1)
+            self.updates_sent += 1
+            if update_id in self.outbox:
+                self.outbox[update_id] = Pending(payload, time.monotonic())
+        except TransportError as exc:
+            log.warning("%s: publish failed, kept in outbox: %s", self.agent_id, exc)
+
+    async def _resender(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.config.ack_timeout / 4, 0.05))
+            now = time.monotonic()
+            for update_id, pending in list(self.outbox.items()):
+                if now - pending.sent_at > self.config.ack_timeout:
+                    await self._send(update_id, pending.payload)
+
+
+def delta_of(new: dict[str, Array], base: dict[str, Array]) -> dict[str, Array]:
+    """new - base, per tensor, in the base dtype."""
+    return {k: np.asarray(new[k] - base[k], dtype=base[k].dtype) for k in new}

@@ -1,0 +1,72 @@
+"""fedmqtt's exceptions.
+
+Library exceptions (aiomqtt, safetensors, pydantic) are caught where they enter and re-raised as one of
+these, ``raise ... from exc``, so callers only ever handle fedmqtt's own tree:
+
+    FedMQTTError
+    ├── TransportError          the broker connection failed or was refused
+    ├── CodecError              a payload is not a well-formed fedmqtt safetensors file
+    ├── InvalidUpdate           an update was parsed but breaks a rule; ``reason`` is machine-readable
+    ├── IncompatibleModel       a received model does not fit the local parameter tree
+    └── ConfigError             a setting or URL is wrong
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Machine-readable rejection reasons; they are the keys of ``rejected_by_reason`` in metrics."""
+
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    MALFORMED = "malformed"
+    BAD_METADATA = "bad_metadata"
+    SCHEMA = "schema"
+    KIND = "kind"
+    AGENT_MISMATCH = "agent_mismatch"
+    FINGERPRINT = "fingerprint"
+    TENSOR_NAMES = "tensor_names"
+    SHAPE = "shape"
+    DTYPE = "dtype"
+    NON_FINITE = "non_finite"
+    NORM = "norm"
+    FUTURE_BASE = "future_base"
+    STALE = "stale"
+    DUPLICATE = "duplicate"
+    BASE_UNAVAILABLE = "base_unavailable"
+    OVERLOADED = "overloaded"
+
+
+class FedMQTTError(Exception):
+    """Base class of every fedmqtt error."""
+
+
+class TransportError(FedMQTTError):
+    """The MQTT connection failed, was refused or dropped."""
+
+
+class ConfigError(FedMQTTError):
+    """A setting, URL or file given by the user is wrong."""
+
+
+class CodecError(FedMQTTError):
+    """A payload is not a well-formed fedmqtt safetensors file."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class InvalidUpdate(FedMQTTError):
+    """An update breaks a validation rule. ``reason`` names the rule, ``detail`` says how."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class IncompatibleModel(FedMQTTError):
+    """A received global model does not match the local model's parameter tree."""

@@ -1,0 +1,46 @@
+"""The strategy interface: a NamedTuple of pure functions on pytrees (compare optax's GradientTransformation).
+
+A strategy never sees MQTT, time or I/O. The aggregator converts each accepted update into a
+:class:`ClientUpdate` holding what the strategy ``wants`` (new weights or a delta against the base),
+calls ``apply``, and bumps the global version whenever ``apply`` or ``flush`` reports a step.
+State is a NamedTuple pytree, so it can be checkpointed, compared in tests and jitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+from jax import Array
+from jax.typing import ArrayLike
+
+Params = Any  # a pytree of arrays; the aggregator uses a flat dict name -> array
+State = Any  # a NamedTuple pytree
+
+
+class ClientUpdate(NamedTuple):
+    """One accepted update, in the form the strategy asked for."""
+
+    params: Params  # new weights (wants="weights") or new-minus-base delta (wants="delta")
+    staleness: ArrayLike  # s = current version - base version, >= 0
+    num_samples: ArrayLike  # local examples behind the update
+
+
+class Strategy(NamedTuple):
+    """``apply`` returns (params, state, stepped); a step means a new global version."""
+
+    name: str
+    wants: Literal["weights", "delta"]
+    mode: Literal["async", "sync"]
+    init: Callable[[Params], State]
+    apply: Callable[[Params, ClientUpdate, State], tuple[Params, State, Array | bool]]
+    flush: Callable[[Params, State], tuple[Params, State, Array | bool]]
+
+
+class EmptyState(NamedTuple):
+    """State of a strategy that keeps none."""
+
+
+def no_flush(params: Params, state: State) -> tuple[Params, State, bool]:
+    """``flush`` for strategies that never hold updates back."""
+    return params, state, False

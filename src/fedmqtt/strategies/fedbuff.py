@@ -1,0 +1,75 @@
+"""FedBuff (Nguyen et al., 2022): buffer K staleness-weighted deltas, then take one server optimizer step.
+
+    Δ̄ = Σ w(sᵢ)·Δᵢ / K          (or Σ nᵢ·w(sᵢ)·Δᵢ / Σ nᵢ with ``weight_by_samples``)
+    θ ← θ + optax_step(g = -Δ̄)  (sgd: θ + η·Δ̄; FedAvgM, FedAdam, FedYogi: momentum / Adam / Yogi on g)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import Array
+
+from fedmqtt.strategies.base import ClientUpdate, Params, Strategy, no_flush
+from fedmqtt.strategies.staleness import StalenessFn, polynomial
+
+
+class FedBuffState(NamedTuple):
+    buffer: Params  # running Σ weight·Δ
+    weight_sum: Array  # Σ nᵢ (weight_by_samples) or K
+    count: Array  # deltas buffered so far
+    opt_state: optax.OptState
+
+
+def server_optimizer(name: str = "sgd", lr: float = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
+    """The server step on the pseudo-gradient -Δ̄, by name (Reddi et al. 2021 for adam/yogi: eps 1e-3)."""
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name in ("fedavgm", "momentum"):
+        return optax.sgd(lr, momentum=momentum)
+    if name in ("fedadam", "adam"):
+        return optax.adam(lr, b1=0.9, b2=0.99, eps=1e-3)
+    if name in ("fedyogi", "yogi"):
+        return optax.yogi(lr, b1=0.9, b2=0.99, eps=1e-3)
+    raise ValueError(f"unknown server optimizer {name!r}; choose sgd, fedavgm, fedadam or fedyogi")
+
+
+def fedbuff(
+    buffer_size: int = 10,
+    optimizer: optax.GradientTransformation | None = None,
+    weighting: StalenessFn | None = None,
+    weight_by_samples: bool = False,
+    name: str = "fedbuff",
+) -> Strategy:
+    """FedBuff with buffer size K, server optimizer (default SGD, lr 1) and weighting (default (1+s)^-0.5)."""
+    if buffer_size < 1:
+        raise ValueError("FedBuff buffer size K must be >= 1")
+    opt = optimizer or optax.sgd(1.0)
+    w = weighting or polynomial(0.5)
+
+    def init(params: Params) -> FedBuffState:
+        zeros = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), params)
+        return FedBuffState(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), opt.init(params))
+
+    def apply(params: Params, update: ClientUpdate, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
+        n = jnp.asarray(update.num_samples, jnp.float32)
+        weight = w(update.staleness) * (n if weight_by_samples else 1.0)
+        buffer = jax.tree.map(lambda b, d: b + weight * d, state.buffer, update.params)
+        state = FedBuffState(buffer, state.weight_sum + (n if weight_by_samples else 1.0), state.count + 1,
+                             state.opt_state)
+        stepped = state.count >= buffer_size
+        params, state = jax.lax.cond(stepped, _step, lambda p, s: (p, s), params, state)
+        return params, state, stepped
+
+    def _step(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState]:
+        mean_delta = jax.tree.map(lambda b: b / jnp.maximum(state.weight_sum, 1e-12), state.buffer)
+        grads = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, params)
+        updates, opt_state = opt.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        zeros = jax.tree.map(jnp.zeros_like, state.buffer)
+        return params, FedBuffState(zeros, jnp.zeros_like(state.weight_sum), jnp.zeros_like(state.count), opt_state)
+
+    return Strategy(name, "delta", "async", init, jax.jit(apply), no_flush)

@@ -1,0 +1,70 @@
+"""MQTT topic names of protocol v1 (see docs/protocol.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_FORBIDDEN = set("+#/\x00")
+
+
+def check_segment(value: str, what: str) -> str:
+    """Return ``value`` if it is a valid single topic level, else raise ValueError."""
+    if not value or len(value) > 128 or any(c in _FORBIDDEN for c in value) or value.startswith("$"):
+        raise ValueError(f"{what} {value!r} must be 1-128 characters without '/', '+', '#', NUL or leading '$'")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of one federation. ``Topics().model == 'fedmqtt/default/model'``."""
+
+    prefix: str = "fedmqtt"
+    federation: str = "default"
+
+    def __post_init__(self) -> None:
+        check_segment(self.prefix, "prefix")
+        check_segment(self.federation, "federation")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.federation}"
+
+    @property
+    def model(self) -> str:
+        return f"{self.base}/model"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.base}/metrics"
+
+    @property
+    def updates_wildcard(self) -> str:
+        return f"{self.base}/updates/+"
+
+    @property
+    def status_wildcard(self) -> str:
+        return f"{self.base}/agents/+/status"
+
+    def update(self, agent_id: str) -> str:
+        return f"{self.base}/updates/{check_segment(agent_id, 'agent id')}"
+
+    def status(self, agent_id: str) -> str:
+        return f"{self.base}/agents/{check_segment(agent_id, 'agent id')}/status"
+
+    def acks(self, agent_id: str) -> str:
+        return f"{self.base}/agents/{check_segment(agent_id, 'agent id')}/acks"
+
+    def agent_of_update(self, topic: str) -> str | None:
+        """The agent id in an update topic, or None if ``topic`` is not one."""
+        head = f"{self.base}/updates/"
+        if not topic.startswith(head):
+            return None
+        agent = topic[len(head) :]
+        return agent if agent and "/" not in agent else None
+
+    def agent_of_status(self, topic: str) -> str | None:
+        head, tail = f"{self.base}/agents/", "/status"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        agent = topic[len(head) : -len(tail)]
+        return agent if agent and "/" not in agent else None

@@ -1,0 +1,121 @@
+"""Local training and evaluation of a Flax NNX model, and its parameters as flat named arrays.
+
+The graph definition stays on each node; only ``nnx.Param`` leaves cross the wire, flattened to
+``{"path/to/leaf": array}`` (``nnx.state(model, nnx.Param)`` → ``nnx.to_pure_dict`` → joined by "/").
+One local round (E optimizer steps on E stacked batches) is a single jitted ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedmqtt.errors import IncompatibleModel
+from fedmqtt.types import Array, FlatParams
+
+Batch = Any  # a pytree of arrays with a leading batch axis
+LossFn = Callable[[nnx.Module, Batch], jax.Array]
+MetricsFn = Callable[[nnx.Module, Batch], Mapping[str, jax.Array]]
+
+
+def _key_name(key: object) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def flatten(tree: Any) -> dict[str, Array]:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (as numpy arrays)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def model_params(model: nnx.Module) -> dict[str, Array]:
+    """A model's trainable parameters as flat named numpy arrays."""
+    return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+class Trainer:
+    """Trains copies of one model architecture from given flat parameters.
+
+    ``prox_rho`` adds FedAsync's proximal term ρ/2·‖x − x_base‖² to the local loss (0 turns it off).
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        loss_fn: LossFn,
+        optimizer: optax.GradientTransformation,
+        metrics_fn: MetricsFn | None = None,
+        prox_rho: float = 0.0,
+    ) -> None:
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.initial = flatten(nnx.to_pure_dict(params))
+        self.names = frozenset(self.initial)
+        # nnx.State flattens to its arrays in the same (sorted-path) order as its pure dict.
+        self._order = list(self.initial)
+        self._treedef = jax.tree_util.tree_structure(params)
+        self.optimizer = optimizer
+        graphdef, rest = self.graphdef, self.rest
+
+        def loss_of(p: Any, base: Any, batch: Batch) -> jax.Array:
+            m = nnx.merge(graphdef, p, rest)
+            loss = loss_fn(m, batch)
+            if prox_rho:
+                sq = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(base),
+                                                                strict=True))
+                loss = loss + 0.5 * prox_rho * sq
+            return loss
+
+        def local_round(p: Any, batches: Batch) -> tuple[Any, jax.Array]:
+            base = p
+            opt_state = optimizer.init(p)
+
+            def step(carry: tuple[Any, Any], batch: Batch) -> tuple[tuple[Any, Any], jax.Array]:
+                params, state = carry
+                loss, grads = jax.value_and_grad(loss_of)(params, base, batch)
+                updates, state = optimizer.update(grads, state, params)
+                return (optax.apply_updates(params, updates), state), loss
+
+            (p, _), losses = jax.lax.scan(step, (p, opt_state), batches)
+            return p, jnp.mean(losses)
+
+        self._round = jax.jit(local_round)
+        self._metrics = None
+        if metrics_fn is not None:
+            def evaluate(p: Any, batch: Batch) -> Mapping[str, jax.Array]:
+                return metrics_fn(nnx.merge(graphdef, p, rest), batch)
+
+            self._metrics = jax.jit(evaluate)
+
+    def _state_of(self, flat: FlatParams) -> Any:
+        missing = self.names.symmetric_difference(flat)
+        if missing:
+            raise IncompatibleModel(f"parameter names differ from the local model: {sorted(missing)[:5]}")
+        return jax.tree_util.tree_unflatten(self._treedef, [jnp.asarray(flat[n]) for n in self._order])
+
+    def _flat_of(self, state: Any) -> dict[str, Array]:
+        return dict(zip(self._order, (np.asarray(x) for x in jax.tree_util.tree_leaves(state)), strict=True))
+
+    def train(self, flat: FlatParams, batches: Batch) -> tuple[dict[str, Array], float]:
+        """Run one local round (one step per leading slice of ``batches``); returns new params and mean loss."""
+        new, loss = self._round(self._state_of(flat), batches)
+        return self._flat_of(new), float(loss)
+
+    def evaluate(self, flat: FlatParams, batch: Batch) -> dict[str, float]:
+        """Metrics of ``flat`` on one (large) batch, e.g. the held-out test set."""
+        if self._metrics is None:
+            raise ValueError("this Trainer has no metrics_fn")
+        out = self._metrics(self._state_of(flat), batch)
+        return {k: float(v) for k, v in out.items()}
+
+    def to_model(self, flat: FlatParams) -> nnx.Module:
+        """A fresh module holding ``flat``, for inference on the device."""
+        return nnx.merge(self.graphdef, self._state_of(flat), self.rest)

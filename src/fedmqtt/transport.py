@@ -1,0 +1,290 @@
+"""The only module that speaks MQTT (aiomqtt on paho-mqtt 2.x), plus an in-memory twin for fast tests.
+
+Both implement :class:`Transport`: an async context manager that connects, ``publish``, ``subscribe`` and an
+async iterator of :class:`Message`. Services build a new transport per connection attempt (through a
+:data:`Connector`), so reconnecting is a loop around ``async with``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import NamedTuple, Protocol, Self
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedmqtt.errors import ConfigError, TransportError
+
+
+class Message(NamedTuple):
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+class Will(NamedTuple):
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where and how to connect. Secrets come from the environment or a config file, never argv.
+
+    ``BrokerConfig.from_url("mqtts://broker:8883")`` picks up ``FEDMQTT_USERNAME``, ``FEDMQTT_PASSWORD``,
+    ``FEDMQTT_CA_FILE``, ``FEDMQTT_CERT_FILE`` and ``FEDMQTT_KEY_FILE`` when set.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    max_payload: int = 64 << 20
+    protocol: int = 5  # 5 (MQTT 5) or 4 (MQTT 3.1.1, e.g. the embedded broker); payloads are the same
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @classmethod
+    def from_url(cls, url: str, *, env: dict[str, str] | None = None, **overrides: object) -> BrokerConfig:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} has no host")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ConfigError(f"broker URL {url!r} has a bad port") from exc
+        e = os.environ if env is None else env
+        cfg = cls(
+            host=parts.hostname,
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else e.get("FEDMQTT_USERNAME"),
+            password=unquote(parts.password) if parts.password else e.get("FEDMQTT_PASSWORD"),
+            ca_file=e.get("FEDMQTT_CA_FILE"),
+            cert_file=e.get("FEDMQTT_CERT_FILE"),
+            key_file=e.get("FEDMQTT_KEY_FILE"),
+        )
+        return replace(cfg, **overrides)  # type: ignore[arg-type]
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
+class Transport(Protocol):
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+    async def subscribe(self, topic: str, qos: int = 1) -> None: ...
+    def messages(self) -> AsyncIterator[Message]: ...
+    @property
+    def dropped(self) -> int: ...
+
+
+class ConnectOptions(NamedTuple):
+    """What a service asks of its connection; where to connect is the :data:`Connector`'s business."""
+
+    client_id: str
+    will: Will | None = None
+    clean_start: bool = True
+    session_expiry: int = 0  # seconds the broker keeps the session (and queues QoS 1) after a disconnect
+    max_queued: int = 0  # bound on received-but-unprocessed messages; 0 = unbounded
+
+
+Connector = Callable[[ConnectOptions], "Transport"]
+
+
+def mqtt_connector(config: BrokerConfig) -> Connector:
+    """A :data:`Connector` for a real broker."""
+
+    def connect(opts: ConnectOptions) -> Transport:
+        return MqttTransport(config, opts.client_id, will=opts.will, clean_start=opts.clean_start,
+                             session_expiry=opts.session_expiry, max_queued=opts.max_queued)
+
+    return connect
+
+
+class _CountingQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue, bounded; a message that does not fit is counted (aiomqtt then drops it)."""
+
+    dropped = 0
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if self.full():
+            self.dropped += 1
+        super().put_nowait(item)
+
+
+class MqttTransport:
+    """One MQTT connection (v5) through aiomqtt. Errors surface as :class:`TransportError`."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        clean_start: bool = True,
+        session_expiry: int = 0,
+        max_queued: int = 0,
+        timeout: float = 10.0,
+    ) -> None:
+        props = None
+        v5 = config.protocol == 5
+        if session_expiry and v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry
+        self._client = aiomqtt.Client(
+            config.host,
+            config.port,
+            identifier=client_id,
+            username=config.username,
+            password=config.password,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will else None,
+            clean_start=clean_start if v5 else 3,  # 3 = paho's MQTT_CLEAN_START_FIRST_ONLY default
+            clean_session=None if v5 else clean_start,
+            properties=props,
+            keepalive=config.keepalive,
+            tls_context=config.ssl_context(),
+            timeout=timeout,
+            queue_type=_CountingQueue,
+            max_queued_incoming_messages=max_queued or None,
+        )
+        self._timeout = timeout
+
+    @property
+    def dropped(self) -> int:
+        queue = self._client._queue  # noqa: SLF001  (aiomqtt exposes no counter of its own)
+        return queue.dropped if isinstance(queue, _CountingQueue) else 0
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"cannot connect: {exc}") from exc
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        try:
+            await self._client.__aexit__(et, e, tb)
+        except aiomqtt.MqttError as exc:
+            if et is None:
+                raise TransportError(f"disconnect failed: {exc}") from exc
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        try:
+            await self._client.publish(topic, payload, qos=qos, retain=retain, timeout=self._timeout)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"publish to {topic} failed: {exc}") from exc
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        try:
+            await self._client.subscribe(topic, qos=qos, timeout=self._timeout)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"subscribe to {topic} failed: {exc}") from exc
+
+    async def messages(self) -> AsyncIterator[Message]:
+        try:
+            async for m in self._client.messages:
+                payload = m.payload if isinstance(m.payload, bytes | bytearray) else str(m.payload).encode()
+                yield Message(m.topic.value, bytes(payload), bool(m.retain))
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"connection lost: {exc}") from exc
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT filter matching with ``+`` and ``#``."""
+    p, t = pattern.split("/"), topic.split("/")
+    for i, part in enumerate(p):
+        if part == "#":
+            return True
+        if i >= len(t) or (part != "+" and part != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+class MemoryBroker:
+    """An in-process broker with retained messages and wills, for unit tests of the services."""
+
+    def __init__(self) -> None:
+        self.retained: dict[str, bytes] = {}
+        self.clients: list[MemoryTransport] = []
+        self.published: list[Message] = []
+
+    def route(self, msg: Message) -> None:
+        self.published.append(msg)
+        if msg.retain:
+            if msg.payload:
+                self.retained[msg.topic] = msg.payload
+            else:
+                self.retained.pop(msg.topic, None)
+        for c in self.clients:
+            if any(topic_matches(f, msg.topic) for f in c.filters):
+                c.queue.put_nowait(Message(msg.topic, msg.payload, False))
+
+    def connect(self, opts: ConnectOptions) -> MemoryTransport:
+        """This broker as a :data:`Connector`."""
+        return MemoryTransport(self, opts.client_id, opts.will)
+
+
+class MemoryTransport:
+    def __init__(self, broker: MemoryBroker, client_id: str, will: Will | None = None) -> None:
+        self.broker, self.client_id, self.will = broker, client_id, will
+        self.filters: list[str] = []
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.connected = False
+
+    dropped = 0
+
+    async def __aenter__(self) -> Self:
+        self.connected = True
+        self.broker.clients.append(self)
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.connected = False
+        self.broker.clients.remove(self)
+        if et is not None and self.will:  # an unclean end fires the last will
+            self.broker.route(Message(self.will.topic, self.will.payload, self.will.retain))
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        if not self.connected:
+            raise TransportError("not connected")
+        self.broker.route(Message(topic, bytes(payload), retain))
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.filters.append(topic)
+        for t, payload in list(self.broker.retained.items()):
+            if topic_matches(topic, t):
+                self.queue.put_nowait(Message(t, payload, True))
+
+    async def messages(self) -> AsyncIterator[Message]:
+        while self.connected:
+            yield await self.queue.get()
