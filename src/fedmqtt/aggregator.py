@@ -162,9 +162,12 @@ class Aggregator:
             return True
         return False
 
+    def numpy_params(self) -> dict[str, Array]:
+        """The current global parameters as numpy arrays."""
+        return {k: np.asarray(v) for k, v in self.params.items()}
+
     def model_payload(self) -> bytes:
-        return codec.encode_model({k: np.asarray(v) for k, v in self.params.items()}, self.version,
-                                  mode=self.strategy.mode)
+        return codec.encode_model(self.numpy_params(), self.version, mode=self.strategy.mode)
 
     def metrics(self) -> Metrics:
         hist = {str(k): v for k, v in sorted(self.staleness.items())}
@@ -305,7 +308,7 @@ class Aggregator:
         assert self._evaluate is not None
         while True:
             if self.evaluated_version != self.version:
-                version, params = self.version, {k: np.asarray(v) for k, v in self.params.items()}
+                version, params = self.version, self.numpy_params()
                 self.eval = dict(await asyncio.to_thread(self._evaluate, params))
                 self.evaluated_version = version
                 self._dirty.set()

@@ -1,0 +1,195 @@
+"""The command line: a thin face over the library (see README for examples)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fedmqtt.errors import FedMQTTError
+from fedmqtt.topics import Topics
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Asynchronous federated learning over MQTT.")
+err = Console(stderr=True, soft_wrap=True)
+
+BrokerOpt = Annotated[str, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT; credentials and TLS "
+                                             "files come from FEDMQTT_* environment variables")]
+PrefixOpt = Annotated[str, typer.Option(help="topic prefix")]
+FedOpt = Annotated[str, typer.Option(help="federation name")]
+TaskOpt = Annotated[str, typer.Option(help="built-in task: digits (default) or hapt")]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _run(coro: Any) -> Any:
+    """Run a service until it ends or SIGINT/SIGTERM arrive; map fedmqtt errors to exit code 1."""
+    async def main() -> Any:
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            return await task
+        return None
+
+    try:
+        return asyncio.run(main())
+    except FedMQTTError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def demo(
+    agents: Annotated[int, typer.Option(help="number of edge agents")] = 8,
+    seconds: Annotated[float, typer.Option(help="how long to run")] = 60.0,
+    json_out: Annotated[bool, typer.Option("--json", help="last line of output is one JSON object")] = False,
+    broker: Annotated[str, typer.Option(help="auto, mosquitto, embedded, or an mqtt:// URL")] = "auto",
+    strategy: Annotated[str, typer.Option(help="fedasync, fedasync-hinge, fedbuff, fedavg, ...")] = "fedasync",
+    partition: Annotated[str, typer.Option(help="iid or dirichlet")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet alpha for --partition dirichlet")] = 0.5,
+    sigma: Annotated[float, typer.Option(help="spread of device speeds, lognormal sigma")] = 0.75,
+    base_seconds: Annotated[float, typer.Option(help="median seconds per local round")] = 0.2,
+    seed: int = 0,
+    verbose: bool = False,
+) -> None:
+    """Start a broker, the aggregator and N agents of different speeds; show progress and a summary."""
+    from fedmqtt.demo import run_demo
+    from fedmqtt.schemas import Metrics
+
+    _logging(verbose)
+
+    def progress(elapsed: float, m: Metrics) -> None:
+        acc = f"{m.accuracy:.3f}" if m.accuracy is not None else "-"
+        stal = f"{m.staleness_mean:.1f}" if m.staleness_mean is not None else "-"
+        err.print(f"[{elapsed:5.1f}s] version {m.version:5d}  accepted {m.accepted:5d}  rejected "
+                  f"{m.rejected:3d}  staleness {stal:>5}  accuracy {acc}  agents {m.agents_online}")
+
+    result = _run(run_demo(agents=agents, seconds=seconds, broker=broker, strategy=strategy,
+                           partition=partition, alpha=alpha, sigma=sigma, base_seconds=base_seconds, seed=seed,
+                           on_progress=progress))
+    err.print(f"\n[bold]{result.strategy}[/bold] on {result.broker} broker, {result.agents} agents, "
+              f"{result.seconds}s: version {result.version}, accepted {result.accepted}, rejected "
+              f"{result.rejected}, test accuracy [bold]{result.accuracy:.4f}[/bold]")
+    if json_out:
+        print(json.dumps(result.as_dict()), flush=True)
+
+
+@app.command()
+def aggregator(
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    strategy: Annotated[str, typer.Option(help="fedasync, fedasync-hinge, fedasync-constant, fedbuff, fedavg")
+                        ] = "fedasync",
+    task: TaskOpt = "digits",
+    prefix: PrefixOpt = "fedmqtt",
+    federation: FedOpt = "default",
+    max_staleness: int = 64,
+    buffer_size: Annotated[int, typer.Option(help="FedBuff K")] = 10,
+    server_opt: Annotated[str, typer.Option(help="FedBuff server step: sgd, fedavgm, fedadam, fedyogi")] = "sgd",
+    server_lr: float = 1.0,
+    round_size: Annotated[int | None, typer.Option(help="fedavg: updates per round")] = None,
+    round_deadline: Annotated[float | None, typer.Option(help="fedavg: round deadline, seconds")] = None,
+    seed: int = 0,
+    verbose: bool = False,
+) -> None:
+    """Run the aggregator for a built-in task until interrupted."""
+    from fedmqtt.aggregator import Aggregator, AggregatorConfig
+    from fedmqtt.strategies.registry import make
+    from fedmqtt.tasks import get_task
+    from fedmqtt.transport import BrokerConfig, mqtt_connector
+
+    _logging(verbose)
+    t = get_task(task, seed=seed)
+    trainer = t.trainer(seed)
+    cfg = AggregatorConfig(topics=Topics(prefix, federation), max_staleness=max_staleness,
+                           round_size=round_size, round_deadline=round_deadline)
+    strat = make(strategy, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr)
+    agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
+                     evaluate=t.evaluate_fn(trainer))
+    err.print(f"aggregator: {strat.name} on {broker}, federation {federation!r}")
+    _run(agg.run())
+
+
+@app.command()
+def edge(
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    agent_id: Annotated[str, typer.Option(help="this device's id (a pseudonym; see docs/security.md)")] = "",
+    task: TaskOpt = "digits",
+    shard: Annotated[int | None, typer.Option(help="data shard index (default: from the agent id)")] = None,
+    num_shards: Annotated[int, typer.Option(help="shards the task is split into")] = 8,
+    local_steps: int = 20,
+    round_seconds: Annotated[float, typer.Option(help="pad each local round to this long")] = 0.0,
+    prox_rho: Annotated[float, typer.Option(help="FedAsync proximal term rho (0 = off)")] = 0.0,
+    prefix: PrefixOpt = "fedmqtt",
+    federation: FedOpt = "default",
+    seed: int = 0,
+    verbose: bool = False,
+) -> None:
+    """Run one edge agent on its shard of a built-in task until interrupted."""
+    from fedmqtt.agent import AgentConfig, EdgeAgent
+    from fedmqtt.tasks import get_task, index_of
+    from fedmqtt.transport import BrokerConfig, mqtt_connector
+
+    _logging(verbose)
+    agent_id = agent_id or os.environ.get("FEDMQTT_AGENT_ID", "")
+    if not agent_id:
+        raise typer.BadParameter("give --agent-id or FEDMQTT_AGENT_ID")
+    t = get_task(task, num_clients=num_shards, seed=seed) if task == "digits" else get_task(task, seed=seed)
+    index = shard if shard is not None else index_of(agent_id, t.num_clients)
+    cfg = AgentConfig(topics=Topics(prefix, federation), local_steps=local_steps, round_seconds=round_seconds)
+    agent = EdgeAgent(mqtt_connector(BrokerConfig.from_url(broker)), agent_id, t.trainer(seed, prox_rho=prox_rho),
+                      t.data_for(index, seed), cfg)
+    err.print(f"edge agent {agent_id}: shard {index} of {t.name}, {agent.data.num_samples} examples, {broker}")
+    _run(agent.run())
+
+
+@app.command()
+def watch(
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    prefix: PrefixOpt = "fedmqtt",
+    federation: FedOpt = "default",
+    json_out: Annotated[bool, typer.Option("--json", help="print raw JSON lines")] = False,
+) -> None:
+    """Follow the metrics and agents' presence live."""
+    from fedmqtt.watch import watch as run_watch
+
+    _run(run_watch(broker, Topics(prefix, federation), json_out, out=Console()))
+
+
+broker_app = typer.Typer(help="Run or set up a Mosquitto broker.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.command("run")
+def broker_run(port: Annotated[int, typer.Option(help="loopback port (0: a free one)")] = 1883,
+               kind: Annotated[str, typer.Option(help="auto, mosquitto or embedded")] = "auto") -> None:
+    """Run a local broker from the repo's mosquitto.conf until interrupted."""
+    from fedmqtt.broker import local_broker
+
+    async def serve() -> None:
+        async with local_broker(kind, port or None) as b:  # type: ignore[arg-type]
+            err.print(f"{b.kind} broker listening on {b.url}")
+            await asyncio.Event().wait()
+
+    _run(serve())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

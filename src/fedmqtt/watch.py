@@ -1,0 +1,37 @@
+"""``fedmqtt watch``: follow a federation's metrics and agents' presence as a read-only MQTT client."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from rich.console import Console
+
+from fedmqtt.schemas import Metrics, Status
+from fedmqtt.topics import Topics
+from fedmqtt.transport import BrokerConfig, ConnectOptions, mqtt_connector
+
+
+async def watch(broker: str, topics: Topics, raw: bool = False, out: Console | None = None,
+                limit: int | None = None) -> None:
+    """Print each metrics and status message; stop after ``limit`` messages when given."""
+    console = out or Console()
+    connect = mqtt_connector(BrokerConfig.from_url(broker))
+    seen = 0
+    async with connect(ConnectOptions(f"fedmqtt-watch-{uuid.uuid4().hex[:8]}")) as t:
+        await t.subscribe(topics.metrics, qos=1)
+        await t.subscribe(topics.status_wildcard, qos=1)
+        async for msg in t.messages():
+            if raw:
+                console.print_json(json.dumps({"topic": msg.topic, "payload": json.loads(msg.payload or b"null")}))
+            elif msg.topic == topics.metrics:
+                m = Metrics.model_validate_json(msg.payload)
+                acc = f"{m.accuracy:.4f}" if m.accuracy is not None else "-"
+                console.print(f"metrics  version {m.version}  accepted {m.accepted}  rejected {m.rejected} "
+                              f"{m.rejected_by_reason or ''}  accuracy {acc}  online {m.agents_online}")
+            elif msg.payload:
+                s = Status.model_validate_json(msg.payload)
+                console.print(f"agent    {s.agent:<20} {s.state:<8} version {s.version}  sent {s.updates_sent}")
+            seen += 1
+            if limit is not None and seen >= limit:
+                return
