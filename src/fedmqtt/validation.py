@@ -120,7 +120,8 @@ def delta_norm(delta: Mapping[str, Array]) -> float:
     total = 0.0
     for name, arr in delta.items():
         flat = np.asarray(arr, dtype=np.float32).ravel()  # no copy for float32 params
-        sq = float(np.dot(flat, flat))
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = float(np.dot(flat, flat))
         if not np.isfinite(sq):
             if not np.isfinite(flat).all():
                 raise InvalidUpdate(Reason.NON_FINITE, f"{name} holds NaN or Inf")
