@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Asynchronous federated learning over MQTT.")
 err = Console(stderr=True, soft_wrap=True)
 
-BrokerOpt = Annotated[str, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT; credentials and TLS "
+BrokerOpt = Annotated[str, typer.Option(envvar="FEDMQTT_BROKER_URL",
+                                        help="mqtt://HOST:PORT or mqtts://HOST:PORT; credentials and TLS "
                                              "files come from FEDMQTT_* environment variables")]
 PrefixOpt = Annotated[str, typer.Option(help="topic prefix")]
 FedOpt = Annotated[str, typer.Option(help="federation name")]
@@ -185,6 +186,34 @@ def broker_run(port: Annotated[int, typer.Option(help="loopback port (0: a free 
             await asyncio.Event().wait()
 
     _run(serve())
+
+
+@broker_app.command("init")
+def broker_init(
+    out: Annotated[str, typer.Option(help="directory for CA, certificates, passwd, acl, config, env files")],
+    agents: Annotated[str, typer.Option(help="comma-separated agent ids (pseudonyms, see docs/security.md)")],
+    client_certs: Annotated[bool, typer.Option(help="also issue client certificates, require them")] = False,
+    host: Annotated[list[str] | None, typer.Option(help="broker name/address clients use (repeat)")] = None,
+    port: Annotated[int, typer.Option(help="TLS listener port")] = 8883,
+    prefix: PrefixOpt = "fedmqtt",
+    federation: FedOpt = "default",
+    force: Annotated[bool, typer.Option(help="replace an existing CA and every credential")] = False,
+) -> None:
+    """Create the secure broker profile: local CA, TLS certificates, passwords, ACL and one env file each."""
+    from pathlib import Path
+
+    from fedmqtt.security import init_broker
+
+    hosts = tuple(host) if host else ("localhost", "127.0.0.1", "::1")
+    try:
+        profile = init_broker(Path(out), agents.split(","), topics=Topics(prefix, federation), hosts=hosts,
+                              port=port, client_certs=client_certs, overwrite=force)
+    except (FedMQTTError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    err.print(f"secure profile in {profile.directory}: mosquitto -c {profile.config}")
+    err.print(f"identities: {', '.join(profile.identities)}; each one's settings are in env/<name>.env "
+              "(copy only that file to its device)")
 
 
 def main() -> None:
