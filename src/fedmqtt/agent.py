@@ -3,7 +3,8 @@
 It never waits for other agents: after each local round it starts again from the newest model it holds
 (in ``sync`` mode, announced by the model's ``fedmqtt.mode``, it trains once per version instead).
 Presence is a retained status with a last will that marks it offline; the connection is re-made with
-jittered exponential backoff; updates wait in an outbox until the aggregator acknowledges them.
+jittered exponential backoff; updates wait in an outbox until the aggregator acknowledges them (on disk
+with ``outbox_dir``, so that a reboot keeps them; see outbox.py).
 
 Lifecycle: ``async with EdgeAgent(...) as agent: await agent.wait_updates(10)``.
 """
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -26,6 +28,7 @@ import numpy as np
 from fedmqtt import codec
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, IncompatibleModel, InvalidUpdate, TransportError
+from fedmqtt.outbox import Outbox, Pending
 from fedmqtt.schemas import Ack, Status, dump, parse_model_metadata
 from fedmqtt.topics import Topics, check_segment
 from fedmqtt.training import Trainer
@@ -45,16 +48,12 @@ class AgentConfig:
     max_outbox: int = 8  # unacknowledged updates held before training pauses (back-pressure)
     backoff_max: float = 10.0
     session_expiry: int = 600
+    outbox_dir: str | Path | None = None  # unacknowledged updates on disk, in <outbox_dir>/<agent id>/
 
 
 class GlobalModel(NamedTuple):
     info: ModelInfo
     params: dict[str, Array]
-
-
-class Pending(NamedTuple):
-    payload: bytes
-    sent_at: float
 
 
 class EdgeAgent:
@@ -79,9 +78,11 @@ class EdgeAgent:
         self._on_ack = on_ack
         self.model: GlobalModel | None = None
         self._model_changed = asyncio.Event()
-        self.outbox: dict[str, Pending] = {}
+        box_dir = self.config.outbox_dir
+        self.outbox = Outbox(Path(box_dir) / self.agent_id if box_dir is not None else None, self.agent_id)
         self._outbox_space = asyncio.Event()
-        self._outbox_space.set()
+        if len(self.outbox) < self.config.max_outbox:
+            self._outbox_space.set()
         self._transport: Transport | None = None
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()

@@ -6,6 +6,12 @@ jittered backoff), ``publisher`` (model + metrics), ``acks``, ``evaluator`` and,
 
 Republishes coalesce: at most one model publish is in flight; updates applied meanwhile fold into the
 next one, which always carries the newest version. ``publish_interval`` spaces publishes further.
+
+Durability (``state_dir``, see journal.py and docs/reliability.md): ``handle`` writes each accepted update to
+the journal before applying it; acknowledgements and model publishes are held until the ``committer`` task's
+fsync covers their record. One fsync commits every record written while the previous one ran (group commit),
+so under load the cost is one fsync per batch, not per update. ``snapshotter`` writes snapshots and trims
+the journal; ``recover`` (called on entry) loads the newest snapshot and replays the journal after it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,14 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmqtt import codec
-from fedmqtt.errors import InvalidUpdate, Reason, TransportError
+from fedmqtt import codec, journal
+from fedmqtt.errors import InvalidUpdate, Reason, StateError, TransportError
 from fedmqtt.schemas import Ack, Metrics, Status, dump
 from fedmqtt.strategies.base import ClientUpdate, Strategy
 from fedmqtt.topics import Topics
 from fedmqtt.transport import Connector, ConnectOptions, Message
 from fedmqtt.types import Array
-from fedmqtt.validation import DedupWindow, Reference, check_norm, check_update, dedup_key
+from fedmqtt.validation import Checked, DedupWindow, Reference, check_norm, check_update, dedup_key
 
 log = logging.getLogger("fedmqtt.aggregator")
 Evaluate = Callable[[dict[str, Array]], Mapping[str, float]]
@@ -53,6 +60,11 @@ class AggregatorConfig:
     backoff_max: float = 10.0
     client_id: str = "fedmqtt-aggregator"
     session_expiry: int = 3600  # the broker queues updates this long while the aggregator is away
+    state_dir: str | Path | None = None  # durable state (journal + snapshots); None: memory only
+    snapshot_every: int = 500  # journal records between snapshots ...
+    snapshot_interval: float = 60.0  # ... or seconds since the last one (if any record was written)
+    keep_journal: bool = False  # keep old journal segments: an audit ledger of every applied update
+    max_online: int = 100_000  # agents tracked as online; presence beyond this is not tracked
 
 
 class Aggregator:
@@ -98,6 +110,16 @@ class Aggregator:
         self._closing = asyncio.Event()
         self._rate: deque[float] = deque(maxlen=256)
         self.acks_dropped = 0
+        self._dropped_before = 0  # incoming drops counted by earlier connections
+        # durability: the newest version whose journal records are fsynced is the one published
+        self._journal: journal.Journal | None = None
+        self._committed: tuple[int, dict[str, Any]] = (self.version, self.params)
+        self._committing: deque[tuple[int, int, dict[str, Any]]] = deque()  # (version, seq, params)
+        self._pending_acks: deque[tuple[int, str, Ack]] = deque()  # (seq to be durable, agent, ack)
+        self._commit_wanted = asyncio.Event()
+        self._snapshot_due = asyncio.Event()
+        self._snapshot_seq = 0
+        self._snapshot_at = time.monotonic()
         self._add = jax.jit(lambda a, b: jax.tree.map(lambda x, y: (x + y).astype(x.dtype), a, b))
         self._sub = jax.jit(lambda a, b: jax.tree.map(lambda x, y: (x - y).astype(x.dtype), a, b))
 
@@ -110,23 +132,8 @@ class Aggregator:
             checked = check_update(payload, topic_agent, reference=self.reference, version=self.version,
                                    max_staleness=self.max_staleness, applied=self.applied,
                                    max_payload=self.config.max_payload)
-            info = checked.info
-            update_id = info.update_id
-            base = self._history.get(info.base_version)
-            needs_base = info.encoding == "weights" or self.strategy.wants == "weights"
-            if base is None and needs_base:
-                raise InvalidUpdate(Reason.BASE_UNAVAILABLE, f"base version {info.base_version} no longer held")
-            tensors = {k: jnp.asarray(v) for k, v in checked.tensors.items()}
-            if info.encoding == "delta":
-                check_norm(checked.tensors, self.config.max_update_norm)
-                delta = tensors
-                new = self._add(base, delta) if self.strategy.wants == "weights" else None
-            else:
-                delta = self._sub(tensors, base)
-                check_norm({k: np.asarray(v) for k, v in delta.items()}, self.config.max_update_norm)
-                new = tensors
-            value = new if self.strategy.wants == "weights" else delta
-            update = ClientUpdate(value, jnp.int32(checked.staleness), jnp.float32(info.num_samples))
+            update_id = checked.info.update_id
+            update = self._client_update(checked, self.config.max_update_norm)
             params, state, stepped = self.strategy.apply(self.params, update, self.state)
         except InvalidUpdate as exc:
             self.rejected[exc.reason.value] += 1
@@ -134,19 +141,50 @@ class Aggregator:
             log.info("rejected update from %s: %s", topic_agent, exc)
             return Ack(update_id=update_id or "", status="rejected", version=self.version,
                        reason=exc.reason.value, detail=exc.detail[:300])
+        if self._journal is not None:  # write-ahead: the record exists before any effect is visible
+            seq = self._journal.append(journal.UPDATE, journal.update_body(topic_agent, payload))
+            if seq - self._snapshot_seq >= self.config.snapshot_every:
+                self._snapshot_due.set()
+        self._apply(checked, params, state, stepped)
+        return Ack(update_id=checked.info.update_id, status="accepted", version=self.version)
+
+    def _client_update(self, checked: Checked, max_norm: float | None) -> ClientUpdate:
+        """What the strategy wants from a checked update; raises InvalidUpdate (base_unavailable, non_finite,
+        norm)."""
+        info = checked.info
+        base = self._history.get(info.base_version)
+        needs_base = info.encoding == "weights" or self.strategy.wants == "weights"
+        if base is None and needs_base:
+            raise InvalidUpdate(Reason.BASE_UNAVAILABLE, f"base version {info.base_version} no longer held")
+        tensors = {k: jnp.asarray(v) for k, v in checked.tensors.items()}
+        if info.encoding == "delta":
+            check_norm(checked.tensors, max_norm)
+            delta = tensors
+            new = self._add(base, delta) if self.strategy.wants == "weights" else None
+        else:
+            delta = self._sub(tensors, base)
+            check_norm({k: np.asarray(v) for k, v in delta.items()}, max_norm)
+            new = tensors
+        value = new if self.strategy.wants == "weights" else delta
+        return ClientUpdate(value, jnp.int32(checked.staleness), jnp.float32(info.num_samples))
+
+    def _apply(self, checked: Checked, params: dict[str, Any], state: Any, stepped: Any) -> None:
         self.state = state
-        self.applied.add(dedup_key(info.agent, info.update_id), info.base_version)
+        self.applied.add(dedup_key(checked.info.agent, checked.info.update_id), checked.info.base_version)
         self.accepted += 1
         self.staleness[checked.staleness] += 1
         self._round_count += 1
         self._rate.append(time.monotonic())
         if bool(stepped):
             self._advance(params)
-        return Ack(update_id=info.update_id, status="accepted", version=self.version)
 
     def _advance(self, params: dict[str, Any]) -> None:
         self.params = params
         self.version += 1
+        if self._journal is None:
+            self._committed = (self.version, params)
+        else:  # published once the record that made it is durable
+            self._committing.append((self.version, self._journal.written_seq, params))
         self._history[self.version] = params
         self._history.pop(self.version - self.max_staleness - 1, None)
         self.applied.expire(self.version - self.max_staleness)
@@ -158,16 +196,126 @@ class Aggregator:
         """Sync mode: average the round's updates into a new version (if any arrived)."""
         params, self.state, stepped = self.strategy.flush(self.params, self.state)
         if bool(stepped):
+            if self._journal is not None:
+                self._journal.append(journal.FLUSH)
             self._advance(params)
             return True
         return False
+
+    # ---- durability -----------------------------------------------------------------------------
+    @property
+    def committed_version(self) -> int:
+        """The newest version that survives a crash (equal to ``version`` without ``state_dir``)."""
+        return self._committed[0]
+
+    def recover(self) -> int:
+        """With ``state_dir``: load the newest snapshot, replay the journal after it, open the journal for
+        appending; returns the number of records replayed. Called on entry; safe to call again."""
+        if self._journal is not None or self.config.state_dir is None:
+            return 0
+        directory = Path(self.config.state_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        for tmp in directory.glob("*.tmp"):
+            tmp.unlink()  # a snapshot the crash interrupted
+        snap = journal.read_snapshot(directory)
+        if snap is not None:
+            self._restore(snap)
+        last = self._snapshot_seq = snap.seq if snap else 0
+        replayed = 0
+        for rec in journal.read_records(directory, last, repair=True):
+            try:
+                if rec.kind == journal.UPDATE:
+                    self._replay_update(rec.agent, rec.payload)
+                elif rec.kind == journal.FLUSH:
+                    self.close_round()
+            except InvalidUpdate as exc:  # never silently skip an acknowledged update
+                raise StateError(f"journal record {rec.seq} cannot be replayed ({exc}); was the aggregator's "
+                                 "model or strategy changed?") from exc
+            last, replayed = rec.seq, replayed + 1
+        self._journal = journal.Journal(directory, last + 1, keep=self.config.keep_journal)
+        self._journal.sync()
+        self._committed = (self.version, self.params)
+        log.info("recovered version %d from %s (snapshot at record %d, %d replayed)", self.version, directory,
+                 self._snapshot_seq, replayed)
+        return replayed
+
+    def _replay_update(self, agent: str, payload: bytes) -> None:
+        """Re-apply a journalled update: the structural checks again, but not the policy bounds (staleness,
+        norm, size) that accepted it, so a changed limit cannot drop an acknowledged update."""
+        checked = check_update(payload, agent, reference=self.reference, version=self.version,
+                               max_staleness=1 << 62, applied=self.applied, max_payload=1 << 62)
+        update = self._client_update(checked, None)
+        params, state, stepped = self.strategy.apply(self.params, update, self.state)
+        self._apply(checked, params, state, stepped)
+
+    def _restore(self, snap: journal.Snapshot) -> None:
+        if snap.fingerprint != self.reference.fingerprint:
+            raise StateError("the snapshot in state_dir belongs to a different model (fingerprint differs)")
+        if snap.strategy != self.strategy.name:
+            raise StateError(f"the snapshot in state_dir was written by strategy {snap.strategy!r}, "
+                             f"not {self.strategy.name!r}")
+        self.params = {k: jnp.asarray(v) for k, v in snap.params.items()}
+        self.version = snap.version
+        self.state = journal.rebuild_state(self.strategy.init(self.params), snap.state_leaves)
+        self._history = {v: {k: jnp.asarray(a) for k, a in p.items()} for v, p in snap.history.items()}
+        self._history[self.version] = self.params
+        self.applied = DedupWindow(self.config.dedup_capacity)
+        for key, base in snap.dedup:
+            self.applied.add(key, base)
+        self.applied.floor = max(self.applied.floor, snap.dedup_floor)
+        c = snap.counters
+        self.accepted = int(c.get("accepted", 0))
+        self.rejected = Counter({str(k): int(v) for k, v in c.get("rejected", {}).items()})
+        self.staleness = Counter({int(k): int(v) for k, v in c.get("staleness", {}).items()})
+        self._round_count = int(c.get("round_count", 0))
+
+    def _capture(self) -> journal.Snapshot:
+        """The current state by reference (jax arrays are immutable); serialised later in a worker thread."""
+        assert self._journal is not None
+        return journal.Snapshot(
+            seq=self._journal.written_seq, version=self.version, fingerprint=self.reference.fingerprint,
+            strategy=self.strategy.name, params=self.params,
+            state_leaves=jax.tree_util.tree_leaves(self.state),
+            history=dict(self._history), dedup=self.applied.items(), dedup_floor=self.applied.floor,
+            counters={"accepted": self.accepted, "rejected": dict(self.rejected),
+                      "staleness": {str(k): v for k, v in self.staleness.items()},
+                      "round_count": self._round_count},
+        )
+
+    def _write_snapshot(self, snap: journal.Snapshot) -> None:
+        assert self._journal is not None
+        journal.write_snapshot(self._journal.directory, snap)
+        self._journal.prune(snap.seq)
+
+    async def snapshot(self) -> None:
+        """Write a snapshot now (the journal before it is then deleted, unless ``keep_journal``)."""
+        j = self._journal
+        if j is None or j.written_seq == self._snapshot_seq:
+            return
+        j.rotate()
+        snap = self._capture()
+        self._snapshot_seq, self._snapshot_at = snap.seq, time.monotonic()
+        await asyncio.to_thread(self._write_snapshot, snap)
+
+    def _release(self, synced: int) -> None:
+        """Let out the acks and model versions whose journal records are now durable."""
+        while self._pending_acks and self._pending_acks[0][0] <= synced:
+            _, agent, ack = self._pending_acks.popleft()
+            self._queue_ack(agent, ack)
+        while self._committing and self._committing[0][1] <= synced:
+            version, _, params = self._committing.popleft()
+            self._committed = (version, params)
+            self._dirty.set()
 
     def numpy_params(self) -> dict[str, Array]:
         """The current global parameters as numpy arrays."""
         return {k: np.asarray(v) for k, v in self.params.items()}
 
     def model_payload(self) -> bytes:
-        return codec.encode_model(self.numpy_params(), self.version, mode=self.strategy.mode)
+        """The newest committed model, encoded for the retained model topic."""
+        version, params = self._committed
+        flat = {k: np.asarray(v) for k, v in params.items()}
+        return codec.encode_model(flat, version, mode=self.strategy.mode)
 
     def metrics(self) -> Metrics:
         hist = {str(k): v for k, v in sorted(self.staleness.items())}
@@ -176,21 +324,26 @@ class Aggregator:
         recent = [t for t in self._rate if now - t < 10.0]
         span = now - recent[0] if len(recent) > 1 else 0.0
         return Metrics(
-            version=self.version, accepted=self.accepted, rejected=sum(self.rejected.values()),
+            version=self.committed_version, accepted=self.accepted, rejected=sum(self.rejected.values()),
             rejected_by_reason=dict(self.rejected), strategy=self.strategy.name,
             accuracy=self.eval.get("accuracy"), loss=self.eval.get("loss"),
             evaluated_version=self.evaluated_version,
             staleness_mean=(sum(k * v for k, v in self.staleness.items()) / n) if n else None,
             staleness_max=max(self.staleness) if n else None, staleness_hist=hist,
             agents_online=len(self.online), updates_per_s=(len(recent) - 1) / span if span > 0 else 0.0,
-            ts=time.time(), dropped=self.acks_dropped + (self._transport.dropped if self._transport else 0),
+            ts=time.time(), dropped=self.acks_dropped + self._dropped_before
+            + (self._transport.dropped if self._transport else 0),
         )
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        self.recover()
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         loops = {"connection": self._connection_loop(), "publisher": self._publisher(), "acks": self._ack_sender()}
+        if self._journal is not None:
+            loops["committer"] = self._committer()
+            loops["snapshotter"] = self._snapshotter()
         if self._evaluate is not None:
             loops["evaluator"] = self._evaluator()
         if self.sync:
@@ -206,6 +359,13 @@ class Aggregator:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._tasks.__aexit__(None, None, None)
+        j = self._journal
+        if j is not None:  # a clean stop leaves a snapshot, so the next start replays nothing
+            if j.written_seq != self._snapshot_seq:
+                j.rotate()
+                self._write_snapshot(self._capture())
+            j.close()
+            self._journal = None
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)
@@ -244,6 +404,8 @@ class Aggregator:
             except TransportError as exc:
                 log.warning("aggregator connection: %s", exc)
             self._connected.clear()
+            if self._transport is not None:
+                self._dropped_before += self._transport.dropped
             self._transport = None
             attempt += 1
             delay = min(self.config.backoff_max, 0.2 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
@@ -260,10 +422,13 @@ class Aggregator:
         if agent is not None:
             ack = self.handle(agent, msg.payload)
             self._dirty.set()
-            try:
-                self._acks.put_nowait((agent, ack))
-            except asyncio.QueueFull:
+            if self._journal is None:
+                self._queue_ack(agent, ack)
+            elif len(self._pending_acks) >= self.config.max_queued:
                 self.acks_dropped += 1  # the agent's outbox re-sends; the dedup window answers then
+            else:  # every ack waits for the fsync of all records written so far (a "duplicate" too)
+                self._pending_acks.append((self._journal.written_seq, agent, ack))
+                self._commit_wanted.set()
             return
         agent = self.topics.agent_of_status(msg.topic)
         if agent is not None:
@@ -271,7 +436,16 @@ class Aggregator:
                 state = Status.model_validate_json(msg.payload).state if msg.payload else "offline"
             except ValueError:
                 return
-            (self.online.add if state != "offline" else self.online.discard)(agent)
+            if state == "offline":
+                self.online.discard(agent)
+            elif len(self.online) < self.config.max_online:
+                self.online.add(agent)
+
+    def _queue_ack(self, agent: str, ack: Ack) -> None:
+        try:
+            self._acks.put_nowait((agent, ack))
+        except asyncio.QueueFull:
+            self.acks_dropped += 1  # the agent's outbox re-sends; the dedup window answers then
 
     async def _publisher(self) -> None:
         while True:
@@ -283,8 +457,8 @@ class Aggregator:
                 self._dirty.set()
                 continue
             try:
-                if self._published_version != self.version:
-                    version, payload = self.version, self.model_payload()
+                if self._published_version != self.committed_version:
+                    version, payload = self.committed_version, self.model_payload()
                     await t.publish(self.topics.model, payload, qos=1, retain=True)
                     self._published_version = version
                 await t.publish(self.topics.metrics, dump(self.metrics()), qos=1, retain=True)
@@ -303,6 +477,25 @@ class Aggregator:
                 continue  # lost with the connection; the agent's outbox re-sends
             with contextlib.suppress(TransportError):
                 await t.publish(self.topics.acks(agent), dump(ack), qos=1)
+
+    async def _committer(self) -> None:
+        """Group commit: one fsync covers every record written since the last; then release acks/versions."""
+        j = self._journal
+        assert j is not None
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            if j.synced_seq < j.written_seq:
+                await asyncio.to_thread(j.sync)  # the loop keeps handling updates meanwhile
+            self._release(j.synced_seq)
+
+    async def _snapshotter(self) -> None:
+        cfg = self.config
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._snapshot_due.wait(), cfg.snapshot_interval)
+            self._snapshot_due.clear()
+            await self.snapshot()
 
     async def _evaluator(self) -> None:
         assert self._evaluate is not None

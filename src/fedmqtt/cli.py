@@ -103,6 +103,11 @@ def aggregator(
     server_lr: float = 1.0,
     round_size: Annotated[int | None, typer.Option(help="fedavg: updates per round")] = None,
     round_deadline: Annotated[float | None, typer.Option(help="fedavg: round deadline, seconds")] = None,
+    state_dir: Annotated[str | None, typer.Option(
+        help="durable state (journal + snapshots) to resume from after a crash; default: in memory")] = None,
+    snapshot_every: Annotated[int, typer.Option(help="journal records between snapshots")] = 500,
+    keep_journal: Annotated[bool, typer.Option(help="keep every journal segment (a ledger of applied "
+                                                    "updates)")] = False,
     seed: int = 0,
     verbose: bool = False,
 ) -> None:
@@ -116,11 +121,20 @@ def aggregator(
     t = get_task(task, seed=seed)
     trainer = t.trainer(seed)
     cfg = AggregatorConfig(topics=Topics(prefix, federation), max_staleness=max_staleness,
-                           round_size=round_size, round_deadline=round_deadline)
+                           round_size=round_size, round_deadline=round_deadline, state_dir=state_dir,
+                           snapshot_every=snapshot_every, keep_journal=keep_journal)
     strat = make(strategy, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr)
     agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
                      evaluate=t.evaluate_fn(trainer))
     err.print(f"aggregator: {strat.name} on {broker}, federation {federation!r}")
+    if state_dir:
+        try:
+            replayed = agg.recover()
+        except FedMQTTError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+        err.print(f"aggregator: resumed at version {agg.version} from {state_dir} "
+                  f"({replayed} journal records replayed)")
     _run(agg.run())
 
 

@@ -69,7 +69,7 @@ def fingerprint(params: FlatParams) -> str:
 
 
 def _contiguous(params: FlatParams) -> dict[str, Array]:
-    return {name: np.ascontiguousarray(np.asarray(value)) for name, value in params.items()}
+    return {name: np.asarray(value, order="C") for name, value in params.items()}  # keeps 0-d arrays 0-d
 
 
 def encode_model(
@@ -144,7 +144,8 @@ def decode(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Decoded:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in _ALLOWED_CODES:
+        dtype_ok = isinstance(info, dict) and isinstance(info.get("dtype"), str)
+        if not dtype_ok or info["dtype"] not in _ALLOWED_CODES:
             dtype = info.get("dtype") if isinstance(info, dict) else None
             raise CodecError(Reason.DTYPE, f"tensor {name!r} has unsupported dtype {dtype!r}")
     try:

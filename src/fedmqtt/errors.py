@@ -8,6 +8,7 @@ these, ``raise ... from exc``, so callers only ever handle fedmqtt's own tree:
     ├── CodecError              a payload is not a well-formed fedmqtt safetensors file
     ├── InvalidUpdate           an update was parsed but breaks a rule; ``reason`` is machine-readable
     ├── IncompatibleModel       a received model does not fit the local parameter tree
+    ├── StateError              a state directory (journal, snapshot, outbox) is unreadable or foreign
     └── ConfigError             a setting or URL is wrong
 """
 
@@ -66,6 +67,10 @@ class InvalidUpdate(FedMQTTError):
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class StateError(FedMQTTError):
+    """Durable state on disk (aggregator journal or snapshot, agent outbox) is corrupt or does not fit."""
 
 
 class IncompatibleModel(FedMQTTError):

@@ -41,11 +41,14 @@ class DedupWindow:
     """Applied ``agent/update_id`` keys, remembered while a replay could still pass the staleness check.
 
     An entry whose base version is older than ``version - max_staleness`` is forgotten: a replay of it would
-    be rejected as stale anyway. ``capacity`` bounds memory under any load (oldest evicted first).
+    be rejected as stale anyway. ``capacity`` bounds memory under any load (oldest evicted first); an
+    eviction raises ``floor`` to the evicted entry's base, and updates on a base ``<= floor`` are refused as
+    stale, so an evicted id can never be applied twice.
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
+        self.floor = -1
         self._keys: OrderedDict[str, int] = OrderedDict()
 
     def __contains__(self, key: str) -> bool:
@@ -57,7 +60,7 @@ class DedupWindow:
     def add(self, key: str, base_version: int) -> None:
         self._keys[key] = base_version
         while len(self._keys) > self.capacity:
-            self._keys.popitem(last=False)
+            self.floor = max(self.floor, self._keys.popitem(last=False)[1])
 
     def expire(self, oldest_acceptable_base: int) -> None:
         while self._keys:
@@ -94,6 +97,8 @@ def check_update(
         raise InvalidUpdate(Reason.AGENT_MISMATCH, f"fedmqtt.agent {info.agent!r} sent on the topic of {topic_agent!r}")
     if dedup_key(info.agent, info.update_id) in applied:
         raise InvalidUpdate(Reason.DUPLICATE, f"update {info.update_id!r} was already applied")
+    if info.base_version <= applied.floor:
+        raise InvalidUpdate(Reason.STALE, f"base {info.base_version} predates the de-duplication window")
     if info.base_version > version:
         raise InvalidUpdate(Reason.FUTURE_BASE, f"base version {info.base_version} > current {version}")
     staleness = version - info.base_version

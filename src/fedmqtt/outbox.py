@@ -1,0 +1,111 @@
+"""An agent's unacknowledged updates: in memory, or on disk so that a reboot keeps them too.
+
+:class:`Outbox` is a mapping ``update_id -> Pending``. With a directory, the first time an update is put in
+it is written as ``<update_id>.safetensors`` (temp file, fsync, rename, fsync the directory) *before* it is
+sent, and the file is deleted when the aggregator's acknowledgement settles it. On start every file left
+behind is loaded back and re-sent. Later puts of the same id (a new ``sent_at`` after a re-send) stay in
+memory only.
+
+>>> box = Outbox()
+>>> box["u1"] = Pending(b"...", 0.0)
+>>> len(box), box.pop("u1").payload
+(1, b'...')
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import NamedTuple
+
+from fedmqtt import codec
+from fedmqtt.errors import CodecError
+
+log = logging.getLogger("fedmqtt.outbox")
+_NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+_SUFFIX = ".safetensors"
+
+
+class Pending(NamedTuple):
+    payload: bytes
+    sent_at: float  # time.monotonic() of the last send; 0.0 = never sent by this process
+
+
+class Outbox(MutableMapping[str, Pending]):
+    """Unacknowledged updates by id; persisted under ``directory`` when one is given."""
+
+    def __init__(self, directory: str | Path | None = None, agent: str | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self._items: dict[str, Pending] = {}
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._load(agent)
+
+    def _load(self, agent: str | None) -> None:
+        assert self.directory is not None
+        for path in sorted(self.directory.iterdir(), key=lambda p: p.stat().st_mtime):
+            if path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # a write the crash interrupted; never sent
+                continue
+            update_id = path.name[: -len(_SUFFIX)]
+            if not path.name.endswith(_SUFFIX) or not _NAME.match(update_id):
+                continue
+            payload = path.read_bytes()
+            try:
+                meta = codec.decode(payload).metadata
+            except CodecError as exc:
+                log.warning("outbox: dropping unreadable %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+                continue
+            if meta.get("fedmqtt.update_id") != update_id or (agent and meta.get("fedmqtt.agent") != agent):
+                log.warning("outbox: %s belongs to another agent or update; left alone", path)
+                continue
+            self._items[update_id] = Pending(payload, 0.0)
+        if self._items:
+            log.info("outbox: %d unacknowledged update(s) loaded from %s", len(self._items), self.directory)
+
+    def _path(self, update_id: str) -> Path:
+        assert self.directory is not None
+        if not _NAME.match(update_id):
+            raise ValueError(f"update id {update_id!r} cannot name a file")
+        return self.directory / f"{update_id}{_SUFFIX}"
+
+    def __getitem__(self, update_id: str) -> Pending:
+        return self._items[update_id]
+
+    def __setitem__(self, update_id: str, pending: Pending) -> None:
+        if self.directory is not None and update_id not in self._items:
+            _write_atomic(self._path(update_id), pending.payload)
+        self._items[update_id] = pending
+
+    def __delitem__(self, update_id: str) -> None:
+        del self._items[update_id]
+        if self.directory is not None:
+            self._path(update_id).unlink(missing_ok=True)  # a crash before this only causes a re-send
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
