@@ -27,8 +27,9 @@ import numpy as np
 
 from fedmqtt import codec
 from fedmqtt.data import as_source
-from fedmqtt.errors import CodecError, IncompatibleModel, InvalidUpdate, TransportError
+from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
 from fedmqtt.outbox import Outbox, Pending
+from fedmqtt.privacy import ClientDP, ClientPrivacy
 from fedmqtt.schemas import Ack, Status, dump, parse_model_metadata
 from fedmqtt.topics import Topics, check_segment
 from fedmqtt.training import Trainer
@@ -49,6 +50,7 @@ class AgentConfig:
     backoff_max: float = 10.0
     session_expiry: int = 600
     outbox_dir: str | Path | None = None  # unacknowledged updates on disk, in <outbox_dir>/<agent id>/
+    dp: ClientDP | None = None  # client-level DP: clip and noise every delta before it leaves (fedmqtt.privacy)
 
 
 class GlobalModel(NamedTuple):
@@ -95,6 +97,9 @@ class EdgeAgent:
         self.trained_versions: list[int] = []
         self.error: str | None = None
         self._state = "online"
+        if self.config.dp is not None and self.config.encoding != "delta":
+            raise ConfigError("client DP applies to deltas; use encoding='delta'")
+        self.privacy = ClientPrivacy(self.config.dp, self.agent_id) if self.config.dp is not None else None
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -233,6 +238,8 @@ class EdgeAgent:
             batches = await self.data.take(cfg.local_steps)
             new, self.last_loss = await asyncio.to_thread(self.trainer.train, model.params, batches)
             tensors = delta_of(new, model.params) if cfg.encoding == "delta" else new
+            if self.privacy is not None:
+                tensors = self.privacy(tensors)
             self.trained_versions.append(model.info.version)
             del self.trained_versions[:-100]
             update_id = uuid.uuid4().hex

@@ -8,15 +8,18 @@ from fedmqtt.strategies.base import Strategy
 from fedmqtt.strategies.fedasync import fedasync
 from fedmqtt.strategies.fedavg import fedavg
 from fedmqtt.strategies.fedbuff import fedbuff, server_optimizer
+from fedmqtt.strategies.robust import BY_NAME as ROBUST
+from fedmqtt.strategies.robust import robust_fedbuff
 from fedmqtt.strategies.staleness import by_name as weighting_by_name
 
 NAMES = ("fedasync", "fedasync-constant", "fedasync-polynomial", "fedasync-hinge", "fedbuff", "fedavg",
-         "fedavg-delta")
+         "fedavg-delta", "fedbuff-median", "fedbuff-trimmed", "fedbuff-norm")
 
 
 def make(name: str, *, alpha: float = 0.6, staleness_a: float | None = None, staleness_b: int | None = None,
          buffer_size: int = 10, server_opt: str = "sgd", server_lr: float = 1.0,
-         weight_by_samples: bool = False, **_: Any) -> Strategy:
+         weight_by_samples: bool = False, dp_clip: float | None = None, dp_noise: float = 0.0, seed: int = 0,
+         trim: float = 0.2, max_norm: float | None = None, **_: Any) -> Strategy:
     """Build a strategy by name with the usual knobs (see each factory for defaults)."""
     if name in ("fedasync", "fedasync-polynomial"):
         return fedasync(alpha, weighting_by_name("polynomial", staleness_a), name=name)
@@ -26,7 +29,12 @@ def make(name: str, *, alpha: float = 0.6, staleness_a: float | None = None, sta
         return fedasync(alpha, weighting_by_name("hinge", staleness_a, staleness_b), name=name)
     if name == "fedbuff":
         return fedbuff(buffer_size, server_optimizer(server_opt, server_lr),
-                       weighting_by_name("polynomial", staleness_a), weight_by_samples)
+                       weighting_by_name("polynomial", staleness_a), weight_by_samples,
+                       dp_clip=dp_clip, dp_noise=dp_noise, seed=seed)
+    if name in ROBUST:
+        return robust_fedbuff(buffer_size, ROBUST[name], trim, max_norm,
+                              server_optimizer(server_opt, server_lr),
+                              weighting_by_name("polynomial", staleness_a))
     if name == "fedavg":
         return fedavg("weights", name=name)
     if name == "fedavg-delta":

@@ -1,0 +1,169 @@
+"""Differential privacy: clip an update's L2 norm, add Gaussian noise, and count the privacy spent.
+
+Two places use it (docs/security.md explains which to pick):
+
+* **on the agent** (``AgentConfig(dp=ClientDP(clip_norm=1.0, noise_multiplier=1.0))``): every delta the device
+  publishes is clipped to ``C`` and gets N(0, (sigmaC)²) noise, so the aggregator and the broker only ever see
+  noisy updates. Guarantee per device, against an untrusted aggregator.
+* **at the aggregator, FedBuff** (``fedbuff(dp_clip=C, dp_noise=sigma)``): each buffered delta is clipped to
+  ``C`` and N(0, (sigma C)²) noise is added once to the buffered sum before the server step. Guarantee per
+  device for whoever sees the published models (other devices, observers), with a trusted aggregator.
+
+ε at a given δ comes from Google's dp-accounting (Rényi DP accountant, Gaussian mechanism composed over the
+releases). Sampling assumptions, stated because they decide the numbers:
+
+* No privacy amplification by sampling is claimed by default: arrivals in an asynchronous federation are
+  not a random sample (fast devices arrive more often), so each release is charged as if every device took
+  part in it. ``sampling_rate=q`` gives the Poisson-subsampled figure for deployments that do sample
+  devices at random with probability q; it is not valid otherwise.
+* Central DP assumes one update per device per buffer (add/remove-one-device adjacency, sensitivity C,
+  staleness weights w(s) <= 1). A device with m updates in one buffer has sensitivity mC.
+* Client (local) DP protects a device's whole data set: any two data sets give clipped deltas at most 2C
+  apart, so each release is a Gaussian mechanism with noise multiplier sigma/2.
+
+The maths here is pure (jax pytrees, explicit PRNG keys); :class:`ClientPrivacy` is the agent's stateful
+wrapper (its own RNG, a count of releases).
+
+>>> import jax, jax.numpy as jnp
+>>> clipped = clip_by_l2({"w": jnp.array([3.0, 4.0])}, 1.0)
+>>> [round(float(v), 3) for v in clipped["w"]]
+[0.6, 0.8]
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmqtt.types import Array
+
+Tree = Any
+DELTA = 1e-5
+
+
+def l2_norm(tree: Tree) -> jax.Array:
+    """Global L2 norm over every leaf of a pytree."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def clip_by_l2(tree: Tree, max_norm: float | jax.Array) -> Tree:
+    """Scale ``tree`` so that its global L2 norm is at most ``max_norm`` (unchanged when already within)."""
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(l2_norm(tree), 1e-12))
+    return jax.tree.map(lambda x: (x * scale).astype(x.dtype), tree)
+
+
+def gaussian_noise(tree: Tree, key: jax.Array, std: float | jax.Array) -> Tree:
+    """A pytree like ``tree`` of independent N(0, std²) draws (float32), one subkey per leaf."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    noise = [std * jax.random.normal(k, jnp.shape(x), jnp.float32)
+             for k, x in zip(keys, leaves, strict=False)]
+    return jax.tree.unflatten(treedef, noise)
+
+
+def privatize(tree: Tree, key: jax.Array, clip_norm: float, noise_multiplier: float) -> Tree:
+    """The Gaussian mechanism on one update: clip to ``clip_norm``, add N(0, (noise_multiplier * clip_norm)²)
+    to every coordinate."""
+    clipped = clip_by_l2(tree, clip_norm)
+    noise = gaussian_noise(clipped, key, noise_multiplier * clip_norm)
+    return jax.tree.map(lambda x, n: (x + n).astype(x.dtype), clipped, noise)
+
+
+# ---- accounting (dp-accounting) -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def epsilon(noise_multiplier: float, releases: int, delta: float = DELTA, sampling_rate: float = 1.0
+            ) -> float:
+    """ε(δ) of ``releases`` Gaussian mechanisms with the given noise multiplier (sigma = std / sensitivity),
+    from dp-accounting's RDP accountant; Poisson subsampling with ``sampling_rate`` < 1 when assumed.
+
+    >>> round(epsilon(5.0, 100), 2)
+    10.73
+    """
+    if releases <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return float("inf")
+    import dp_accounting
+    from dp_accounting import rdp
+
+    event: Any = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sampling_rate < 1.0:
+        event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, releases))
+    return float(accountant.get_epsilon(delta))
+
+
+def noise_for_epsilon(target: float, releases: int, delta: float = DELTA, sampling_rate: float = 1.0
+                      ) -> float:
+    """The smallest noise multiplier (to 0.1 %) whose ε after ``releases`` is at most ``target``."""
+    lo, hi = 1e-2, 1.0
+    while epsilon(hi, releases, delta, sampling_rate) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier reaches ε={target} in {releases} releases")
+    while hi - lo > 1e-3 * hi:
+        mid = round((lo + hi) / 2, 6)
+        lo, hi = (lo, mid) if epsilon(mid, releases, delta, sampling_rate) <= target else (mid, hi)
+    return hi
+
+
+def central_accountant(noise_multiplier: float, delta: float = DELTA, sampling_rate: float = 1.0
+                       ) -> Callable[[Any], Mapping[str, float]]:
+    """For ``AggregatorConfig(privacy=...)``: reads the number of noisy steps from a DP FedBuff state and
+    returns the metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_steps``."""
+
+    def report(state: Any) -> Mapping[str, float]:
+        steps = int(getattr(state, "dp_steps", 0) or 0)
+        return {"dp_epsilon": epsilon(noise_multiplier, steps, delta, sampling_rate), "dp_delta": delta,
+                "dp_noise_multiplier": noise_multiplier, "dp_steps": steps}
+
+    return report
+
+
+# ---- the agent's side -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientDP:
+    """Client-level DP settings for :class:`fedmqtt.agent.AgentConfig` (``dp=``).
+
+    ``seed=None`` (the default, and the only choice for real devices) draws the noise seed from the OS.
+    """
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    seed: int | None = None
+    delta: float = DELTA
+
+    def __post_init__(self) -> None:
+        if self.clip_norm <= 0 or self.noise_multiplier < 0:
+            raise ValueError("client DP needs clip_norm > 0 and noise_multiplier >= 0")
+
+
+class ClientPrivacy:
+    """One agent's Gaussian mechanism: privatizes each delta it publishes and counts the releases."""
+
+    def __init__(self, config: ClientDP, salt: str = "") -> None:
+        self.config = config
+        seed = config.seed if config.seed is not None else secrets.randbits(128)  # OS entropy
+        words = np.random.SeedSequence([seed, *salt.encode()]).generate_state(2)
+        self._key = jnp.asarray(words, jnp.uint32)  # a raw threefry key
+        self.releases = 0
+        self._privatize = jax.jit(privatize, static_argnums=(2, 3))
+
+    def __call__(self, delta: Mapping[str, Array]) -> dict[str, Array]:
+        """Clip and noise one delta (numpy in, numpy out, dtypes kept)."""
+        self._key, key = jax.random.split(self._key)
+        out = self._privatize(dict(delta), key, self.config.clip_norm, self.config.noise_multiplier)
+        self.releases += 1
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def epsilon(self) -> float:
+        """ε at the configured δ for the releases so far (local DP: noise multiplier sigma/2, see above)."""
+        return epsilon(self.config.noise_multiplier / 2, self.releases, self.config.delta)

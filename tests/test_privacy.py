@@ -1,0 +1,211 @@
+"""Differential privacy: the clipping bound and the noise scale, checked empirically, on the agent and in
+FedBuff; the accountant's ε; client DP end to end through an in-memory broker."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedmqtt import codec
+from fedmqtt.agent import AgentConfig, EdgeAgent
+from fedmqtt.aggregator import Aggregator
+from fedmqtt.errors import ConfigError
+from fedmqtt.privacy import (
+    ClientDP,
+    ClientPrivacy,
+    clip_by_l2,
+    epsilon,
+    gaussian_noise,
+    l2_norm,
+    noise_for_epsilon,
+    privatize,
+)
+from fedmqtt.strategies.base import ClientUpdate
+from fedmqtt.strategies.fedbuff import fedbuff
+from fedmqtt.tasks import get_task
+from fedmqtt.transport import MemoryBroker
+
+pytest.importorskip("dp_accounting")
+
+
+def tree(rng: np.random.Generator, scale: float) -> dict[str, np.ndarray]:
+    return {"a/kernel": (scale * rng.standard_normal((64, 32))).astype(np.float32),
+            "a/bias": (scale * rng.standard_normal(32)).astype(np.float32),
+            "b": (scale * rng.standard_normal((3, 3, 4))).astype(np.float32)}
+
+
+def flat(t: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(v, np.float64).ravel() for _, v in sorted(t.items())])
+
+
+# ---- clipping ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1e-4, 0.01, 1.0, 30.0, 1e4])
+@pytest.mark.parametrize("clip", [0.1, 1.0, 5.0])
+def test_clip_bounds_norm_and_keeps_small_updates(scale: float, clip: float) -> None:
+    t = tree(np.random.default_rng(int(scale * 7 + clip)), scale)
+    before = np.linalg.norm(flat(t))
+    out = jax.tree.map(np.asarray, clip_by_l2(t, clip))
+    after = np.linalg.norm(flat(out))
+    assert after <= clip * (1 + 1e-5)
+    if before <= clip:
+        np.testing.assert_allclose(flat(out), flat(t), rtol=1e-6)
+    else:
+        assert after == pytest.approx(clip, rel=1e-5)
+        np.testing.assert_allclose(flat(out) / after, flat(t) / before, atol=1e-6)  # direction kept
+    assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in t.items()}
+
+
+def test_l2_norm_matches_numpy() -> None:
+    t = tree(np.random.default_rng(0), 3.0)
+    assert float(l2_norm(t)) == pytest.approx(np.linalg.norm(flat(t)), rel=1e-5)
+
+
+# ---- noise scale ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("clip", "sigma"), [(1.0, 1.0), (0.5, 4.0), (3.0, 0.3)])
+def test_gaussian_mechanism_noise_scale(clip: float, sigma: float) -> None:
+    zeros = {"w": jnp.zeros((400, 500), jnp.float32), "b": jnp.zeros(1000, jnp.float32)}
+    out = privatize(zeros, jax.random.PRNGKey(1), clip, sigma)
+    x = flat(jax.tree.map(np.asarray, out))
+    assert x.std() == pytest.approx(sigma * clip, rel=0.01)  # 201,000 draws: 1 % is > 6 standard errors
+    assert abs(x.mean()) < 5 * sigma * clip / np.sqrt(x.size)
+
+
+def test_noise_is_independent_across_leaves_and_keys() -> None:
+    z = {"a": jnp.zeros(10_000), "b": jnp.zeros(10_000)}
+    n1 = gaussian_noise(z, jax.random.PRNGKey(0), 1.0)
+    n2 = gaussian_noise(z, jax.random.PRNGKey(1), 1.0)
+    assert abs(np.corrcoef(n1["a"], n1["b"])[0, 1]) < 0.05
+    assert abs(np.corrcoef(n1["a"], n2["a"])[0, 1]) < 0.05
+
+
+def test_client_privacy_clips_then_adds_fresh_noise() -> None:
+    rng = np.random.default_rng(3)
+    big = tree(rng, 100.0)
+    dp = ClientPrivacy(ClientDP(clip_norm=2.0, noise_multiplier=0.0, seed=5), "a1")
+    assert np.linalg.norm(flat(dp(big))) == pytest.approx(2.0, rel=1e-5)
+    noisy = ClientPrivacy(ClientDP(clip_norm=2.0, noise_multiplier=1.5, seed=5), "a1")
+    clipped = flat(jax.tree.map(np.asarray, clip_by_l2(big, 2.0)))
+    residuals = np.concatenate([flat(noisy(big)) - clipped for _ in range(20)])
+    assert residuals.std() == pytest.approx(3.0, rel=0.02)
+    assert noisy.releases == 20
+    one, two = flat(noisy(big)), flat(noisy(big))
+    assert not np.allclose(one, two)  # fresh noise for every release
+    other = ClientPrivacy(ClientDP(clip_norm=2.0, noise_multiplier=1.5, seed=5), "a2")
+    again = ClientPrivacy(ClientDP(clip_norm=2.0, noise_multiplier=1.5, seed=5), "a1")
+    assert not np.allclose(flat(other(big)), flat(again(big)))  # agents draw different noise
+    unseeded = [ClientPrivacy(ClientDP(2.0, 1.5), "a1") for _ in range(2)]
+    assert not np.allclose(flat(unseeded[0](big)), flat(unseeded[1](big)))  # OS entropy by default
+
+
+# ---- central DP in FedBuff ------------------------------------------------------------------------------
+def test_fedbuff_clips_each_delta_before_buffering() -> None:
+    s = fedbuff(buffer_size=3, dp_clip=1.0, dp_noise=0.0, weighting=lambda st: jnp.float32(1.0))
+    p = {"w": jnp.zeros(4)}
+    st = s.init(p)
+    for d in ([100.0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, -30.0, 0]):
+        p, st, stepped = s.apply(p, ClientUpdate({"w": jnp.array(d)}, 0, 1), st)
+    assert bool(stepped)
+    np.testing.assert_allclose(p["w"], [1 / 3, 0.5 / 3, -1 / 3, 0], rtol=1e-6)
+    assert int(st.dp_steps) == 1
+
+
+def test_fedbuff_noise_on_the_sum_has_std_sigma_c() -> None:
+    k, clip, sigma = 5, 0.5, 2.0
+    s = fedbuff(buffer_size=k, dp_clip=clip, dp_noise=sigma, seed=11)
+    p0 = {"w": jnp.zeros((300, 400)), "b": jnp.zeros(500)}
+    p, st = p0, s.init(p0)
+    steps = 0
+    zero = ClientUpdate(jax.tree.map(jnp.zeros_like, p0), 0, 1)
+    for _ in range(k):  # zero deltas: all that moves the model is the noise, divided by K (sgd lr 1)
+        p, st, stepped = s.apply(p, zero, st)
+        steps += int(bool(stepped))
+    x = flat(jax.tree.map(np.asarray, p))
+    assert steps == 1
+    assert x.std() == pytest.approx(sigma * clip / k, rel=0.01)
+    assert not np.array_equal(np.asarray(st.key), np.asarray(s.init(p0).key))  # next step: new noise
+
+
+def test_fedbuff_dp_is_pure() -> None:
+    s = fedbuff(buffer_size=1, dp_clip=1.0, dp_noise=1.0, seed=2)
+    p = {"w": jnp.zeros(8)}
+    u = ClientUpdate({"w": jnp.ones(8)}, 1, 10)
+    st = s.init(p)
+    a, sa, _ = s.apply(p, u, st)
+    b, _, _ = s.apply(p, u, st)
+    np.testing.assert_array_equal(a["w"], b["w"])
+    c, _, _ = s.apply(a, u, sa)
+    assert not np.allclose(np.asarray(c["w"]) - np.asarray(a["w"]), np.asarray(a["w"]))  # new key, new noise
+
+
+def test_fedbuff_dp_refuses_sample_weighting() -> None:
+    with pytest.raises(ValueError, match="weight_by_samples"):
+        fedbuff(dp_clip=1.0, dp_noise=1.0, weight_by_samples=True)
+
+
+def test_fedbuff_without_dp_keeps_no_key() -> None:
+    st = fedbuff().init({"w": jnp.zeros(2)})
+    assert st.key is None
+    assert st.dp_steps is None
+
+
+# ---- accounting -----------------------------------------------------------------------------------------
+def test_epsilon_behaves() -> None:
+    assert epsilon(1.0, 0) == 0.0
+    assert epsilon(0.0, 3) == float("inf")
+    assert epsilon(2.0, 10) < epsilon(1.0, 10)  # more noise, less ε
+    assert epsilon(1.0, 10) < epsilon(1.0, 100)  # more releases, more ε
+    assert epsilon(1.0, 100, sampling_rate=0.1) < epsilon(1.0, 100)  # amplification when assumed
+    assert epsilon(1.0, 10, delta=1e-3) < epsilon(1.0, 10, delta=1e-6)
+
+
+@pytest.mark.parametrize("target", [1.0, 4.0, 8.0])
+def test_noise_for_epsilon_inverts_the_accountant(target: float) -> None:
+    sigma = noise_for_epsilon(target, 50)
+    assert epsilon(sigma, 50) <= target
+    assert epsilon(sigma * 0.99, 50) > target * 0.98
+
+
+def test_single_gaussian_release_matches_analytic_bound() -> None:
+    # One Gaussian mechanism: sigma = sqrt(2 ln(1.25/δ)) / ε gives (ε, δ)-DP for ε < 1 (Dwork & Roth A.1);
+    # the RDP accountant must not report a worse ε than that classical bound.
+    eps, delta = 0.5, 1e-5
+    sigma = np.sqrt(2 * np.log(1.25 / delta)) / eps
+    assert epsilon(float(sigma), 1, delta) <= eps
+
+
+def test_client_privacy_reports_local_epsilon() -> None:
+    dp = ClientPrivacy(ClientDP(1.0, 2.0, seed=0))
+    assert dp.epsilon() == 0.0
+    for _ in range(5):
+        dp({"w": np.ones(3, np.float32)})
+    assert dp.epsilon() == pytest.approx(epsilon(1.0, 5))  # replace-one adjacency: sensitivity 2C
+
+
+# ---- client DP end to end ---------------------------------------------------------------------------------
+async def test_agent_with_dp_publishes_only_clipped_noisy_deltas() -> None:
+    task = get_task("digits", num_clients=2, seed=0)
+    trainer = task.trainer(0)
+    broker = MemoryBroker()
+    agg = Aggregator(broker.connect, trainer.initial, fedbuff(buffer_size=2))
+    cfg = AgentConfig(dp=ClientDP(clip_norm=0.25, noise_multiplier=0.0, seed=0))
+    async with agg:
+        await agg.wait_connected()
+        async with EdgeAgent(broker.connect, "dp-agent", task.trainer(0), task.data_for(0), cfg) as agent:
+            await agent.wait_updates(4, timeout=60)
+    updates = [m for m in broker.published if m.topic == agg.topics.update("dp-agent")]
+    assert len(updates) >= 4
+    for m in updates:
+        norm = np.linalg.norm(flat(codec.decode(m.payload).tensors))
+        assert norm <= 0.25 * (1 + 1e-5)
+    assert agent.privacy is not None
+    assert agent.privacy.releases >= 4
+
+
+def test_agent_dp_needs_delta_encoding() -> None:
+    task = get_task("digits", num_clients=2, seed=0)
+    with pytest.raises(ConfigError, match="delta"):
+        EdgeAgent(MemoryBroker().connect, "x", task.trainer(0), task.data_for(0),
+                  AgentConfig(encoding="weights", dp=ClientDP()))
+
