@@ -3,6 +3,8 @@ FedBuff; the accountant's ε; client DP end to end through an in-memory broker."
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,12 @@ import pytest
 
 from fedmqtt import codec
 from fedmqtt.agent import AgentConfig, EdgeAgent
-from fedmqtt.aggregator import Aggregator
+from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.errors import ConfigError
 from fedmqtt.privacy import (
     ClientDP,
     ClientPrivacy,
+    central_accountant,
     clip_by_l2,
     epsilon,
     gaussian_noise,
@@ -209,3 +212,24 @@ def test_agent_dp_needs_delta_encoding() -> None:
         EdgeAgent(MemoryBroker().connect, "x", task.trainer(0), task.data_for(0),
                   AgentConfig(encoding="weights", dp=ClientDP()))
 
+
+
+# ---- ε in the aggregator's metrics; nothing per-sample in them ---------------------------------------------
+def test_aggregator_metrics_report_epsilon() -> None:
+    task = get_task("digits", num_clients=2, seed=0)
+    initial = task.trainer(0).initial
+    cfg = AggregatorConfig(privacy=central_accountant(1.5))
+    agg = Aggregator(MemoryBroker().connect, initial, fedbuff(buffer_size=2, dp_clip=1.0, dp_noise=1.5), cfg)
+    fp = codec.fingerprint(initial)
+    for i in range(6):
+        delta = {k: np.full_like(v, 0.01) for k, v in initial.items()}
+        payload = codec.encode_update(delta, agent="a1", update_id=f"u{i}", base_version=agg.version,
+                                      num_samples=10, encoding="delta", model_fingerprint=fp)
+        assert agg.handle("a1", payload).status == "accepted"
+    m = agg.metrics().model_dump()
+    assert m["dp_steps"] == 3
+    assert m["dp_epsilon"] == pytest.approx(epsilon(1.5, 3, 1e-5))
+    assert m["dp_delta"] == 1e-5
+    # Aggregates only: no field holds an array, a list of samples or an update's values.
+    assert all(not isinstance(v, list | tuple) for v in m.values())
+    assert len(json.dumps(m)) < 2000

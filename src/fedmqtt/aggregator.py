@@ -65,6 +65,7 @@ class AggregatorConfig:
     snapshot_interval: float = 60.0  # ... or seconds since the last one (if any record was written)
     keep_journal: bool = False  # keep old journal segments: an audit ledger of every applied update
     max_online: int = 100_000  # agents tracked as online; presence beyond this is not tracked
+    privacy: Callable[[Any], Mapping[str, Any]] | None = None  # strategy state -> extra metrics (DP ε)
 
 
 class Aggregator:
@@ -333,6 +334,7 @@ class Aggregator:
             agents_online=len(self.online), updates_per_s=(len(recent) - 1) / span if span > 0 else 0.0,
             ts=time.time(), dropped=self.acks_dropped + self._dropped_before
             + (self._transport.dropped if self._transport else 0),
+            **(self.config.privacy(self.state) if self.config.privacy else {}),
         )
 
     # ---- lifecycle ------------------------------------------------------------------------------

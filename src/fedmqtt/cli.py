@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -92,8 +93,8 @@ def demo(
 @app.command()
 def aggregator(
     broker: BrokerOpt = "mqtt://127.0.0.1:1883",
-    strategy: Annotated[str, typer.Option(help="fedasync, fedasync-hinge, fedasync-constant, fedbuff, fedavg")
-                        ] = "fedasync",
+    strategy: Annotated[str, typer.Option(help="fedasync, fedasync-hinge, fedasync-constant, fedbuff, fedavg, "
+                                              "fedbuff-median, fedbuff-trimmed, fedbuff-norm")] = "fedasync",
     task: TaskOpt = "digits",
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
@@ -108,6 +109,9 @@ def aggregator(
     snapshot_every: Annotated[int, typer.Option(help="journal records between snapshots")] = 500,
     keep_journal: Annotated[bool, typer.Option(help="keep every journal segment (a ledger of applied "
                                                     "updates)")] = False,
+    dp_clip: Annotated[float | None, typer.Option(help="fedbuff central DP: clip each delta to this L2 norm")
+                       ] = None,
+    dp_noise: Annotated[float, typer.Option(help="fedbuff central DP: noise multiplier sigma")] = 0.0,
     seed: int = 0,
     verbose: bool = False,
 ) -> None:
@@ -123,7 +127,12 @@ def aggregator(
     cfg = AggregatorConfig(topics=Topics(prefix, federation), max_staleness=max_staleness,
                            round_size=round_size, round_deadline=round_deadline, state_dir=state_dir,
                            snapshot_every=snapshot_every, keep_journal=keep_journal)
-    strat = make(strategy, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr)
+    if dp_clip is not None:
+        from fedmqtt.privacy import central_accountant
+
+        cfg = replace(cfg, privacy=central_accountant(dp_noise))
+    strat = make(strategy, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr,
+                 dp_clip=dp_clip, dp_noise=dp_noise, seed=seed)
     agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
                      evaluate=t.evaluate_fn(trainer))
     err.print(f"aggregator: {strat.name} on {broker}, federation {federation!r}")
@@ -148,6 +157,8 @@ def edge(
     local_steps: int = 20,
     round_seconds: Annotated[float, typer.Option(help="pad each local round to this long")] = 0.0,
     prox_rho: Annotated[float, typer.Option(help="FedAsync proximal term rho (0 = off)")] = 0.0,
+    dp_clip: Annotated[float | None, typer.Option(help="client DP: clip each delta to this L2 norm")] = None,
+    dp_noise: Annotated[float, typer.Option(help="client DP: noise multiplier sigma")] = 0.0,
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
     seed: int = 0,
@@ -165,6 +176,10 @@ def edge(
     t = get_task(task, num_clients=num_shards, seed=seed) if task == "digits" else get_task(task, seed=seed)
     index = shard if shard is not None else index_of(agent_id, t.num_clients)
     cfg = AgentConfig(topics=Topics(prefix, federation), local_steps=local_steps, round_seconds=round_seconds)
+    if dp_clip is not None:
+        from fedmqtt.privacy import ClientDP
+
+        cfg = replace(cfg, dp=ClientDP(dp_clip, dp_noise))
     agent = EdgeAgent(mqtt_connector(BrokerConfig.from_url(broker)), agent_id, t.trainer(seed, prox_rho=prox_rho),
                       t.data_for(index, seed), cfg)
     err.print(f"edge agent {agent_id}: shard {index} of {t.name}, {agent.data.num_samples} examples, {broker}")

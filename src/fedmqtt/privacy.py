@@ -116,11 +116,11 @@ def noise_for_epsilon(target: float, releases: int, delta: float = DELTA, sampli
 
 
 def central_accountant(noise_multiplier: float, delta: float = DELTA, sampling_rate: float = 1.0
-                       ) -> Callable[[Any], Mapping[str, float]]:
+                       ) -> Callable[[Any], Mapping[str, Any]]:
     """For ``AggregatorConfig(privacy=...)``: reads the number of noisy steps from a DP FedBuff state and
     returns the metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_steps``."""
 
-    def report(state: Any) -> Mapping[str, float]:
+    def report(state: Any) -> Mapping[str, Any]:
         steps = int(getattr(state, "dp_steps", 0) or 0)
         return {"dp_epsilon": epsilon(noise_multiplier, steps, delta, sampling_rate), "dp_delta": delta,
                 "dp_noise_multiplier": noise_multiplier, "dp_steps": steps}

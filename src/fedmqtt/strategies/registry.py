@@ -21,6 +21,8 @@ def make(name: str, *, alpha: float = 0.6, staleness_a: float | None = None, sta
          weight_by_samples: bool = False, dp_clip: float | None = None, dp_noise: float = 0.0, seed: int = 0,
          trim: float = 0.2, max_norm: float | None = None, **_: Any) -> Strategy:
     """Build a strategy by name with the usual knobs (see each factory for defaults)."""
+    if dp_clip is not None and name != "fedbuff":
+        raise ValueError("central DP (dp_clip) is implemented for fedbuff only")
     if name in ("fedasync", "fedasync-polynomial"):
         return fedasync(alpha, weighting_by_name("polynomial", staleness_a), name=name)
     if name == "fedasync-constant":
