@@ -1,0 +1,140 @@
+"""A client written from docs/protocol.md alone (paho-mqtt, json, struct, hashlib, numpy; no fedmqtt code)
+against `fedmqtt aggregator` and three `fedmqtt edge` processes on a real Mosquitto."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I32": np.int32, "I64": np.int64}
+CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+# ---- the independent implementation of sections 3 and 3.1 ------------------------------------------
+def parse(payload: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    (n,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8 : 8 + n])
+    data = payload[8 + n :]
+    meta = header.pop("__metadata__", {})
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        arr = np.frombuffer(data[begin:end], dtype=np.dtype(DTYPES[info["dtype"]]).newbyteorder("<"))
+        tensors[name] = arr.reshape(info["shape"])
+    return meta, tensors
+
+
+def build(meta: dict[str, str], tensors: dict[str, np.ndarray]) -> bytes:
+    header: dict[str, object] = {"__metadata__": meta}
+    chunks, offset = [], 0
+    for name, arr in tensors.items():
+        raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": CODES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def fingerprint(tensors: dict[str, np.ndarray]) -> str:
+    lines = "".join(f"{n}\t{CODES[tensors[n].dtype]}\t{','.join(map(str, tensors[n].shape))}\n" for n in sorted(tensors))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+# ---- processes -------------------------------------------------------------------------------------
+@pytest.fixture
+def federation_processes(broker, federation: str) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    url = broker.url
+    common = ["--broker", url, "--federation", federation]
+    cmd = [sys.executable, "-m", "fedmqtt"]
+    procs = [subprocess.Popen([*cmd, "aggregator", *common], stdout=subprocess.DEVNULL)]
+    procs += [subprocess.Popen([*cmd, "edge", *common, "--agent-id", f"edge-{i}", "--round-seconds", "0.3"],
+                               stdout=subprocess.DEVNULL) for i in range(3)]
+    try:
+        yield federation
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_independent_client_decodes_model_and_its_update_is_applied(broker, federation_processes: str) -> None:  # type: ignore[no-untyped-def]
+    base = f"fedmqtt/{federation_processes}"
+    me = f"proto-{uuid.uuid4().hex[:6]}"
+    inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=me, protocol=mqtt.MQTTv311)
+    client.on_message = lambda c, u, m: inbox.put((m.topic, m.payload))
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        client.subscribe(f"{base}/model", qos=1)
+        client.subscribe(f"{base}/agents/{me}/acks", qos=1)
+        client.subscribe(f"{base}/metrics", qos=1)
+        deadline = time.monotonic() + 90
+        model = None
+        metrics: dict[str, object] = {}
+        # Wait for a retained model that the three edge agents have already moved past version 0.
+        while time.monotonic() < deadline and (model is None or int(model[0]["fedmqtt.version"]) < 3):
+            try:
+                topic, payload = inbox.get(timeout=1)
+            except queue.Empty:
+                continue
+            if topic.endswith("/model"):
+                model = parse(payload)
+        assert model is not None, "no retained model received"
+        meta, tensors = model
+        assert meta["fedmqtt.schema"] == "1" and meta["fedmqtt.kind"] == "model"
+        assert fingerprint(tensors) == meta["fedmqtt.fingerprint"]
+        assert all(np.isfinite(t).all() for t in tensors.values())
+
+        update_id = uuid.uuid4().hex
+        delta = {k: np.full_like(v, 1e-3) for k, v in tensors.items()}
+        payload = build({"fedmqtt.schema": "1", "fedmqtt.kind": "update", "fedmqtt.agent": me,
+                         "fedmqtt.update_id": update_id, "fedmqtt.base_version": meta["fedmqtt.version"],
+                         "fedmqtt.num_samples": "10", "fedmqtt.encoding": "delta",
+                         "fedmqtt.fingerprint": meta["fedmqtt.fingerprint"]}, delta)
+        client.publish(f"{base}/updates/{me}", payload, qos=1).wait_for_publish(10)
+
+        ack = None
+        while time.monotonic() < deadline and ack is None:
+            try:
+                topic, body = inbox.get(timeout=1)
+            except queue.Empty:
+                continue
+            if topic.endswith("/acks"):
+                ack = json.loads(body)
+            elif topic.endswith("/metrics"):
+                metrics = json.loads(body)
+        assert ack is not None, "no acknowledgement"
+        assert ack["update_id"] == update_id
+        assert ack["status"] == "accepted", ack
+        assert ack["version"] > int(meta["fedmqtt.version"])
+        # Metrics count the three edges' updates and ours.
+        while time.monotonic() < deadline and int(metrics.get("accepted", 0)) < 4:  # type: ignore[call-overload]
+            topic, body = inbox.get(timeout=5)
+            if topic.endswith("/metrics"):
+                metrics = json.loads(body)
+        assert metrics["accepted"] >= 4 and metrics["rejected"] == 0
+    finally:
+        client.loop_stop()
+        client.disconnect()
