@@ -86,8 +86,8 @@ def load_split(path: str | os.PathLike[str] | None = None, classes: int = 6,
         train_idx.append(idx[:cut])
         test_idx.append(idx[cut:])
     train_all = x[np.concatenate(train_idx)]
-    mean = train_all.mean(axis=(0, 1)).astype(np.float32)
-    std = (train_all.std(axis=(0, 1)) + 1e-6).astype(np.float32)
+    mean = train_all.mean(axis=(0, 1), dtype=np.float64).astype(np.float32)  # float64: 1M values per channel
+    std = (train_all.std(axis=(0, 1), dtype=np.float64) + 1e-6).astype(np.float32)
 
     def part(idx: Array) -> tuple[Array, Array]:
         return ((x[idx] - mean) / std).astype(np.float32), y[idx]
@@ -131,7 +131,7 @@ class CNN1D(nnx.Module):
 
 
 def hapt_task(path: str | os.PathLike[str] | None = None, classes: int = 6, seed: int = 0, width: int = 32,
-              learning_rate: float = 0.02, local_steps: int = 10, batch_size: int = 32, **_: object) -> Task:
+              learning_rate: float = 0.05, local_steps: int = 10, batch_size: int = 32, **_: object) -> Task:
     """The HAPT task with one agent per volunteer (30); ``seed`` only seeds the model's initialisation.
 
     Extra keyword options (``num_clients``, ``partition``, ...) are accepted and ignored: the partition
