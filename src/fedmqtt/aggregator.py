@@ -56,6 +56,7 @@ class AggregatorConfig:
     eval_interval: float = 0.5
     round_size: int | None = None  # sync: updates per round (None: agents online)
     round_deadline: float | None = None  # sync: close a round after this many seconds with >= 1 update
+    round_fraction: float | None = None  # sync: round = the first ceil(fraction × agents online) updates
     max_queued: int = 1024  # received updates held unprocessed; more are counted as dropped (agents re-send)
     backoff_max: float = 10.0
     client_id: str = "fedmqtt-aggregator"
@@ -192,6 +193,15 @@ class Aggregator:
         self._round_started = time.monotonic()
         self._round_count = 0
         self._dirty.set()
+
+    def round_target(self) -> int:
+        """Sync mode: updates that close a round (round_size, else a fraction of, else all agents online)."""
+        online = max(len(self.online), 1)
+        if self.config.round_size:
+            return self.config.round_size
+        if self.config.round_fraction:
+            return max(1, -(-int(self.config.round_fraction * online * 1000) // 1000))  # ceil, float-safe
+        return online
 
     def close_round(self) -> bool:
         """Sync mode: average the round's updates into a new version (if any arrived)."""
@@ -512,7 +522,7 @@ class Aggregator:
     async def _rounds(self) -> None:
         while True:
             await asyncio.sleep(0.02)
-            target = self.config.round_size or max(len(self.online), 1)
+            target = self.round_target()
             waited = time.monotonic() - self._round_started
             deadline = self.config.round_deadline
             if self._round_count >= target or (deadline and waited > deadline and self._round_count):

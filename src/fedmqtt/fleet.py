@@ -1,22 +1,31 @@
-"""Many edge agents in one process, each with its own MQTT connection and its own speed.
+"""Many edge agents in one process, each with its own MQTT connection, its own speed and, optionally, churn.
 
 Agent i pads each local round to ``base_seconds × fᵢ`` with fᵢ drawn from a seeded lognormal(0, σ), so a
 fleet with σ = 1 has devices several times slower than others, as real fleets do.
+
+Churn (``mean_online`` set): each agent stays online for an exponentially distributed time (mean
+``mean_online`` seconds), leaves cleanly (its retained status says offline; an update it was training is
+lost with it), stays away for an exponential time (mean ``mean_offline``), and comes back as a fresh
+process would: new connection, empty outbox, the same data. Every draw is seeded from ``seed`` and the
+agent index, so two runs with the same config see the same schedule.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.schemas import Ack
 from fedmqtt.tasks import Task
+from fedmqtt.training import Trainer
 from fedmqtt.transport import Connector
 
 
@@ -36,6 +45,17 @@ class FleetConfig:
     prox_rho: float = 0.0
     agent: AgentConfig = field(default_factory=AgentConfig)
     id_prefix: str = "edge-"
+    local_steps: int | None = None  # E per local round; None: the task's own (overrides agent.local_steps)
+    mean_online: float | None = None  # churn: mean seconds online between departures; None: always online
+    mean_offline: float = 5.0  # churn: mean seconds away before coming back
+    share_trainer: bool = True  # one compiled Trainer for every agent (same model; saves N compilations)
+
+    def conditions(self) -> dict[str, Any]:
+        """Every setting as plain JSON values, for result files."""
+        out = asdict(self)
+        out["agent"] = {k: (str(v) if not isinstance(v, int | float | str | bool | type(None)) else v)
+                        for k, v in out["agent"].items()}
+        return out
 
 
 class Fleet:
@@ -45,26 +65,87 @@ class Fleet:
                  on_ack: Callable[[str, Ack], None] | None = None) -> None:
         self.config = cfg = config or FleetConfig()
         self.task = task
+        self._connect = connect
+        self._on_ack = on_ack
         self.factors = speed_factors(cfg.agents, cfg.sigma, cfg.seed)
-        self.agents: list[EdgeAgent] = []
-        for i, f in enumerate(self.factors):
-            agent_id = f"{cfg.id_prefix}{i}"
-            acfg = replace(cfg.agent, round_seconds=cfg.base_seconds * f)
-            callback = (lambda ack, a=agent_id: on_ack(a, ack)) if on_ack else None
-            self.agents.append(EdgeAgent(connect, agent_id, task.trainer(cfg.seed, prox_rho=cfg.prox_rho),
-                                         task.data_for(i, cfg.seed), acfg, on_ack=callback))
-        self._stack = contextlib.AsyncExitStack()
+        shared = task.trainer(cfg.seed, prox_rho=cfg.prox_rho) if cfg.share_trainer else None
+        self._trainers: list[Trainer] = [shared or task.trainer(cfg.seed, prox_rho=cfg.prox_rho)
+                                         for _ in range(cfg.agents)]
+        self._data = [task.data_for(i, cfg.seed) for i in range(cfg.agents)]
+        steps = cfg.local_steps if cfg.local_steps is not None else task.local_steps
+        self._agent_cfgs = [replace(cfg.agent, round_seconds=cfg.base_seconds * f, local_steps=steps)
+                            for f in self.factors]
+        self.agents: list[EdgeAgent] = [self._new_agent(i) for i in range(cfg.agents)]
+        self.retired_sent = 0  # updates sent by incarnations that churned away
+        self.retired_acks: dict[str, int] = {"accepted": 0, "rejected": 0}
+        self.departures = 0
+        self.offline_seconds = 0.0
+        self._closing = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._started: list[asyncio.Event] = []
+
+    def _new_agent(self, i: int) -> EdgeAgent:
+        agent_id = f"{self.config.id_prefix}{i}"
+        on_ack = self._on_ack
+        callback = (lambda ack, a=agent_id: on_ack(a, ack)) if on_ack else None
+        return EdgeAgent(self._connect, agent_id, self._trainers[i], self._data[i], self._agent_cfgs[i],
+                         on_ack=callback)
 
     async def __aenter__(self) -> Self:
-        await self._stack.__aenter__()
-        for agent in self.agents:
-            await self._stack.enter_async_context(agent)
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._started = [asyncio.Event() for _ in self.agents]
+        for i in range(len(self.agents)):
+            self._tasks.create_task(self._slot(i), name=f"fleet:{self.agents[i].agent_id}")
+        for started in self._started:
+            await asyncio.wait_for(started.wait(), 30.0)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self._stack.__aexit__(et, e, tb)
+        self._closing.set()
+        assert self._tasks is not None
+        await self._tasks.__aexit__(None, None, None)
+
+    async def _wait_closing(self, seconds: float | None) -> bool:
+        """Sleep ``seconds`` (forever if None); True when the fleet is closing."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        return self._closing.is_set()
+
+    async def _slot(self, i: int) -> None:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, i, 0xC4])
+        first = True
+        while True:
+            agent = self.agents[i]
+            async with agent:
+                if first:
+                    self._started[i].set()
+                    first = False
+                online = float(rng.exponential(cfg.mean_online)) if cfg.mean_online else None
+                if await self._wait_closing(online):
+                    return
+            self.departures += 1
+            self.retired_sent += agent.updates_sent
+            for k, v in agent.acks.items():
+                self.retired_acks[k] = self.retired_acks.get(k, 0) + v
+            self.agents[i] = self._new_agent(i)  # not connected until the absence ends
+            away = float(rng.exponential(cfg.mean_offline))
+            started = time.monotonic()
+            closing = await self._wait_closing(away)
+            self.offline_seconds += time.monotonic() - started
+            if closing:
+                return
 
     @property
     def updates_sent(self) -> int:
-        return sum(a.updates_sent for a in self.agents)
+        return self.retired_sent + sum(a.updates_sent for a in self.agents)
+
+    @property
+    def acks(self) -> dict[str, int]:
+        out = dict(self.retired_acks)
+        for a in self.agents:
+            for k, v in a.acks.items():
+                out[k] = out.get(k, 0) + v
+        return out
