@@ -1,0 +1,236 @@
+"""Hostile and malformed input: property tests of the decoder and validator, and thousands of bad payloads
+thrown at a live aggregator through a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedmqtt import codec
+from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.errors import CodecError, InvalidUpdate
+from fedmqtt.schemas import Ack
+from fedmqtt.strategies import fedasync
+from fedmqtt.topics import Topics
+from fedmqtt.transport import BrokerConfig, ConnectOptions, mqtt_connector
+from fedmqtt.validation import DedupWindow, Reference, check_update
+
+PARAMS = {"l1/kernel": np.zeros((8, 4), np.float32), "l1/bias": np.zeros(4, np.float32),
+          "out/kernel": np.zeros((4, 3), np.float32)}
+FP = codec.fingerprint(PARAMS)
+REF = Reference.of(PARAMS)
+
+
+def good(agent: str = "good", base: int = 0, update_id: str | None = None, scale: float = 0.01,
+         **over: object) -> bytes:
+    delta = {k: np.full(v.shape, scale, v.dtype) for k, v in PARAMS.items()}
+    args: dict[str, object] = {"agent": agent, "update_id": update_id or uuid.uuid4().hex,
+                               "base_version": base, "num_samples": 10, "model_fingerprint": FP}
+    args.update(over)
+    return codec.encode_update(delta, **args)  # type: ignore[arg-type]
+
+
+def raw_header(header: object, body: bytes = b"") -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + body
+
+
+# ---- property tests -------------------------------------------------------------------------------------
+def _decode_or_codec_error(payload: bytes) -> None:
+    """Anything but CodecError escaping fails the test."""
+    with contextlib.suppress(CodecError):
+        codec.decode(payload, max_payload=1 << 16)
+
+
+def _check_or_invalid(payload: bytes, agent: str = "good") -> None:
+    """Anything but InvalidUpdate escaping fails the test."""
+    with contextlib.suppress(InvalidUpdate):
+        check_update(payload, agent, reference=REF, version=3, max_staleness=2, applied=DedupWindow(8),
+                     max_payload=1 << 16)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=512))
+def test_decode_random_bytes(data: bytes) -> None:
+    _decode_or_codec_error(data)
+    _check_or_invalid(data)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=12,
+)
+tensor_info = st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(["F32", "F64", "I8", "U8", "BOOL", "F16", "BF16", "X", ""]) | json_values,
+    "shape": st.lists(st.integers(-3, 2**40), max_size=4) | json_values,
+    "data_offsets": st.lists(st.integers(-3, 2**40), min_size=0, max_size=3) | json_values,
+})
+headers = st.dictionaries(
+    st.sampled_from(["__metadata__", "l1/kernel", "l1/bias", "out/kernel", "x", ""]) | st.text(max_size=6),
+    tensor_info | json_values | st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=6),
+    max_size=5,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(headers, st.binary(max_size=256), st.integers(-64, 64))
+def test_decode_structured_headers(header: dict[str, object], body: bytes, length_skew: int) -> None:
+    payload = bytearray(raw_header(header, body))
+    n = struct.unpack("<Q", payload[:8])[0] + length_skew
+    payload[:8] = struct.pack("<Q", max(n, 0))
+    _decode_or_codec_error(bytes(payload))
+    _check_or_invalid(bytes(payload))
+
+
+metadata = st.dictionaries(
+    st.sampled_from(["fedmqtt.schema", "fedmqtt.kind", "fedmqtt.agent", "fedmqtt.update_id",
+                     "fedmqtt.base_version", "fedmqtt.num_samples", "fedmqtt.encoding", "fedmqtt.fingerprint",
+                     "other"]),
+    st.sampled_from(["1", "update", "model", "good", "u1", "0", "3", "-1", "99999999999999999999", "delta",
+                     "weights", FP, "", "\x00", "a/b", " 1"]) | st.text(max_size=20),
+    max_size=9,
+)
+arrays = st.sampled_from([
+    np.zeros((8, 4), np.float32), np.zeros(4, np.float32), np.zeros((4, 3), np.float32),
+    np.zeros((8, 4), np.float64), np.zeros(0, np.float32), np.full(4, np.nan, np.float32),
+    np.full((4, 3), np.inf, np.float32), np.zeros((2, 2, 2), np.int8), np.array(1.0, np.float32),
+    np.ones(4, np.bool_),
+])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["l1/kernel", "l1/bias", "out/kernel", "extra", ""]), arrays,
+                       max_size=4), metadata, st.integers(0, 400), st.integers(0, 255))
+def test_valid_files_with_hostile_content(tensors: dict[str, np.ndarray], meta: dict[str, str], cut: int,
+                                          flip: int) -> None:
+    payload = safetensors.numpy.save(tensors, metadata=meta or None)
+    _check_or_invalid(payload)
+    _check_or_invalid(payload[: len(payload) - cut])  # truncated
+    if payload:
+        flipped = bytearray(payload)
+        flipped[(flip * 7919) % len(flipped)] ^= 0xFF  # one corrupt byte
+        _check_or_invalid(bytes(flipped))
+
+
+def test_non_string_dtype_is_a_codec_error() -> None:
+    with pytest.raises(CodecError):
+        codec.decode(raw_header({"a": {"dtype": [1], "shape": [1], "data_offsets": [0, 4]}}, b"xxxx"))
+
+
+# ---- thousands of payloads against a live aggregator ------------------------------------------------
+def hostile_corpus(rng: np.random.Generator, current: Callable[[], int]) -> list[tuple[str, str, bytes]]:
+    """(category, topic agent, payload) with the reason each must be rejected for (= the category)."""
+    b = current()
+    ok = good(base=b)
+    n = 380
+    out: list[tuple[str, str, bytes]] = []
+
+    def add(reason: str, make: Callable[[int], bytes], agent: str | None = None, count: int = n) -> None:
+        out.extend((reason, agent or f"h-{reason}", make(i)) for i in range(count))
+
+    add("malformed", lambda i: rng.bytes(int(rng.integers(0, 600))) if i % 3  # random bytes, or truncated
+        else ok[: int(rng.integers(0, len(ok)))])
+    add("malformed", lambda i: struct.pack("<Q", int(rng.integers(1 << 21, 1 << 63))) + rng.bytes(64),
+        "h-hugeheader")  # header length far beyond the 1 MiB cap
+    add("payload_too_large", lambda i: rng.bytes((256 << 10) + 1 + i), count=100)
+    add("non_finite", lambda i: codec.encode_update(
+        {k: np.full(v.shape, [np.nan, np.inf, -np.inf][i % 3], v.dtype) for k, v in PARAMS.items()},
+        agent="h-non_finite", update_id=f"nf{i}", base_version=b, num_samples=1, model_fingerprint=FP))
+    add("shape", lambda i: codec.encode_update(
+        {**PARAMS, "l1/bias": np.zeros(4 + 1 + i % 5, np.float32)}, agent="h-shape", update_id=f"s{i}",
+        base_version=b, num_samples=1, model_fingerprint=FP))
+    add("dtype", lambda i: codec.encode_update(
+        {**PARAMS, "out/kernel": np.zeros((4, 3), [np.float64, np.int32, np.float16, np.uint8][i % 4])},
+        agent="h-dtype", update_id=f"d{i}", base_version=b, num_samples=1, model_fingerprint=FP))
+    add("tensor_names", lambda i: codec.encode_update(
+        {k: v for k, v in PARAMS.items() if k != "l1/bias"} if i % 2 else {**PARAMS, f"x{i}": np.zeros(1)},
+        agent="h-tensor_names", update_id=f"t{i}", base_version=b, num_samples=1, model_fingerprint=FP))
+    add("fingerprint", lambda i: good("h-fingerprint", base=b, model_fingerprint=f"{i:064x}"))
+    add("agent_mismatch", lambda i: good(f"victim{i}", base=b))
+    add("future_base", lambda i: good("h-future_base", base=b + 1 + i))
+    add("norm", lambda i: good("h-norm", base=b, scale=[1e3, 1e19, 3e38][i % 3]))
+    add("bad_metadata", lambda i: good("h-bad_metadata", base=b, num_samples=0) if i % 2 else rewrite(
+        good("h-bad_metadata", base=b), **{"fedmqtt.base_version": ["-1", "1.5", "x", ""][i % 4]}))
+    add("schema", lambda i: rewrite(good("h-schema", base=b), **{"fedmqtt.schema": str(2 + i)}))
+    add("kind", lambda i: codec.encode_model(PARAMS, version=i))
+    return out
+
+
+def rewrite(payload: bytes, **changes: str) -> bytes:
+    d = codec.decode(payload)
+    return safetensors.numpy.save(d.tensors, metadata={**d.metadata, **changes})
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_thousands_of_hostile_payloads(broker: BrokerConfig, federation: str, tmp_path: Path) -> None:
+    topics = Topics(federation=federation)
+    cfg = AggregatorConfig(topics=topics, max_staleness=2, max_update_norm=100.0, max_payload=256 << 10,
+                           max_queued=4096, state_dir=tmp_path / "state", client_id=f"agg-{federation}")
+    agg = Aggregator(mqtt_connector(broker), PARAMS, fedasync(0.5), cfg)
+    rng = np.random.default_rng(0)
+    acks: Counter[tuple[str, str]] = Counter()  # (topic agent, reason)
+    got = asyncio.Event()
+    expected = 0
+
+    async with agg, mqtt_connector(broker)(ConnectOptions(f"evil-{federation}")) as evil:
+        await agg.wait_connected()
+        await evil.subscribe(f"{topics.base}/agents/+/acks")
+
+        async def read_acks() -> None:
+            async for msg in evil.messages():
+                agent = msg.topic.split("/")[-2]
+                ack = Ack.model_validate_json(msg.payload)
+                acks[agent, ack.reason or ack.status] += 1
+                if acks.total() >= expected:
+                    got.set()
+
+        reader = asyncio.create_task(read_acks())
+
+        async def send(items: list[tuple[str, str, bytes]]) -> None:
+            nonlocal expected
+            for start in range(0, len(items), 500):  # paced by acks: nothing is dropped for lack of room
+                batch = items[start : start + 500]
+                expected += len(batch)
+                got.clear()
+                await asyncio.gather(*(evil.publish(topics.update(agent), payload, qos=1)
+                                       for _, agent, payload in batch))
+                await asyncio.wait_for(got.wait(), 60)
+
+        # A few good updates first, so that there is something to replay and a stale base to refer to.
+        replay = [good(update_id=f"g{i}", base=i) for i in range(4)]
+        await send([("accepted", "good", p) for p in replay])
+        assert agg.version == 4
+        corpus = hostile_corpus(rng, lambda: agg.version)
+        # replayed update ids (g0 and g1 have left the window with their bases: those would be "stale")
+        corpus += [("duplicate", "good", replay[2 + i % 2]) for i in range(380)]
+        corpus += [("stale", "h-stale", good("h-stale", base=i % 2)) for i in range(380)]  # 4 - base > 2
+        rng.shuffle(corpus)  # type: ignore[arg-type]
+        assert len(corpus) >= 5000
+        await send(corpus)
+        # The aggregator still applies a good update afterwards.
+        await send([("accepted", "good", good(base=agg.version))])
+        reader.cancel()
+        m = agg.metrics()  # what the aggregator publishes on .../metrics
+        model = codec.decode(agg.model_payload()).tensors
+
+    want = Counter(reason for reason, _, _ in corpus)
+    assert (m.accepted, m.version) == (5, 5)
+    assert m.rejected_by_reason == dict(want), "every payload rejected, each for its own reason"
+    per_sender = Counter((agent, reason) for reason, agent, _ in corpus)
+    assert acks == per_sender + Counter({("good", "accepted"): 5}), "each sender was told its reason"
+    assert all(np.isfinite(v).all() for v in model.values())
+    print(f"\nhostile payloads: {len(corpus)} sent, {m.rejected} rejected, 0 crashes; {dict(want)}")
