@@ -4,6 +4,7 @@ from fedmqtt.strategies.base import ClientUpdate, EmptyState, Strategy
 from fedmqtt.strategies.fedasync import fedasync
 from fedmqtt.strategies.fedavg import FedAvgState, fedavg
 from fedmqtt.strategies.fedbuff import FedBuffState, fedbuff, server_optimizer
+from fedmqtt.strategies.robust import RobustState, robust_fedbuff
 from fedmqtt.strategies.staleness import StalenessFn, constant, hinge, polynomial
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "EmptyState",
     "FedAvgState",
     "FedBuffState",
+    "RobustState",
     "StalenessFn",
     "Strategy",
     "constant",
@@ -19,5 +21,6 @@ __all__ = [
     "fedbuff",
     "hinge",
     "polynomial",
+    "robust_fedbuff",
     "server_optimizer",
 ]
