@@ -161,7 +161,7 @@ class EdgeAgent:
     async def _connection_loop(self) -> None:
         attempt = 0
         will = Will(self.topics.status(self.agent_id), self._status("offline"), qos=1, retain=True)
-        opts = ConnectOptions(f"fedmqtt-agent-{self.agent_id}", will=will, clean_start=False,
+        opts = ConnectOptions(f"fedmqtt-{self.topics.federation}-agent-{self.agent_id}", will=will, clean_start=False,
                               session_expiry=self.config.session_expiry)
         while not self._closing.is_set():
             try:

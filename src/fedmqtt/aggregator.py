@@ -59,7 +59,7 @@ class AggregatorConfig:
     round_fraction: float | None = None  # sync: round = the first ceil(fraction × agents online) updates
     max_queued: int = 1024  # received updates held unprocessed; more are counted as dropped (agents re-send)
     backoff_max: float = 10.0
-    client_id: str = "fedmqtt-aggregator"
+    client_id: str | None = None  # default fedmqtt-{federation}-aggregator (stable: the session survives)
     session_expiry: int = 3600  # the broker queues updates this long while the aggregator is away
     state_dir: str | Path | None = None  # durable state (journal + snapshots); None: memory only
     snapshot_every: int = 500  # journal records between snapshots ...
@@ -141,7 +141,7 @@ class Aggregator:
             self.rejected[exc.reason.value] += 1
             self._dirty.set()
             log.info("rejected update from %s: %s", topic_agent, exc)
-            return Ack(update_id=update_id or "", status="rejected", version=self.version,
+            return Ack(update_id=update_id or exc.update_id or "", status="rejected", version=self.version,
                        reason=exc.reason.value, detail=exc.detail[:300])
         if self._journal is not None:  # write-ahead: the record exists before any effect is visible
             seq = self._journal.append(journal.UPDATE, journal.update_body(topic_agent, payload))
@@ -426,7 +426,8 @@ class Aggregator:
 
     def _connect_options(self) -> ConnectOptions:
         cfg = self.config
-        return ConnectOptions(cfg.client_id, clean_start=False, session_expiry=cfg.session_expiry,
+        client_id = cfg.client_id or f"fedmqtt-{self.topics.federation}-aggregator"
+        return ConnectOptions(client_id, clean_start=False, session_expiry=cfg.session_expiry,
                               max_queued=cfg.max_queued)
 
     def _on_message(self, msg: Message) -> None:

@@ -54,19 +54,22 @@ class ConfigError(FedMQTTError):
 class CodecError(FedMQTTError):
     """A payload is not a well-formed fedmqtt safetensors file."""
 
-    def __init__(self, reason: Reason, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str, update_id: str | None = None) -> None:
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.update_id = update_id  # known once the metadata parsed, so the ack can name the update
 
 
 class InvalidUpdate(FedMQTTError):
-    """An update breaks a validation rule. ``reason`` names the rule, ``detail`` says how."""
+    """An update breaks a validation rule. ``reason`` names the rule, ``detail`` says how, and
+    ``update_id`` names the update once its metadata parsed (so its ack can say which one)."""
 
-    def __init__(self, reason: Reason, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str, update_id: str | None = None) -> None:
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.update_id = update_id
 
 
 class StateError(FedMQTTError):

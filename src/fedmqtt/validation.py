@@ -93,31 +93,35 @@ def check_update(
     except CodecError as exc:
         raise InvalidUpdate(exc.reason, exc.detail) from exc
     info = parse_update_metadata(decoded.metadata)
-    if info.agent != topic_agent:
-        raise InvalidUpdate(Reason.AGENT_MISMATCH, f"fedmqtt.agent {info.agent!r} sent on the topic of {topic_agent!r}")
-    if dedup_key(info.agent, info.update_id) in applied:
-        raise InvalidUpdate(Reason.DUPLICATE, f"update {info.update_id!r} was already applied")
-    if info.base_version <= applied.floor:
-        raise InvalidUpdate(Reason.STALE, f"base {info.base_version} predates the de-duplication window")
-    if info.base_version > version:
-        raise InvalidUpdate(Reason.FUTURE_BASE, f"base version {info.base_version} > current {version}")
-    staleness = version - info.base_version
-    if staleness > max_staleness:
-        raise InvalidUpdate(Reason.STALE, f"staleness {staleness} > max_staleness {max_staleness}")
-    if info.fingerprint != reference.fingerprint:
-        raise InvalidUpdate(Reason.FINGERPRINT, "fingerprint differs from the global model's")
-    tensors = decoded.tensors
-    if tensors.keys() != reference.spec.keys():
-        missing = sorted(reference.spec.keys() - tensors.keys())[:3]
-        extra = sorted(tensors.keys() - reference.spec.keys())[:3]
-        raise InvalidUpdate(Reason.TENSOR_NAMES, f"missing {missing}, unexpected {extra}")
-    for name, arr in tensors.items():
-        shape, dtype = reference.spec[name]
-        if arr.shape != shape:
-            raise InvalidUpdate(Reason.SHAPE, f"{name}: shape {arr.shape} != {shape}")
-        if arr.dtype != dtype:
-            raise InvalidUpdate(Reason.DTYPE, f"{name}: dtype {arr.dtype} != {dtype}")
-    return Checked(info, tensors, staleness)
+    try:
+        if info.agent != topic_agent:
+            raise InvalidUpdate(Reason.AGENT_MISMATCH, f"fedmqtt.agent {info.agent!r} sent on the topic of {topic_agent!r}")
+        if dedup_key(info.agent, info.update_id) in applied:
+            raise InvalidUpdate(Reason.DUPLICATE, f"update {info.update_id!r} was already applied")
+        if info.base_version <= applied.floor:
+            raise InvalidUpdate(Reason.STALE, f"base {info.base_version} predates the de-duplication window")
+        if info.base_version > version:
+            raise InvalidUpdate(Reason.FUTURE_BASE, f"base version {info.base_version} > current {version}")
+        staleness = version - info.base_version
+        if staleness > max_staleness:
+            raise InvalidUpdate(Reason.STALE, f"staleness {staleness} > max_staleness {max_staleness}")
+        if info.fingerprint != reference.fingerprint:
+            raise InvalidUpdate(Reason.FINGERPRINT, "fingerprint differs from the global model's")
+        tensors = decoded.tensors
+        if tensors.keys() != reference.spec.keys():
+            missing = sorted(reference.spec.keys() - tensors.keys())[:3]
+            extra = sorted(tensors.keys() - reference.spec.keys())[:3]
+            raise InvalidUpdate(Reason.TENSOR_NAMES, f"missing {missing}, unexpected {extra}")
+        for name, arr in tensors.items():
+            shape, dtype = reference.spec[name]
+            if arr.shape != shape:
+                raise InvalidUpdate(Reason.SHAPE, f"{name}: shape {arr.shape} != {shape}")
+            if arr.dtype != dtype:
+                raise InvalidUpdate(Reason.DTYPE, f"{name}: dtype {arr.dtype} != {dtype}")
+        return Checked(info, tensors, staleness)
+    except InvalidUpdate as exc:
+        exc.update_id = info.update_id
+        raise
 
 
 def delta_norm(delta: Mapping[str, Array]) -> float:
