@@ -2,7 +2,7 @@
 benchmarks: the same Trainer, tasks and pure strategies as the services, without MQTT, so that many
 configurations fit on a two-core machine and every run is reproducible from its seed.
 
-Each agent i has a speed factor fᵢ ~ lognormal(0, σ_speed); a local round takes fᵢ·(1 + U(0, 0.1)) time
+Each agent i has a speed factor fᵢ ~ lognormal(0, sigma_speed); a local round takes fᵢ·(1 + U(0, 0.1)) time
 units. When a round ends, the agent's delta (computed from the model version it last fetched) goes to the
 strategy with staleness = current version - base version (updates staler than 64 are dropped, as the
 aggregator does), then the agent fetches the newest model and starts again.
@@ -72,6 +72,9 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
     curve: list[tuple[int, float]] = []
     every = max(updates // eval_points, 1) if eval_points else 0
 
+    def accuracy() -> float:
+        return float(evaluate({k: np.asarray(v) for k, v in params.items()})["accuracy"])
+
     def apply(i: int, delta: dict[str, np.ndarray], base_version: int) -> None:
         nonlocal params, state, version, applied, dropped
         staleness = version - base_version
@@ -98,7 +101,8 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
         if dp is not None:
             delta = dp[i](delta)
         if len(norms) < 200 and i not in attackers:
-            norms.append(float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))))
+            norms.append(float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2))
+                                           for v in delta.values()))))
         if one_per_buffer and i in in_buffer:
             held.append((i, delta, base_version))
             deferred += 1
@@ -113,9 +117,9 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
         base[i] = (version, {k: np.asarray(v) for k, v in params.items()})
         heapq.heappush(queue, (now + float(speeds[i] * rng.uniform(1.0, 1.1)), i))
         if every and (arrival + 1) % every == 0:
-            curve.append((arrival + 1, float(evaluate({k: np.asarray(v) for k, v in params.items()})["accuracy"])))
-    final = float(evaluate({k: np.asarray(v) for k, v in params.items()})["accuracy"])
-    return Result(final, version, applied, dropped, deferred, statistics.median(norms) if norms else 0.0, curve)
+            curve.append((arrival + 1, accuracy()))
+    return Result(accuracy(), version, applied, dropped, deferred, statistics.median(norms) if norms else 0.0,
+                  curve)
 
 
 def median(values: list[float]) -> float:

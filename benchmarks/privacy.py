@@ -3,8 +3,9 @@ buffered sum; sigma is the smallest noise multiplier whose ε after the run's se
 
     python benchmarks/privacy.py                          # digits and HAPT; ε = 1, 4, 8, clip only, no DP
     python benchmarks/privacy.py --tasks digits --seeds 1
+    python benchmarks/privacy.py --tasks digits --agents 300 --buffer 100 --updates digits=3000
 
-Runs the event-driven asynchronous simulation in ``_async_sim.py`` (no MQTT), 30 agents per task, and holds
+Runs the event-driven asynchronous simulation in ``_async_sim.py`` (no MQTT), 30 agents by default, and holds
 a second update from the same agent until the buffer has been emptied, so that each agent contributes at
 most one delta per noisy step (the sensitivity the accountant assumes). ε is from dp-accounting's RDP
 accountant over the steps actually taken, with no amplification by sampling (see fedmqtt.privacy).
@@ -35,11 +36,12 @@ def main() -> None:
     ap.add_argument("--buffer", type=int, default=20, help="FedBuff K (agents per noisy step)")
     ap.add_argument("--epsilons", default="inf,clip,8,4,1", help="targets; inf = no DP, clip = clip only")
     ap.add_argument("--updates", default="digits=600,hapt=800", help="arrivals per run, per task")
+    ap.add_argument("--agents", type=int, default=30, help="digits: agents (IID shards); HAPT has 30")
     args = ap.parse_args()
     budget = dict(kv.split("=") for kv in args.updates.split(","))
     print(f"# {' '.join(sys.argv)}")
     for name in args.tasks.split(","):
-        task = get_task(name, num_clients=30, seed=0) if name == "digits" else get_task(name, seed=0)
+        task = get_task(name, num_clients=args.agents, seed=0) if name == "digits" else get_task(name, seed=0)
         updates = int(budget[name])
         clip = CLIP.get(task.name, 1.0)
         planned_steps = updates // args.buffer  # an upper bound: held updates can only lower the count
