@@ -28,12 +28,13 @@ import numpy as np
 from fedmqtt import codec
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
+from fedmqtt.lifecycle import cancel_all
 from fedmqtt.outbox import Outbox, Pending
 from fedmqtt.privacy import ClientDP, ClientPrivacy
 from fedmqtt.schemas import Ack, Status, dump, parse_model_metadata
 from fedmqtt.topics import Topics, check_segment
 from fedmqtt.training import Trainer
-from fedmqtt.transport import Connector, ConnectOptions, Transport, Will
+from fedmqtt.transport import ConnectOptions, Connector, Transport, Will
 from fedmqtt.types import Array, Encoding, ModelInfo
 
 log = logging.getLogger("fedmqtt.agent")
@@ -119,8 +120,7 @@ class EdgeAgent:
         if t is not None and self._connected.is_set():  # a clean goodbye; the will covers the rest
             with contextlib.suppress(TransportError, TimeoutError):
                 await asyncio.wait_for(self._publish_status(t, "offline"), 2.0)
-        for task in self._running:
-            task.cancel()
+        await cancel_all(self._running)
         assert self._tasks is not None
         with contextlib.suppress(asyncio.CancelledError):
             await self._tasks.__aexit__(None, None, None)

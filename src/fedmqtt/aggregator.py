@@ -34,10 +34,11 @@ import numpy as np
 
 from fedmqtt import codec, journal
 from fedmqtt.errors import InvalidUpdate, Reason, StateError, TransportError
+from fedmqtt.lifecycle import cancel_all
 from fedmqtt.schemas import Ack, Metrics, Status, dump
 from fedmqtt.strategies.base import ClientUpdate, Strategy
 from fedmqtt.topics import Topics
-from fedmqtt.transport import Connector, ConnectOptions, Message
+from fedmqtt.transport import ConnectOptions, Connector, Message
 from fedmqtt.types import Array
 from fedmqtt.validation import Checked, DedupWindow, Reference, check_norm, check_update, dedup_key
 
@@ -367,8 +368,7 @@ class Aggregator:
                         tb: TracebackType | None) -> None:
         self._closing.set()
         assert self._tasks is not None
-        for task in self._running:
-            task.cancel()
+        await cancel_all(self._running)
         with contextlib.suppress(asyncio.CancelledError):
             await self._tasks.__aexit__(None, None, None)
         j = self._journal
