@@ -19,6 +19,7 @@ from fedmqtt.errors import (
     IncompatibleModel,
     InvalidUpdate,
     Reason,
+    StateError,
     TransportError,
 )
 from fedmqtt.fleet import Fleet, FleetConfig
@@ -46,6 +47,7 @@ __all__ = [
     "InvalidUpdate",
     "MemoryBroker",
     "Reason",
+    "StateError",
     "StreamData",
     "Task",
     "Topics",
