@@ -144,9 +144,8 @@ def decode(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Decoded:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype_ok = isinstance(info, dict) and isinstance(info.get("dtype"), str)
-        if not dtype_ok or info["dtype"] not in _ALLOWED_CODES:
-            dtype = info.get("dtype") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(dtype, str) or dtype not in _ALLOWED_CODES:  # a list or dict would be unhashable
             raise CodecError(Reason.DTYPE, f"tensor {name!r} has unsupported dtype {dtype!r}")
     try:
         tensors = safetensors.numpy.load(bytes(payload))
