@@ -198,7 +198,10 @@ class EdgeAgent:
             self.error = f"global model refused: {exc}"
             log.error("%s: %s", self.agent_id, self.error)
             return
-        if self.model is None or info.version >= self.model.info.version:
+        held = self.model.info if self.model else None
+        # Within one epoch versions only grow (an older retained copy is ignored); a new epoch means the
+        # aggregator started afresh and its version counter restarted.
+        if held is None or info.epoch != held.epoch or info.version >= held.version:
             self.model = GlobalModel(info, decoded.tensors)
             self._model_changed.set()
 

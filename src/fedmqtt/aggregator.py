@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class Aggregator:
         self.reference = Reference.of({k: np.asarray(v) for k, v in initial.items()})
         self.state = strategy.init(self.params)
         self.version = version
+        self.epoch = uuid.uuid4().hex[:16]  # kept in state_dir, so a recovered aggregator keeps it
         self._history: dict[int, dict[str, Any]] = {version: self.params}
         self.applied = DedupWindow(cfg.dedup_capacity)
         self.accepted = 0
@@ -229,6 +231,11 @@ class Aggregator:
         directory.mkdir(parents=True, exist_ok=True)
         for tmp in directory.glob("*.tmp"):
             tmp.unlink()  # a snapshot the crash interrupted
+        epoch_file = directory / "epoch"
+        if epoch_file.is_file():
+            self.epoch = epoch_file.read_text().strip()
+        else:
+            journal.atomic_write(epoch_file, self.epoch.encode())
         snap = journal.read_snapshot(directory)
         if snap is not None:
             self._restore(snap)
@@ -327,7 +334,7 @@ class Aggregator:
         """The newest committed model, encoded for the retained model topic."""
         version, params = self._committed
         flat = {k: np.asarray(v) for k, v in params.items()}
-        return codec.encode_model(flat, version, mode=self.strategy.mode)
+        return codec.encode_model(flat, version, mode=self.strategy.mode, extra={"fedmqtt.epoch": self.epoch})
 
     def metrics(self) -> Metrics:
         hist = {str(k): v for k, v in sorted(self.staleness.items())}

@@ -244,6 +244,17 @@ def _leaf_to_numpy(leaf: Any) -> tuple[np.ndarray[Any, Any], bool]:
 _write_lock = threading.Lock()
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def write_snapshot(directory: Path, snap: Snapshot) -> None:
     """Write ``snap`` atomically: temp file, fsync, rename over the old one, fsync the directory.
 

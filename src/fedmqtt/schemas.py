@@ -38,6 +38,7 @@ class ModelHeader(_Frozen):
     version: str = Field(alias="fedmqtt.version", pattern=_INT)
     fingerprint: str = Field(alias="fedmqtt.fingerprint", pattern=_HEX64)
     mode: Literal["async", "sync"] = Field(default="async", alias="fedmqtt.mode")
+    epoch: str = Field(default="", alias="fedmqtt.epoch", pattern=r"^[A-Za-z0-9]{0,64}$")
 
 
 def _check_schema_and_kind(metadata: dict[str, str], kind: str) -> None:
@@ -78,7 +79,7 @@ def parse_model_metadata(metadata: dict[str, str]) -> ModelInfo:
         h = ModelHeader.model_validate(_known(metadata, ModelHeader))
     except ValidationError as exc:
         raise InvalidUpdate(Reason.BAD_METADATA, _first_error(exc)) from exc
-    return ModelInfo(int(h.version), h.fingerprint, h.mode)
+    return ModelInfo(int(h.version), h.fingerprint, h.mode, h.epoch)
 
 
 class Ack(_Frozen):

@@ -21,6 +21,7 @@ class ModelInfo(NamedTuple):
     version: int
     fingerprint: str
     mode: Mode
+    epoch: str = ""  # changes when an aggregator starts without its old state; versions restart then
 
 
 class UpdateInfo(NamedTuple):
