@@ -490,13 +490,21 @@ class Aggregator:
                 await asyncio.sleep(self.config.publish_interval)
 
     async def _ack_sender(self) -> None:
+        """Publish acks concurrently: each QoS 1 publish waits a PUBACK round trip, so one at a time would
+        cap acks at a few hundred per second; everything queued meanwhile goes out together."""
         while True:
-            agent, ack = await self._acks.get()
+            batch = [await self._acks.get()]
+            while not self._acks.empty() and len(batch) < 256:
+                batch.append(self._acks.get_nowait())
             t = self._transport
             if t is None:
-                continue  # lost with the connection; the agent's outbox re-sends
-            with contextlib.suppress(TransportError):
-                await t.publish(self.topics.acks(agent), dump(ack), qos=1)
+                continue  # lost with the connection; the agents' outboxes re-send
+            results = await asyncio.gather(
+                *(t.publish(self.topics.acks(agent), dump(ack), qos=1) for agent, ack in batch),
+                return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, TransportError):
+                    raise r
 
     async def _committer(self) -> None:
         """Group commit: one fsync covers every record written since the last; then release acks/versions."""
