@@ -1,4 +1,4 @@
-"""The HAPT loader: where it finds the file, the per-volunteer time-ordered split, normalisation, the model."""
+"""The HAPT loader: where it finds the file, the per-volunteer time-ordered split, normalisation, model."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_split_is_per_volunteer_time_ordered_80_20(raw: dict[str, np.ndarray], c
     x, y, client = raw["X"][keep], raw["y"][keep].astype(np.int32), raw["client"][keep]
     for v in (1, 17, 30):
         idx = np.flatnonzero(client == v)
-        cut = int(round(len(idx) * 0.8))
+        cut = round(len(idx) * 0.8)
         (xtr, ytr), (xte, yte) = split.train[v - 1], split.test[v - 1]
         assert len(xtr) == cut and len(xte) == len(idx) - cut
         np.testing.assert_array_equal(ytr, y[idx[:cut]])  # the first 80 % in recording order ...
@@ -71,7 +71,7 @@ def test_normalisation_uses_training_parts_only() -> None:
 def test_task_shapes_and_model_forward() -> None:
     task = get_task("hapt")
     assert task.name == "hapt6" and task.num_clients == 30
-    x, y = task.client_data(0)
+    x, _ = task.client_data(0)
     assert x.shape[1:] == (128, 6) and x.dtype == np.float32
     trainer = task.trainer(0)
     assert sum(v.size for v in trainer.initial.values()) < 20_000  # small enough for 30 agents on 2 cores

@@ -79,7 +79,8 @@ def test_fedbuff_server_lr_and_sample_weighting() -> None:
 
 
 def test_fedbuff_momentum_server_step_by_hand() -> None:
-    s = fedbuff(buffer_size=1, optimizer=server_optimizer("fedavgm", lr=1.0, momentum=0.5), weighting=constant())
+    opt = server_optimizer("fedavgm", lr=1.0, momentum=0.5)
+    s = fedbuff(buffer_size=1, optimizer=opt, weighting=constant())
     p = _p(0.0)
     st = s.init(p)
     p, st, _ = s.apply(p, ClientUpdate(_p(1.0), 0, 1), st)  # v = 1, θ = 1

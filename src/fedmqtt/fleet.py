@@ -29,6 +29,17 @@ from fedmqtt.training import Trainer
 from fedmqtt.transport import Connector
 
 
+def _take_sync(data: Any, steps: int) -> Any:
+    """``data.take`` of an ArrayData without awaiting (it never suspends)."""
+    coro = data.take(steps)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("this data source suspends; warm up outside the event loop")
+
+
 def speed_factors(n: int, sigma: float, seed: int = 0) -> list[float]:
     """fᵢ ~ lognormal(0, σ), seeded; σ = 0 gives every agent factor 1."""
     if sigma == 0:
@@ -90,6 +101,17 @@ class Fleet:
         callback = (lambda ack, a=agent_id: on_ack(a, ack)) if on_ack else None
         return EdgeAgent(self._connect, agent_id, self._trainers[i], self._data[i], self._agent_cfgs[i],
                          on_ack=callback)
+
+    def warm_up(self) -> None:
+        """Compile every distinct Trainer once (one local round on throw-away state), so a benchmark's clock
+        does not start with N agents waiting on the JIT."""
+        done: set[int] = set()
+        for i, trainer in enumerate(self._trainers):
+            if id(trainer) in done:
+                continue
+            done.add(id(trainer))
+            data = self.task.data_for(i, self.config.seed)  # a copy: the agent's own sampling order is kept
+            trainer.train(trainer.initial, _take_sync(data, self._agent_cfgs[i].local_steps))
 
     async def __aenter__(self) -> Self:
         self._tasks = asyncio.TaskGroup()

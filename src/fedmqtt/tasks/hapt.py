@@ -82,7 +82,7 @@ def load_split(path: str | os.PathLike[str] | None = None, classes: int = 6,
     train_idx, test_idx = [], []
     for v in range(1, NUM_VOLUNTEERS + 1):
         idx = np.flatnonzero(client == v)  # the file keeps each volunteer's windows in recording order
-        cut = int(round(len(idx) * (1.0 - test_fraction)))
+        cut = round(len(idx) * (1.0 - test_fraction))
         train_idx.append(idx[:cut])
         test_idx.append(idx[cut:])
     train_all = x[np.concatenate(train_idx)]
