@@ -32,7 +32,7 @@ def test_fedavg_weights_is_sample_weighted_mean() -> None:
     assert bool(stepped)
     # (10*1 + 30*4 + 60*0) / 100 = 1.3 ; (10*2 + 30*-1 + 60*6) / 100 = 3.5
     assert _w(out) == pytest.approx([1.3, 3.5], rel=1e-6)
-    assert int(st.count) == 0 and float(st.weight_sum) == 0.0  # the round's sums are reset
+    assert int(st.n) == 0 and float(st.weight_sum) == 0.0  # the round's sums are reset
 
 
 def test_fedavg_delta_form_uses_server_lr_and_plain_mean() -> None:
@@ -64,7 +64,7 @@ def test_fedbuff_steps_every_k_with_staleness_weights() -> None:
     assert steps == [False, False, True]
     # weights (s+1)^-0.5: 1, 1/2, 1/3 -> (3*1 + 6/2 + 9/3) / K=3 = 3
     assert _w(p) == pytest.approx([3.0], rel=1e-6)
-    assert int(st.count) == 0 and float(np.asarray(st.buffer["w"])[0]) == 0.0
+    assert int(st.n) == 0 and float(np.asarray(st.buffer["w"])[0]) == 0.0
 
 
 def test_fedbuff_server_lr_and_sample_weighting() -> None:

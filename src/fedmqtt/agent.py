@@ -280,4 +280,4 @@ class EdgeAgent:
 
 def delta_of(new: dict[str, Array], base: dict[str, Array]) -> dict[str, Array]:
     """new - base, per tensor, in the base dtype."""
-    return {k: np.asarray(new[k] - base[k], dtype=base[k].dtype) for k in new}
+    return {k: np.subtract(new[k], base[k], dtype=base[k].dtype) for k in new}

@@ -56,7 +56,10 @@ class Trainer:
         metrics_fn: MetricsFn | None = None,
         prox_rho: float = 0.0,
     ) -> None:
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        parts: tuple[Any, ...] = nnx.split(model, nnx.Param, ...)
+        self.graphdef: Any = parts[0]
+        self.rest: Any = parts[2]
+        params = parts[1]
         self.initial = flatten(nnx.to_pure_dict(params))
         self.names = frozenset(self.initial)
         # nnx.State flattens to its arrays in the same (sorted-path) order as its pure dict.
@@ -118,4 +121,5 @@ class Trainer:
 
     def to_model(self, flat: FlatParams) -> nnx.Module:
         """A fresh module holding ``flat``, for inference on the device."""
-        return nnx.merge(self.graphdef, self._state_of(flat), self.rest)
+        module: nnx.Module = nnx.merge(self.graphdef, self._state_of(flat), self.rest)
+        return module

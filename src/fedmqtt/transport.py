@@ -156,7 +156,7 @@ class MqttTransport:
         props = None
         v5 = config.protocol == 5
         if session_expiry and v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho is untyped
             props.SessionExpiryInterval = session_expiry
         self._client = aiomqtt.Client(
             config.host,
@@ -179,7 +179,7 @@ class MqttTransport:
 
     @property
     def dropped(self) -> int:
-        queue = self._client._queue  # noqa: SLF001  (aiomqtt exposes no counter of its own)
+        queue = self._client._queue
         return queue.dropped if isinstance(queue, _CountingQueue) else 0
 
     async def __aenter__(self) -> Self:

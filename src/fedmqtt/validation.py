@@ -95,7 +95,8 @@ def check_update(
     info = parse_update_metadata(decoded.metadata)
     try:
         if info.agent != topic_agent:
-            raise InvalidUpdate(Reason.AGENT_MISMATCH, f"fedmqtt.agent {info.agent!r} sent on the topic of {topic_agent!r}")
+            raise InvalidUpdate(Reason.AGENT_MISMATCH,
+                                f"fedmqtt.agent {info.agent!r} sent on the topic of {topic_agent!r}")
         if dedup_key(info.agent, info.update_id) in applied:
             raise InvalidUpdate(Reason.DUPLICATE, f"update {info.update_id!r} was already applied")
         if info.base_version <= applied.floor:

@@ -21,7 +21,7 @@ from fedmqtt.strategies.base import ClientUpdate, Params, Strategy
 class FedAvgState(NamedTuple):
     total: Params  # Σ nᵢ θᵢ (weights form) or Σ Δᵢ (delta form)
     weight_sum: Array
-    count: Array
+    n: Array  # updates this round (not `count`: that would shadow tuple.count)
 
 
 def fedavg(form: str = "weights", server_lr: float = 1.0, name: str = "fedavg") -> Strategy:
@@ -46,7 +46,7 @@ def fedavg(form: str = "weights", server_lr: float = 1.0, name: str = "fedavg") 
     def apply(params: Params, update: ClientUpdate, state: FedAvgState) -> tuple[Params, FedAvgState, Array]:
         weight = jnp.asarray(update.num_samples, jnp.float32) if by_samples else jnp.float32(1.0)
         total = jax.tree.map(lambda t, u: t + weight * u, state.total, update.params)
-        return params, FedAvgState(total, state.weight_sum + weight, state.count + 1), jnp.bool_(False)
+        return params, FedAvgState(total, state.weight_sum + weight, state.n + 1), jnp.bool_(False)
 
     def flush(params: Params, state: FedAvgState) -> tuple[Params, FedAvgState, Array]:
         def step(p: Params, s: FedAvgState) -> Params:
@@ -55,7 +55,7 @@ def fedavg(form: str = "weights", server_lr: float = 1.0, name: str = "fedavg") 
                 return jax.tree.map(lambda m, x: m.astype(x.dtype), mean, p)
             return jax.tree.map(lambda x, m: (x + server_lr * m).astype(x.dtype), p, mean)
 
-        stepped = state.count > 0
+        stepped = state.n > 0
         params = jax.lax.cond(stepped, step, lambda p, s: p, params, state)
         return params, init(params), stepped
 

@@ -25,7 +25,7 @@ from fedmqtt.strategies.staleness import StalenessFn, polynomial
 class FedBuffState(NamedTuple):
     buffer: Params  # running Σ weight·Δ
     weight_sum: Array  # Σ nᵢ (weight_by_samples) or K
-    count: Array  # deltas buffered so far
+    n: Array  # deltas buffered so far (not `count`: that would shadow tuple.count)
     opt_state: optax.OptState
     key: Array | None = None  # central DP only: raw PRNG key for the noise
     dp_steps: Array | None = None  # central DP only: noisy steps taken (for the accountant)
@@ -77,8 +77,8 @@ def fedbuff(
         delta = clip_by_l2(update.params, clip) if dp else update.params
         buffer = jax.tree.map(lambda b, d: b + weight * d, state.buffer, delta)
         state = state._replace(buffer=buffer, weight_sum=state.weight_sum + (n if weight_by_samples else 1.0),
-                               count=state.count + 1)
-        stepped = state.count >= buffer_size
+                               n=state.n + 1)
+        stepped = state.n >= buffer_size
         params, state = jax.lax.cond(stepped, _step, lambda p, s: (p, s), params, state)
         return params, state, stepped
 
@@ -96,6 +96,6 @@ def fedbuff(
         params = optax.apply_updates(params, updates)
         zeros = jax.tree.map(jnp.zeros_like, state.buffer)
         return params, state._replace(buffer=zeros, weight_sum=jnp.zeros_like(state.weight_sum),
-                                      count=jnp.zeros_like(state.count), opt_state=opt_state)
+                                      n=jnp.zeros_like(state.n), opt_state=opt_state)
 
     return Strategy(name, "delta", "async", init, jax.jit(apply), no_flush)

@@ -6,7 +6,9 @@ import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import jax
 import optax
 from flax import nnx
 
@@ -56,12 +58,13 @@ def index_of(agent_id: str, num_clients: int) -> int:
     return n % num_clients
 
 
-def classification_loss(model: nnx.Module, batch: dict[str, Array]) -> object:
+def classification_loss(model: nnx.Module, batch: Any) -> jax.Array:
     logits = model(batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    loss: jax.Array = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss
 
 
-def classification_metrics(model: nnx.Module, batch: dict[str, Array]) -> dict[str, object]:
+def classification_metrics(model: nnx.Module, batch: Any) -> dict[str, jax.Array]:
     logits = model(batch["x"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
     return {"accuracy": (logits.argmax(-1) == batch["y"]).mean(), "loss": loss}
