@@ -47,9 +47,12 @@ async def _learn(broker: BrokerConfig, federation: str, strategy_name: str, *, r
         fleet.warm_up()
         async with fleet:
             deadline = time.monotonic() + 120
+            agg.observed_round_target = 0  # type: ignore[attr-defined]
             while (agg.version if strategy.mode == "sync" else agg.accepted) < want:
                 assert time.monotonic() < deadline, f"only {agg.version} versions, {agg.accepted} accepted"
                 await asyncio.sleep(0.05)
+                agg.observed_round_target = max(agg.observed_round_target,  # type: ignore[attr-defined]
+                                                agg.round_target())
         after = evaluate(agg.numpy_params())["accuracy"]
     return before, after, agg, fleet
 
@@ -57,16 +60,18 @@ async def _learn(broker: BrokerConfig, federation: str, strategy_name: str, *, r
 @pytest.mark.parametrize("name", ["fedavg", "fedavg-delta", "fedasync-constant", "fedasync-polynomial",
                                   "fedasync-hinge", "fedbuff"])
 async def test_strategy_learns_through_mosquitto(broker: BrokerConfig, federation: str, name: str) -> None:
-    options = {"buffer_size": 3} if name == "fedbuff" else {}
-    before, after, agg, _ = await _learn(broker, federation, name, **options)
+    options: dict[str, object] = {"buffer_size": 6, "server_lr": 0.5, "rounds": 16} if name == "fedbuff" else {}
+    before, after, agg, _ = await _learn(broker, federation, name, **options)  # type: ignore[arg-type]
     assert before < 0.3
-    assert after > 0.8, f"{name}: accuracy {after:.3f} after {agg.accepted} updates"
+    assert after > 0.8, (f"{name}: accuracy {after:.3f} after {agg.accepted} updates, "
+                         f"staleness mean {agg.metrics().staleness_mean}")
     assert agg.rejected.get("stale", 0) == 0 or agg.sync  # sync drops late updates by design
 
 
 async def test_fedbuff_server_momentum_learns(broker: BrokerConfig, federation: str) -> None:
-    _, after, _, _ = await _learn(broker, federation, "fedbuff", buffer_size=3, server_opt="fedavgm",
-                                  server_lr=0.5)
+    # momentum 0.9 multiplies the step by up to 10: server lr 0.1 is FedBuff's lr 1 at steady state
+    _, after, _, _ = await _learn(broker, federation, "fedbuff", rounds=16, buffer_size=3, server_opt="fedavgm",
+                                  server_lr=0.1)
     assert after > 0.8
 
 
@@ -77,7 +82,7 @@ async def test_fedasync_with_proximal_term_learns(broker: BrokerConfig, federati
 
 async def test_sync_round_fraction_closes_on_first_arrivals(broker: BrokerConfig, federation: str) -> None:
     _, after, agg, _ = await _learn(broker, federation, "fedavg", fraction=0.5)
-    assert agg.round_target() == 3  # ceil(0.5 x 6 agents online)
+    assert agg.observed_round_target == 3  # type: ignore[attr-defined]  # ceil(0.5 x 6 agents online)
     assert after > 0.8
 
 
