@@ -5,7 +5,8 @@ TaskGroup holds named tasks: ``connection`` (connect, subscribe, receive and han
 jittered backoff), ``publisher`` (model + metrics), ``acks``, ``evaluator`` and, in sync mode, ``rounds``.
 
 Republishes coalesce: at most one model publish is in flight; updates applied meanwhile fold into the
-next one, which always carries the newest version. ``publish_interval`` spaces publishes further.
+next one, which always carries the newest version; ``publish_interval`` (50 ms) and ``metrics_interval``
+(0.5 s) cap how often the model and the metrics go out.
 
 Durability (``state_dir``, see journal.py and docs/reliability.md): ``handle`` writes each accepted update to
 the journal before applying it; acknowledgements and model publishes are held until the ``committer`` task's
@@ -54,7 +55,8 @@ class AggregatorConfig:
     max_update_norm: float | None = 1e3  # bound on ‖Δ‖₂; None disables
     max_payload: int = codec.DEFAULT_MAX_PAYLOAD
     dedup_capacity: int = 100_000
-    publish_interval: float = 0.0  # extra spacing between model publishes (seconds)
+    publish_interval: float = 0.05  # at most one model publish per interval (newest version wins)
+    metrics_interval: float = 0.5  # at most one metrics publish per interval
     eval_interval: float = 0.5
     round_size: int | None = None  # sync: updates per round (None: agents online)
     round_deadline: float | None = None  # sync: close a round after this many seconds with >= 1 update
@@ -96,6 +98,9 @@ class Aggregator:
         self.version = version
         self.epoch = uuid.uuid4().hex[:16]  # kept in state_dir, so a recovered aggregator keeps it
         self._history: dict[int, dict[str, Any]] = {version: self.params}
+        # Past versions are needed only to turn deltas into weights (FedAsync, FedAvg); a delta strategy
+        # (FedBuff) keeps just the current one, so a weights-encoded update to it must be based on it.
+        self._history_len = self.max_staleness + 1 if strategy.wants == "weights" else 1
         self.applied = DedupWindow(cfg.dedup_capacity)
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
@@ -125,8 +130,6 @@ class Aggregator:
         self._snapshot_due = asyncio.Event()
         self._snapshot_seq = 0
         self._snapshot_at = time.monotonic()
-        self._add = jax.jit(lambda a, b: jax.tree.map(lambda x, y: (x + y).astype(x.dtype), a, b))
-        self._sub = jax.jit(lambda a, b: jax.tree.map(lambda x, y: (x - y).astype(x.dtype), a, b))
 
     # ---- the synchronous core -------------------------------------------------------------------
     def handle(self, topic_agent: str, payload: bytes) -> Ack:
@@ -161,17 +164,23 @@ class Aggregator:
         needs_base = info.encoding == "weights" or self.strategy.wants == "weights"
         if base is None and needs_base:
             raise InvalidUpdate(Reason.BASE_UNAVAILABLE, f"base version {info.base_version} no longer held")
-        tensors = {k: jnp.asarray(v) for k, v in checked.tensors.items()}
+        # numpy on the hot path: the jitted strategy takes numpy arrays directly, and small element-wise
+        # work here costs less than extra JAX dispatches.
+        tensors = checked.tensors
         if info.encoding == "delta":
-            check_norm(checked.tensors, max_norm)
+            check_norm(tensors, max_norm)
             delta = tensors
-            new = self._add(base, delta) if self.strategy.wants == "weights" else None
+            new = None
+            if self.strategy.wants == "weights":
+                assert base is not None
+                new = {k: np.add(np.asarray(base[k]), v) for k, v in tensors.items()}
         else:
-            delta = self._sub(tensors, base)
-            check_norm({k: np.asarray(v) for k, v in delta.items()}, max_norm)
+            assert base is not None
+            delta = {k: np.subtract(v, np.asarray(base[k])) for k, v in tensors.items()}
+            check_norm(delta, max_norm)
             new = tensors
         value = new if self.strategy.wants == "weights" else delta
-        return ClientUpdate(value, jnp.int32(checked.staleness), jnp.float32(info.num_samples))
+        return ClientUpdate(value, np.int32(checked.staleness), np.float32(info.num_samples))
 
     def _apply(self, checked: Checked, params: dict[str, Any], state: Any, stepped: Any) -> None:
         self.state = state
@@ -191,7 +200,7 @@ class Aggregator:
         else:  # published once the record that made it is durable
             self._committing.append((self.version, self._journal.written_seq, params))
         self._history[self.version] = params
-        self._history.pop(self.version - self.max_staleness - 1, None)
+        self._history.pop(self.version - self._history_len, None)
         self.applied.expire(self.version - self.max_staleness)
         self._round_started = time.monotonic()
         self._round_count = 0
@@ -375,6 +384,7 @@ class Aggregator:
                         tb: TracebackType | None) -> None:
         self._closing.set()
         assert self._tasks is not None
+        await self._final_metrics()
         await cancel_all(self._running)
         with contextlib.suppress(asyncio.CancelledError):
             await self._tasks.__aexit__(None, None, None)
@@ -418,7 +428,7 @@ class Aggregator:
                     self._published_version = -1  # republish after (re)connecting
                     self._dirty.set()
                     attempt = 0
-                    async for msg in t.messages():
+                    async for msg in t.messages():  # empty where the transport calls _on_message itself
                         self._on_message(msg)
             except TransportError as exc:
                 log.warning("aggregator connection: %s", exc)
@@ -435,7 +445,7 @@ class Aggregator:
         cfg = self.config
         client_id = cfg.client_id or f"fedmqtt-{self.topics.federation}-aggregator"
         return ConnectOptions(client_id, clean_start=False, session_expiry=cfg.session_expiry,
-                              max_queued=cfg.max_queued)
+                              max_queued=cfg.max_queued, on_message=self._on_message)
 
     def _on_message(self, msg: Message) -> None:
         agent = self.topics.agent_of_update(msg.topic)
@@ -468,6 +478,10 @@ class Aggregator:
             self.acks_dropped += 1  # the agent's outbox re-sends; the dedup window answers then
 
     async def _publisher(self) -> None:
+        """Model at most every ``publish_interval`` (always the newest committed version), metrics at most
+        every ``metrics_interval``: under load, many versions fold into one publish."""
+        cfg = self.config
+        last_metrics = -float("inf")
         while True:
             await self._dirty.wait()
             self._dirty.clear()
@@ -481,13 +495,23 @@ class Aggregator:
                     version, payload = self.committed_version, self.model_payload()
                     await t.publish(self.topics.model, payload, qos=1, retain=True)
                     self._published_version = version
-                await t.publish(self.topics.metrics, dump(self.metrics()), qos=1, retain=True)
+                if time.monotonic() - last_metrics >= cfg.metrics_interval:
+                    await t.publish(self.topics.metrics, dump(self.metrics()), qos=1, retain=True)
+                    last_metrics = time.monotonic()
+                else:
+                    self._dirty.set()  # metrics still owed; sent once the interval has passed
             except TransportError as exc:
                 log.warning("publish failed: %s", exc)
                 self._dirty.set()
                 await asyncio.sleep(0.1)
-            if self.config.publish_interval:
-                await asyncio.sleep(self.config.publish_interval)
+            await asyncio.sleep(cfg.publish_interval)
+
+    async def _final_metrics(self) -> None:
+        """On a clean stop, leave the last counts on the retained metrics topic."""
+        t = self._transport
+        if t is not None and self._connected.is_set():
+            with contextlib.suppress(TransportError, TimeoutError):
+                await asyncio.wait_for(t.publish(self.topics.metrics, dump(self.metrics()), qos=1, retain=True), 2)
 
     async def _ack_sender(self) -> None:
         """Publish acks concurrently: each QoS 1 publish waits a PUBACK round trip, so one at a time would

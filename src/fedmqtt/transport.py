@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol, Self
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -113,6 +114,10 @@ class ConnectOptions(NamedTuple):
     clean_start: bool = True
     session_expiry: int = 0  # seconds the broker keeps the session (and queues QoS 1) after a disconnect
     max_queued: int = 0  # bound on received-but-unprocessed messages; 0 = unbounded
+    # Handle each message synchronously as it is read, instead of queueing it for ``messages()``. Reading
+    # then goes no faster than handling, so TCP flow control pushes back to the broker (which holds the
+    # rest in the session queue) and nothing is read only to be dropped.
+    on_message: Callable[[Message], None] | None = None
 
 
 Connector = Callable[[ConnectOptions], "Transport"]
@@ -123,7 +128,8 @@ def mqtt_connector(config: BrokerConfig) -> Connector:
 
     def connect(opts: ConnectOptions) -> Transport:
         return MqttTransport(config, opts.client_id, will=opts.will, clean_start=opts.clean_start,
-                             session_expiry=opts.session_expiry, max_queued=opts.max_queued)
+                             session_expiry=opts.session_expiry, max_queued=opts.max_queued,
+                             on_message=opts.on_message)
 
     return connect
 
@@ -151,6 +157,7 @@ class MqttTransport:
         clean_start: bool = True,
         session_expiry: int = 0,
         max_queued: int = 0,
+        on_message: Callable[[Message], None] | None = None,
         timeout: float = 10.0,
     ) -> None:
         props = None
@@ -176,6 +183,12 @@ class MqttTransport:
             max_queued_incoming_messages=max_queued or None,
         )
         self._timeout = timeout
+        if on_message is not None:
+            def deliver(client: paho.Client, userdata: object, m: paho.MQTTMessage) -> None:
+                on_message(Message(m.topic, bytes(m.payload), bool(m.retain)))
+
+            # aiomqtt exposes no hook of its own; its paho client is the one place a message enters.
+            self._client._client.on_message = deliver
 
     @property
     def dropped(self) -> int:
@@ -246,11 +259,13 @@ class MemoryBroker:
                 self.retained.pop(msg.topic, None)
         for c in self.clients:
             if any(topic_matches(f, msg.topic) for f in c.filters):
-                c.queue.put_nowait(Message(msg.topic, msg.payload, False))
+                c.deliver(Message(msg.topic, msg.payload, False))
 
     def connect(self, opts: ConnectOptions) -> MemoryTransport:
         """This broker as a :data:`Connector`."""
-        return MemoryTransport(self, opts.client_id, opts.will)
+        t = MemoryTransport(self, opts.client_id, opts.will)
+        t.on_message = opts.on_message
+        return t
 
 
 class MemoryTransport:
@@ -259,6 +274,7 @@ class MemoryTransport:
         self.filters: list[str] = []
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
         self.connected = False
+        self.on_message: Callable[[Message], None] | None = None
 
     dropped = 0
 
@@ -270,6 +286,7 @@ class MemoryTransport:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         self.connected = False
+        self.on_message: Callable[[Message], None] | None = None
         self.broker.clients.remove(self)
         if et is not None and self.will:  # an unclean end fires the last will
             self.broker.route(Message(self.will.topic, self.will.payload, self.will.retain))
@@ -279,11 +296,17 @@ class MemoryTransport:
             raise TransportError("not connected")
         self.broker.route(Message(topic, bytes(payload), retain))
 
+    def deliver(self, msg: Message) -> None:
+        if self.on_message is not None:
+            self.on_message(msg)
+        else:
+            self.queue.put_nowait(msg)
+
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         self.filters.append(topic)
         for t, payload in list(self.broker.retained.items()):
             if topic_matches(topic, t):
-                self.queue.put_nowait(Message(t, payload, True))
+                self.deliver(Message(t, payload, True))
 
     async def messages(self) -> AsyncIterator[Message]:
         while self.connected:
