@@ -235,11 +235,10 @@ class EdgeAgent:
     async def _training_loop(self) -> None:
         cfg = self.config
         while True:
-            model = await self._next_model()
+            await self._next_model()
             await self._outbox_space.wait()
-            started = time.monotonic()
             batches = await self.data.take(cfg.local_steps)
-            new, self.last_loss = await asyncio.to_thread(self.trainer.train, model.params, batches)
+            model, new, self.last_loss, started = await asyncio.to_thread(self._local_round, batches)
             tensors = delta_of(new, model.params) if cfg.encoding == "delta" else new
             if self.privacy is not None:
                 tensors = self.privacy(tensors)
@@ -256,6 +255,16 @@ class EdgeAgent:
             if len(self.outbox) >= cfg.max_outbox:
                 self._outbox_space.clear()
             await self._send(update_id, payload)
+
+    def _local_round(self, batches: Any) -> tuple[GlobalModel, dict[str, Array], float, float]:
+        """Train on the newest model held when the computation starts (in a worker thread). Where many
+        agents share a few cores (the fleet simulation), an agent may wait for a thread; taking the model
+        and the round's start time only then keeps that wait out of its staleness and its device time."""
+        started = time.monotonic()
+        model = self.model
+        assert model is not None
+        new, loss = self.trainer.train(model.params, batches)
+        return model, new, loss, started
 
     async def _send(self, update_id: str, payload: bytes) -> None:
         t = self._transport

@@ -8,6 +8,7 @@ async iterator of :class:`Message`. Services build a new transport per connectio
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -145,6 +146,12 @@ class _CountingQueue(asyncio.Queue[aiomqtt.Message]):
         super().put_nowait(item)
 
 
+# aiomqtt warns on every publish while more than 10 are in flight, which the aggregator's concurrent acks do
+# by design; its drops are counted (``dropped``). Lower this logger's level to see paho's own messages.
+_MQTT_LOG = logging.getLogger("fedmqtt.mqtt")
+_MQTT_LOG.setLevel(logging.ERROR)
+
+
 class MqttTransport:
     """One MQTT connection (v5) through aiomqtt. Errors surface as :class:`TransportError`."""
 
@@ -180,6 +187,7 @@ class MqttTransport:
             tls_context=config.ssl_context(),
             timeout=timeout,
             queue_type=_CountingQueue,
+            logger=_MQTT_LOG,
             max_queued_incoming_messages=max_queued or None,
         )
         self._timeout = timeout
