@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import NamedTuple, Protocol, Self
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -69,6 +69,9 @@ class BrokerConfig:
             raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
         if not parts.hostname:
             raise ConfigError(f"broker URL {url!r} has no host")
+        if parts.username or parts.password:
+            # a URL ends up in shell history and `ps`: credentials come from the environment instead
+            raise ConfigError("put credentials in FEDMQTT_USERNAME / FEDMQTT_PASSWORD, not in the broker URL")
         tls = parts.scheme in ("mqtts", "ssl")
         try:
             port = parts.port or (8883 if tls else 1883)
@@ -79,8 +82,8 @@ class BrokerConfig:
             host=parts.hostname,
             port=port,
             tls=tls,
-            username=unquote(parts.username) if parts.username else e.get("FEDMQTT_USERNAME"),
-            password=unquote(parts.password) if parts.password else e.get("FEDMQTT_PASSWORD"),
+            username=e.get("FEDMQTT_USERNAME"),
+            password=e.get("FEDMQTT_PASSWORD"),
             ca_file=e.get("FEDMQTT_CA_FILE"),
             cert_file=e.get("FEDMQTT_CERT_FILE"),
             key_file=e.get("FEDMQTT_KEY_FILE"),
