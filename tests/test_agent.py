@@ -40,3 +40,21 @@ def test_incompatible_model_is_refused_with_an_error() -> None:
     agent._on_model(model(other, 1, "aaaa"))
     assert agent.model is None
     assert agent.error is not None and "differs" in agent.error
+
+
+def test_tensors_that_do_not_match_the_claimed_fingerprint_are_refused() -> None:
+    agent, params = make_agent()
+    name = next(iter(params))
+    wrong = {**params, name: np.zeros(params[name].size + 1, params[name].dtype)}
+    payload = codec.encode_model(wrong, 4, extra={"fedmqtt.fingerprint": codec.fingerprint(params)})
+    agent._on_model(payload)
+    assert agent.model is None and agent.error is not None
+
+
+def test_acks_with_unknown_keys_still_settle_the_update() -> None:
+    from fedmqtt.agent import Pending
+
+    agent, _ = make_agent()
+    agent.outbox["u-1"] = Pending(b"payload", 0.0)
+    agent._on_ack_message(b'{"schema": 1, "update_id": "u-1", "status": "accepted", "version": 3, "future": [1]}')
+    assert "u-1" not in agent.outbox and agent.acks["accepted"] == 1

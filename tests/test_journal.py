@@ -197,3 +197,27 @@ async def test_acks_and_model_wait_for_the_fsync(tmp_path: Path) -> None:
     b = Aggregator(broker.connect, PARAMS, make("fedasync"), AggregatorConfig(state_dir=tmp_path))
     assert b.recover() == 0  # the clean stop left a snapshot
     assert b.version == 30
+
+
+async def test_sync_round_with_state_dir_is_committed_and_published(tmp_path: Path) -> None:
+    """The cohort's last update triggers the round; nothing follows it, yet the new version must go out."""
+    from fedmqtt import codec
+    from fedmqtt.aggregator import Aggregator, AggregatorConfig
+    from fedmqtt.strategies import fedavg
+    from fedmqtt.topics import Topics
+    from fedmqtt.transport import ConnectOptions, MemoryBroker
+
+    broker = MemoryBroker()
+    params = {"w": np.zeros(3, np.float32)}
+    cfg = AggregatorConfig(round_size=2, state_dir=tmp_path)
+    async with Aggregator(broker.connect, params, fedavg(), cfg) as agg:
+        await agg.wait_connected()
+        async with broker.connect(ConnectOptions("client")) as t:
+            for i, value in enumerate((1.0, 3.0)):
+                payload = codec.encode_update({"w": np.full(3, value, np.float32)}, agent=f"a{i}", update_id=f"u{i}",
+                                              base_version=0, num_samples=1, encoding="weights")
+                await t.publish(Topics().update(f"a{i}"), payload)
+            await agg.wait_version(1, timeout=5)
+    model = codec.decode(broker.retained[Topics().model])
+    assert model.metadata["fedmqtt.version"] == "1"
+    np.testing.assert_allclose(model.tensors["w"], 2.0)

@@ -168,3 +168,18 @@ def test_good_update_still_applied_after_rejections_and_model_finite() -> None:
     m = agg.metrics()
     assert (m.accepted, m.rejected, m.version) == (1, 3, 1)
     assert m.rejected_by_reason == {"malformed": 1, "agent_mismatch": 1, "future_base": 1}
+
+
+def test_ack_names_the_update_when_only_its_metadata_is_bad() -> None:
+    ack = make_agg().handle("a1", rewrite_metadata(update(update_id="named-1"), **{"fedmqtt.schema": "9"}))
+    assert (ack.status, ack.reason, ack.update_id) == ("rejected", "schema", "named-1")
+
+
+def test_invalid_agent_id_in_the_topic_is_counted_not_fatal() -> None:
+    from fedmqtt.transport import Message
+
+    agg = make_agg()
+    agg._on_message(Message("fedmqtt/default/updates/$evil", update(agent="$evil")))
+    agg._on_message(Message("fedmqtt/default/updates/" + "x" * 200, update()))
+    assert agg.rejected["bad_topic"] == 2
+    assert agg.handle("a1", update()).status == "accepted"  # still serving

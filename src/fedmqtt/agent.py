@@ -95,7 +95,7 @@ class EdgeAgent:
         self.acks: dict[str, int] = {"accepted": 0, "rejected": 0}
         self.last_rejection: Ack | None = None
         self.last_loss: float | None = None
-        self.trained_versions: list[int] = []
+        self.trained_versions: list[tuple[str, int]] = []  # (epoch, version) of recent local rounds
         self.error: str | None = None
         self._state = "online"
         if self.config.dp is not None and self.config.encoding != "delta":
@@ -192,7 +192,8 @@ class EdgeAgent:
         try:
             decoded = codec.decode(payload)
             info = parse_model_metadata(decoded.metadata)
-            if info.fingerprint != self.fingerprint or decoded.tensors.keys() != self.trainer.names:
+            # the tensors themselves, not only the fingerprint the payload claims
+            if info.fingerprint != self.fingerprint or codec.fingerprint(decoded.tensors) != self.fingerprint:
                 raise IncompatibleModel("the global model's parameter tree differs from this agent's model")
         except (CodecError, InvalidUpdate, IncompatibleModel) as exc:
             self.error = f"global model refused: {exc}"
@@ -210,9 +211,11 @@ class EdgeAgent:
             ack = Ack.model_validate_json(payload)
         except ValueError:
             return
-        if self.outbox.pop(ack.update_id, None) is None and ack.update_id:
+        settled = self.outbox.pop(ack.update_id, None) is not None
+        if not settled and ack.update_id:
             return  # an ack for an update already settled (a duplicate delivery)
-        self._outbox_space.set()
+        if settled:
+            self._outbox_space.set()
         # "duplicate" means the aggregator applied this update before: settled, not lost.
         self.acks["accepted" if ack.status == "accepted" or ack.reason == "duplicate" else "rejected"] += 1
         if ack.status == "rejected" and ack.reason != "duplicate":
@@ -226,8 +229,9 @@ class EdgeAgent:
         """The newest model; in sync mode, one newer than the last this agent trained on."""
         while True:
             m = self.model
-            if m is not None and not (m.info.mode == "sync" and self.trained_versions
-                                      and m.info.version <= self.trained_versions[-1]):
+            last = self.trained_versions[-1] if self.trained_versions else None
+            trained = last is not None and m is not None and m.info.epoch == last[0] and m.info.version <= last[1]
+            if m is not None and not (m.info.mode == "sync" and trained):
                 return m
             self._model_changed.clear()
             await self._model_changed.wait()
@@ -242,7 +246,7 @@ class EdgeAgent:
             tensors = delta_of(new, model.params) if cfg.encoding == "delta" else new
             if self.privacy is not None:
                 tensors = self.privacy(tensors)
-            self.trained_versions.append(model.info.version)
+            self.trained_versions.append((model.info.epoch, model.info.version))
             del self.trained_versions[:-100]
             update_id = uuid.uuid4().hex
             payload = codec.encode_update(

@@ -39,7 +39,7 @@ from fedmqtt.errors import InvalidUpdate, Reason, StateError, TransportError
 from fedmqtt.lifecycle import cancel_all
 from fedmqtt.schemas import Ack, Metrics, Status, dump
 from fedmqtt.strategies.base import ClientUpdate, Strategy
-from fedmqtt.topics import Topics
+from fedmqtt.topics import Topics, valid_segment
 from fedmqtt.transport import ConnectOptions, Connector, Message
 from fedmqtt.types import Array
 from fedmqtt.validation import Checked, DedupWindow, Reference, check_norm, check_update, dedup_key
@@ -222,6 +222,8 @@ class Aggregator:
             if self._journal is not None:
                 self._journal.append(journal.FLUSH)
             self._advance(params)
+            if self._journal is not None:
+                self._commit_wanted.set()  # no update may follow to trigger the fsync (the cohort is done)
             return True
         return False
 
@@ -450,6 +452,10 @@ class Aggregator:
     def _on_message(self, msg: Message) -> None:
         agent = self.topics.agent_of_update(msg.topic)
         if agent is not None:
+            if not valid_segment(agent):  # e.g. "$x" or 200 characters: no ack topic can be built for it
+                self.rejected[Reason.BAD_TOPIC.value] += 1
+                self._dirty.set()
+                return
             ack = self.handle(agent, msg.payload)
             self._dirty.set()
             if self._journal is None:

@@ -155,6 +155,8 @@ async def local_broker(kind: Kind = "auto", port: int | None = None) -> AsyncIte
     """Run a broker for the duration of the block (see module docstring)."""
     if kind == "auto":
         kind = "mosquitto" if has_mosquitto() else "embedded"
+    if kind not in ("mosquitto", "embedded"):
+        raise ConfigError(f"unknown broker kind {kind!r}: use auto, mosquitto, embedded or an mqtt:// URL")
     if kind == "mosquitto":
         proc = MosquittoProcess.prepare(port)
         await proc.start()

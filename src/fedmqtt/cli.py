@@ -99,6 +99,8 @@ def aggregator(
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
     max_staleness: int = 64,
+    max_update_norm: Annotated[float, typer.Option(help="reject updates whose delta L2 norm exceeds this")] = 1e3,
+    alpha: Annotated[float, typer.Option(help="FedAsync mixing rate")] = 0.6,
     buffer_size: Annotated[int, typer.Option(help="FedBuff K")] = 10,
     server_opt: Annotated[str, typer.Option(help="FedBuff server step: sgd, fedavgm, fedadam, fedyogi")] = "sgd",
     server_lr: float = 1.0,
@@ -125,14 +127,17 @@ def aggregator(
     t = get_task(task, seed=seed)
     trainer = t.trainer(seed)
     cfg = AggregatorConfig(topics=Topics(prefix, federation), max_staleness=max_staleness,
-                           round_size=round_size, round_deadline=round_deadline, state_dir=state_dir,
-                           snapshot_every=snapshot_every, keep_journal=keep_journal)
+                           max_update_norm=max_update_norm, round_size=round_size, round_deadline=round_deadline,
+                           state_dir=state_dir, snapshot_every=snapshot_every, keep_journal=keep_journal)
     if dp_clip is not None:
         from fedmqtt.privacy import central_accountant
 
         cfg = replace(cfg, privacy=central_accountant(dp_noise))
-    strat = make(strategy, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr,
-                 dp_clip=dp_clip, dp_noise=dp_noise, seed=seed)
+    try:
+        strat = make(strategy, alpha=alpha, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr,
+                     dp_clip=dp_clip, dp_noise=dp_noise, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
                      evaluate=t.evaluate_fn(trainer))
     err.print(f"aggregator: {strat.name} on {broker}, federation {federation!r}")
@@ -159,6 +164,8 @@ def edge(
     prox_rho: Annotated[float, typer.Option(help="FedAsync proximal term rho (0 = off)")] = 0.0,
     dp_clip: Annotated[float | None, typer.Option(help="client DP: clip each delta to this L2 norm")] = None,
     dp_noise: Annotated[float, typer.Option(help="client DP: noise multiplier sigma")] = 0.0,
+    outbox_dir: Annotated[str | None, typer.Option(
+        help="keep unacknowledged updates on disk here, so they survive a reboot")] = None,
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
     seed: int = 0,
@@ -175,7 +182,8 @@ def edge(
         raise typer.BadParameter("give --agent-id or FEDMQTT_AGENT_ID")
     t = get_task(task, num_clients=num_shards, seed=seed) if task == "digits" else get_task(task, seed=seed)
     index = shard if shard is not None else index_of(agent_id, t.num_clients)
-    cfg = AgentConfig(topics=Topics(prefix, federation), local_steps=local_steps, round_seconds=round_seconds)
+    cfg = AgentConfig(topics=Topics(prefix, federation), local_steps=local_steps, round_seconds=round_seconds,
+                      outbox_dir=outbox_dir)
     if dp_clip is not None:
         from fedmqtt.privacy import ClientDP
 

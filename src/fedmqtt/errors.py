@@ -36,7 +36,7 @@ class Reason(StrEnum):
     STALE = "stale"
     DUPLICATE = "duplicate"
     BASE_UNAVAILABLE = "base_unavailable"
-    OVERLOADED = "overloaded"
+    BAD_TOPIC = "bad_topic"  # the update topic's agent id is not a valid id (no ack can be sent)
 
 
 class FedMQTTError(Exception):

@@ -14,7 +14,7 @@ from fedmqtt.errors import InvalidUpdate, Reason
 from fedmqtt.types import ModelInfo, UpdateInfo
 
 SCHEMA = 1
-_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 _HEX64 = r"^[0-9a-f]{64}$"
 _INT = r"^(0|[1-9][0-9]{0,17})$"
 
@@ -23,11 +23,17 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
+class _Message(BaseModel):
+    """A JSON message that readers must accept with unknown keys (protocol: "ignore unknown keys")."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
 class UpdateHeader(_Frozen):
     """The ``fedmqtt.*`` metadata of an update payload (unknown keys are dropped before this)."""
 
-    agent: str = Field(alias="fedmqtt.agent", pattern=_ID_PATTERN)
-    update_id: str = Field(alias="fedmqtt.update_id", pattern=_ID_PATTERN)
+    agent: str = Field(alias="fedmqtt.agent", pattern=ID_PATTERN)
+    update_id: str = Field(alias="fedmqtt.update_id", pattern=ID_PATTERN)
     base_version: str = Field(alias="fedmqtt.base_version", pattern=_INT)
     num_samples: str = Field(alias="fedmqtt.num_samples", pattern=_INT)
     encoding: Literal["delta", "weights"] = Field(alias="fedmqtt.encoding")
@@ -82,7 +88,7 @@ def parse_model_metadata(metadata: dict[str, str]) -> ModelInfo:
     return ModelInfo(int(h.version), h.fingerprint, h.mode, h.epoch)
 
 
-class Ack(_Frozen):
+class Ack(_Message):
     """Sent by the aggregator on ``.../agents/{id}/acks`` once per received update (QoS 1)."""
 
     schema_: int = Field(default=SCHEMA, alias="schema")
@@ -93,7 +99,7 @@ class Ack(_Frozen):
     detail: str | None = None
 
 
-class Status(_Frozen):
+class Status(_Message):
     """An agent's retained presence on ``.../agents/{id}/status``."""
 
     schema_: int = Field(default=SCHEMA, alias="schema")

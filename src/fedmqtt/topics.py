@@ -14,6 +14,15 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+def valid_segment(value: str) -> bool:
+    """Whether ``value`` can be one topic level of an agent id (see :func:`check_segment`)."""
+    try:
+        check_segment(value, "agent id")
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Topics:
     """Every topic of one federation. ``Topics().model == 'fedmqtt/default/model'``."""

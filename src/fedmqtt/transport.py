@@ -297,7 +297,6 @@ class MemoryTransport:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         self.connected = False
-        self.on_message: Callable[[Message], None] | None = None
         self.broker.clients.remove(self)
         if et is not None and self.will:  # an unclean end fires the last will
             self.broker.route(Message(self.will.topic, self.will.payload, self.will.retain))

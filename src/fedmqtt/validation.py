@@ -7,6 +7,7 @@ fingerprint → tensor names → shapes → dtypes → finite values → delta n
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -15,8 +16,10 @@ import numpy as np
 
 from fedmqtt import codec
 from fedmqtt.errors import CodecError, InvalidUpdate, Reason
-from fedmqtt.schemas import parse_update_metadata
+from fedmqtt.schemas import ID_PATTERN, parse_update_metadata
 from fedmqtt.types import Array, UpdateInfo
+
+_ID = re.compile(ID_PATTERN)
 
 
 class Reference(NamedTuple):
@@ -92,7 +95,12 @@ def check_update(
         decoded = codec.decode(payload, max_payload)
     except CodecError as exc:
         raise InvalidUpdate(exc.reason, exc.detail) from exc
-    info = parse_update_metadata(decoded.metadata)
+    try:
+        info = parse_update_metadata(decoded.metadata)
+    except InvalidUpdate as exc:  # name the update in the ack when its id at least is well-formed
+        claimed = decoded.metadata.get("fedmqtt.update_id", "")
+        exc.update_id = claimed if _ID.fullmatch(claimed) else None
+        raise
     try:
         if info.agent != topic_agent:
             raise InvalidUpdate(Reason.AGENT_MISMATCH,
