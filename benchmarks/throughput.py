@@ -94,17 +94,23 @@ def publisher(port: int, topic: str, agent: str, acks_topic: str | None, n_param
     out.put(("sent", agent, sent))
 
 
-def counter(port: int, topic: str, ready: Any, stop: Any, out: Any) -> None:
-    """The raw consumer: a paho subscriber that only records arrival times."""
-    arrivals: list[float] = []
-    c = _client("raw-subscriber")
-    c.on_message = lambda _c, _u, _m: arrivals.append(time.monotonic())
+def _subscribe_until(port: int, topic: str, client_id: str, on_message: Any, ready: Any, stop: Any) -> None:
+    """Run a paho subscriber on ``topic`` until ``stop`` is set; ``ready`` is set once it is subscribed."""
+    c = _client(client_id)
+    c.on_message = on_message
     c.on_subscribe = lambda *a: ready.set()
     c.connect("127.0.0.1", port, keepalive=60)
     c.subscribe(topic, qos=1)
     c.loop_start()
     stop.wait()
     c.loop_stop()
+
+
+def counter(port: int, topic: str, ready: Any, stop: Any, out: Any) -> None:
+    """The raw consumer: a paho subscriber that only records arrival times."""
+    arrivals: list[float] = []
+    _subscribe_until(port, topic, "raw-subscriber", lambda _c, _u, _m: arrivals.append(time.monotonic()),
+                     ready, stop)
     out.put(("raw", arrivals))
 
 
@@ -120,14 +126,7 @@ def watcher(port: int, topic: str, ready: Any, stop: Any, out: Any) -> None:
         if isinstance(meta, dict):
             seen.setdefault(int(meta["fedmqtt.version"]), time.monotonic())
 
-    c = _client("model-watcher")
-    c.on_message = on_message
-    c.on_subscribe = lambda *a: ready.set()
-    c.connect("127.0.0.1", port, keepalive=60)
-    c.subscribe(topic, qos=1)
-    c.loop_start()
-    stop.wait()
-    c.loop_stop()
+    _subscribe_until(port, topic, "model-watcher", on_message, ready, stop)
     out.put(("models", seen))
 
 
