@@ -345,7 +345,8 @@ class Aggregator:
         """The newest committed model, encoded for the retained model topic."""
         version, params = self._committed
         flat = {k: np.asarray(v) for k, v in params.items()}
-        return codec.encode_model(flat, version, mode=self.strategy.mode, extra={"fedmqtt.epoch": self.epoch})
+        return codec.encode_model(flat, version, mode=self.strategy.mode,
+                                  model_fingerprint=self.reference.fingerprint, extra={"fedmqtt.epoch": self.epoch})
 
     def metrics(self) -> Metrics:
         hist = {str(k): v for k, v in sorted(self.staleness.items())}

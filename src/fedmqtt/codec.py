@@ -73,14 +73,19 @@ def _contiguous(params: FlatParams) -> dict[str, Array]:
 
 
 def encode_model(
-    params: FlatParams, version: int, *, mode: Mode = "async", extra: Mapping[str, str] | None = None
+    params: FlatParams,
+    version: int,
+    *,
+    mode: Mode = "async",
+    model_fingerprint: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Serialise a global model of the given version."""
+    """Serialise a global model of the given version (pass ``model_fingerprint`` when it is known)."""
     metadata = {
         "fedmqtt.schema": SCHEMA,
         "fedmqtt.kind": "model",
         "fedmqtt.version": str(int(version)),
-        "fedmqtt.fingerprint": fingerprint(params),
+        "fedmqtt.fingerprint": model_fingerprint or fingerprint(params),
         "fedmqtt.mode": mode,
         **(extra or {}),
     }
