@@ -40,6 +40,7 @@ class Result:
     dropped: int
     deferred: int
     delta_norm_median: float
+    attacker_share: float  # attackers' fraction of all arrivals
     curve: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -68,7 +69,7 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
     in_buffer: set[int] = set()
     held: list[tuple[int, dict[str, np.ndarray], int]] = []
     norms: list[float] = []
-    applied = dropped = deferred = 0
+    applied = dropped = deferred = attacked = 0
     curve: list[tuple[int, float]] = []
     every = max(updates // eval_points, 1) if eval_points else 0
 
@@ -98,6 +99,7 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
         delta = {k: np.asarray(new[k] - base_params[k], dtype=base_params[k].dtype) for k in new}
         if i in attackers and attack is not None:
             delta = attack(delta)
+            attacked += 1
         if dp is not None:
             delta = dp[i](delta)
         if len(norms) < 200 and i not in attackers:
@@ -119,7 +121,7 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
         if every and (arrival + 1) % every == 0:
             curve.append((arrival + 1, accuracy()))
     return Result(accuracy(), version, applied, dropped, deferred, statistics.median(norms) if norms else 0.0,
-                  curve)
+                  attacked / updates, curve)
 
 
 def median(values: list[float]) -> float:

@@ -1,5 +1,6 @@
 """Robust FedBuff: contract (finite, same tree, hand computations), equivalence of the mean rule with FedBuff,
-and resistance of median, trimmed mean and norm bounding to sign-flipped, scaled updates."""
+and resistance of median, trimmed mean, norm bounding, Multi-Krum and the outlier filter to sign-flipped,
+scaled updates."""
 
 from __future__ import annotations
 
@@ -56,6 +57,19 @@ def test_hand_computations() -> None:
                                (np.asarray(d["w"]) / np.maximum(norms, 1.0)[:, None]).mean(0), rtol=1e-6)
 
 
+def test_multi_krum_and_outlier_filter_by_hand() -> None:
+    d = {"w": jnp.array([[1.0], [2.0], [3.0], [4.0], [100.0]])}
+    # Krum, f = 1: score = sum of squared distances to the K - f - 2 = 2 nearest: 5, 2, 2, 5, 9216 + 9409;
+    # the K - f = 4 lowest are averaged
+    np.testing.assert_allclose(combine(d, "krum", trim=0.2)["w"], [2.5])
+    # outlier filter: median 3, distances 2, 1, 0, 1, 97, median distance 1: keep those within 3 x 1
+    np.testing.assert_allclose(combine(d, "outlier")["w"], [2.5])
+    # staleness weights apply to the kept deltas; the mean is over the kept count, as FedBuff's is over K
+    w = jnp.array([0.5, 1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(combine(d, "outlier", weights=w)["w"], [(0.5 + 2 + 3 + 4) / 4])
+    np.testing.assert_allclose(combine(d, "outlier", spread=100.0)["w"], [22.0])  # nothing is an outlier
+
+
 def test_mean_rule_equals_fedbuff() -> None:
     rng = np.random.default_rng(1)
     deltas = [jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), PARAMS)
@@ -66,7 +80,8 @@ def test_mean_rule_equals_fedbuff() -> None:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize(("rule", "tolerance"), [("median", 0.3), ("trimmed", 0.3), ("norm", 0.7)])
+@pytest.mark.parametrize(("rule", "tolerance"), [("median", 0.3), ("trimmed", 0.3), ("norm", 0.7), ("krum", 0.2),
+                                                 ("outlier", 0.2)])
 def test_sign_flipped_scaled_attackers_are_contained(rule: str, tolerance: float) -> None:
     rng = np.random.default_rng(2)
     honest = [like(1.0 + 0.1 * rng.standard_normal()) for _ in range(8)]
@@ -97,11 +112,14 @@ def test_bad_settings_refused() -> None:
         robust_fedbuff(4, "mode")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="trim"):
         robust_fedbuff(4, "trimmed", trim=0.5)
+    with pytest.raises(ValueError, match="Krum"):
+        robust_fedbuff(4, "krum", trim=0.5)
 
 
-@pytest.mark.parametrize("name", ["fedbuff-median", "fedbuff-trimmed", "fedbuff-norm"])
+@pytest.mark.parametrize("name", ["fedbuff-median", "fedbuff-trimmed", "fedbuff-norm", "fedbuff-krum",
+                                  "fedbuff-outlier"])
 def test_registered(name: str) -> None:
     assert name in NAMES
-    s = make(name, buffer_size=3, trim=0.34)
+    s = make(name, buffer_size=4, trim=0.25)
     assert s.name == name
     assert s.wants == "delta"

@@ -36,6 +36,7 @@ import numpy as np
 
 from fedmqtt import codec, journal
 from fedmqtt.errors import InvalidUpdate, Reason, StateError, TransportError
+from fedmqtt.gate import StepGate
 from fedmqtt.lifecycle import cancel_all
 from fedmqtt.schemas import Ack, Metrics, Status, dump
 from fedmqtt.strategies.base import ClientUpdate, Strategy
@@ -71,6 +72,8 @@ class AggregatorConfig:
     keep_journal: bool = False  # keep old journal segments: an audit ledger of every applied update
     max_online: int = 100_000  # agents tracked as online; presence beyond this is not tracked
     privacy: Callable[[Any], Mapping[str, Any]] | None = None  # strategy state -> extra metrics (DP ε)
+    one_update_per_step: bool = False  # hold an agent's second update until the next step (central DP; gate.py)
+    max_held: int = 1024  # updates held by one_update_per_step; more are dropped unacknowledged (re-sent)
 
 
 class Aggregator:
@@ -102,6 +105,8 @@ class Aggregator:
         # (FedBuff) keeps just the current one, so a weights-encoded update to it must be based on it.
         self._history_len = self.max_staleness + 1 if strategy.wants == "weights" else 1
         self.applied = DedupWindow(cfg.dedup_capacity)
+        self.gate = StepGate(cfg.max_held) if cfg.one_update_per_step else None
+        self._gate_opened = False  # a step was taken: held updates may go in
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.staleness: Counter[int] = Counter()
@@ -132,15 +137,19 @@ class Aggregator:
         self._snapshot_at = time.monotonic()
 
     # ---- the synchronous core -------------------------------------------------------------------
-    def handle(self, topic_agent: str, payload: bytes) -> Ack:
-        """Validate and apply one update; returns the acknowledgement for its sender. Never raises
-        for bad input: every rejection is counted by reason."""
+    def handle(self, topic_agent: str, payload: bytes) -> Ack | None:
+        """Validate and apply one update; returns the acknowledgement for its sender, or None when the update
+        is held for the next step (``one_update_per_step``; acknowledged when applied). Never raises for bad
+        input: every rejection is counted by reason."""
         update_id: str | None = None
         try:
             checked = check_update(payload, topic_agent, reference=self.reference, version=self.version,
                                    max_staleness=self.max_staleness, applied=self.applied,
                                    max_payload=self.config.max_payload)
             update_id = checked.info.update_id
+            if self.gate is not None and not self.gate.admits(topic_agent):
+                self.gate.hold(dedup_key(topic_agent, update_id), topic_agent, payload)
+                return None
             update = self._client_update(checked, self.config.max_update_norm)
             params, state, stepped = self.strategy.apply(self.params, update, self.state)
         except InvalidUpdate as exc:
@@ -185,6 +194,8 @@ class Aggregator:
     def _apply(self, checked: Checked, params: dict[str, Any], state: Any, stepped: Any) -> None:
         self.state = state
         self.applied.add(dedup_key(checked.info.agent, checked.info.update_id), checked.info.base_version)
+        if self.gate is not None:
+            self.gate.admit(checked.info.agent)
         self.accepted += 1
         self.staleness[checked.staleness] += 1
         self._round_count += 1
@@ -204,6 +215,9 @@ class Aggregator:
         self.applied.expire(self.version - self.max_staleness)
         self._round_started = time.monotonic()
         self._round_count = 0
+        if self.gate is not None:
+            self.gate.advance()
+            self._gate_opened = True
         self._dirty.set()
 
     def round_target(self) -> int:
@@ -298,6 +312,8 @@ class Aggregator:
         self.rejected = Counter({str(k): int(v) for k, v in c.get("rejected", {}).items()})
         self.staleness = Counter({int(k): int(v) for k, v in c.get("staleness", {}).items()})
         self._round_count = int(c.get("round_count", 0))
+        if self.gate is not None:
+            self.gate.in_step = {str(a) for a in c.get("in_step", [])}
 
     def _capture(self) -> journal.Snapshot:
         """The current state by reference (jax arrays are immutable); serialised later in a worker thread."""
@@ -309,7 +325,8 @@ class Aggregator:
             history=dict(self._history), dedup=self.applied.items(), dedup_floor=self.applied.floor,
             counters={"accepted": self.accepted, "rejected": dict(self.rejected),
                       "staleness": {str(k): v for k, v in self.staleness.items()},
-                      "round_count": self._round_count},
+                      "round_count": self._round_count,
+                      "in_step": sorted(self.gate.in_step) if self.gate is not None else []},
         )
 
     def _write_snapshot(self, snap: journal.Snapshot) -> None:
@@ -363,7 +380,8 @@ class Aggregator:
             staleness_max=max(self.staleness) if n else None, staleness_hist=hist,
             agents_online=len(self.online), updates_per_s=(len(recent) - 1) / span if span > 0 else 0.0,
             ts=time.time(), dropped=self.acks_dropped + self._dropped_before
-            + (self._transport.dropped if self._transport else 0),
+            + (self._transport.dropped if self._transport else 0) + (self.gate.dropped if self.gate else 0),
+            held=len(self.gate) if self.gate is not None else 0,
             **(self.config.privacy(self.state) if self.config.privacy else {}),
         )
 
@@ -457,15 +475,12 @@ class Aggregator:
                 self.rejected[Reason.BAD_TOPIC.value] += 1
                 self._dirty.set()
                 return
-            ack = self.handle(agent, msg.payload)
-            self._dirty.set()
-            if self._journal is None:
-                self._queue_ack(agent, ack)
-            elif len(self._pending_acks) >= self.config.max_queued:
-                self.acks_dropped += 1  # the agent's outbox re-sends; the dedup window answers then
-            else:  # every ack waits for the fsync of all records written so far (a "duplicate" too)
-                self._pending_acks.append((self._journal.written_seq, agent, ack))
-                self._commit_wanted.set()
+            self._respond(agent, self.handle(agent, msg.payload))
+            while self._gate_opened:  # a step was taken: held updates go in first, one per agent
+                self._gate_opened = False
+                assert self.gate is not None
+                for _, held_agent, payload in self.gate.ready():
+                    self._respond(held_agent, self.handle(held_agent, payload))
             return
         agent = self.topics.agent_of_status(msg.topic)
         if agent is not None:
@@ -477,6 +492,18 @@ class Aggregator:
                 self.online.discard(agent)
             elif len(self.online) < self.config.max_online:
                 self.online.add(agent)
+
+    def _respond(self, agent: str, ack: Ack | None) -> None:
+        self._dirty.set()
+        if ack is None:
+            return  # held for the next step; acknowledged once applied
+        if self._journal is None:
+            self._queue_ack(agent, ack)
+        elif len(self._pending_acks) >= self.config.max_queued:
+            self.acks_dropped += 1  # the agent's outbox re-sends; the dedup window answers then
+        else:  # every ack waits for the fsync of all records written so far (a "duplicate" too)
+            self._pending_acks.append((self._journal.written_seq, agent, ack))
+            self._commit_wanted.set()
 
     def _queue_ack(self, agent: str, ack: Ack) -> None:
         try:

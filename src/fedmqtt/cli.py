@@ -132,7 +132,7 @@ def aggregator(
     if dp_clip is not None:
         from fedmqtt.privacy import central_accountant
 
-        cfg = replace(cfg, privacy=central_accountant(dp_noise))
+        cfg = replace(cfg, privacy=central_accountant(dp_noise), one_update_per_step=True)
     try:
         strat = make(strategy, alpha=alpha, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr,
                      dp_clip=dp_clip, dp_noise=dp_noise, seed=seed)

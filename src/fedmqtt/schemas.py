@@ -130,6 +130,7 @@ class Metrics(BaseModel):
     agents_online: int = 0
     updates_per_s: float = 0.0
     dropped: int = 0  # incoming messages or acks that did not fit a bounded queue
+    held: int = 0  # updates waiting for the next step (one update per agent per step, central DP)
     ts: float = 0.0
 
 

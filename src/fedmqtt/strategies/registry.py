@@ -13,13 +13,13 @@ from fedmqtt.strategies.robust import robust_fedbuff
 from fedmqtt.strategies.staleness import by_name as weighting_by_name
 
 NAMES = ("fedasync", "fedasync-constant", "fedasync-polynomial", "fedasync-hinge", "fedbuff", "fedavg",
-         "fedavg-delta", "fedbuff-median", "fedbuff-trimmed", "fedbuff-norm")
+         "fedavg-delta", "fedbuff-median", "fedbuff-trimmed", "fedbuff-norm", "fedbuff-krum", "fedbuff-outlier")
 
 
 def make(name: str, *, alpha: float = 0.6, staleness_a: float | None = None, staleness_b: int | None = None,
          buffer_size: int = 10, server_opt: str = "sgd", server_lr: float = 1.0,
          weight_by_samples: bool = False, dp_clip: float | None = None, dp_noise: float = 0.0, seed: int = 0,
-         trim: float = 0.2, max_norm: float | None = None, **_: Any) -> Strategy:
+         trim: float = 0.2, max_norm: float | None = None, spread: float = 3.0, **_: Any) -> Strategy:
     """Build a strategy by name with the usual knobs (see each factory for defaults)."""
     if dp_clip is not None and name != "fedbuff":
         raise ValueError("central DP (dp_clip) is implemented for fedbuff only")
@@ -36,7 +36,7 @@ def make(name: str, *, alpha: float = 0.6, staleness_a: float | None = None, sta
     if name in ROBUST:
         return robust_fedbuff(buffer_size, ROBUST[name], trim, max_norm,
                               server_optimizer(server_opt, server_lr),
-                              weighting_by_name("polynomial", staleness_a))
+                              weighting_by_name("polynomial", staleness_a), spread=spread)
     if name == "fedavg":
         return fedavg("weights", name=name)
     if name == "fedavg-delta":

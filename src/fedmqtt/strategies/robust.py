@@ -6,10 +6,17 @@ updates cannot drag far, then take the usual server optimizer step.
     norm:      Δ̄ = Σ clip(Δᵢ, B) / K                    (norm bounding; B fixed, or the buffer's median ‖Δᵢ‖)
     median:    Δ̄ⱼ = median_i Δᵢⱼ                        (coordinate-wise median, Yin et al. 2018)
     trimmed:   Δ̄ⱼ = mean of Δᵢⱼ without the ⌊βK⌋ lowest and highest  (coordinate-wise trimmed mean)
+    krum:      Δ̄ = mean of the K - f deltas with the lowest Krum scores, f = ⌊βK⌋   (Multi-Krum,
+               Blanchard et al. 2017; score = Σ ‖Δᵢ - Δⱼ‖² over i's K - f - 2 nearest neighbours)
+    cosine:    m = coordinate-wise median; keep the Δᵢ with cos(Δᵢ, m) > 0, clip each to the median norm of
+               those kept, and average them (direction filter plus norm bound)
     θ ← θ + optax_step(g = -Δ̄)
 
 Each rule tolerates a minority of attackers per buffer: the median up to half, the trimmed mean up to β·K,
-norm bounding only limits how much each can pull. Memory is K copies of the model.
+norm bounding only limits how much each can pull; Multi-Krum drops f; the cosine filter drops any number
+short of half that point against the median, and bounds the norm of the rest. Median-based rules pay a
+bias on non-IID data (the median of skewed honest deltas is not their mean); Multi-Krum and the cosine filter
+average honest deltas, so they keep FedBuff's accuracy. Memory is K copies of the model.
 """
 
 from __future__ import annotations
@@ -25,32 +32,42 @@ from fedmqtt.privacy import l2_norm
 from fedmqtt.strategies.base import ClientUpdate, Params, Strategy, no_flush
 from fedmqtt.strategies.staleness import StalenessFn, polynomial
 
-Rule = Literal["mean", "norm", "median", "trimmed"]
-RULES: tuple[Rule, ...] = ("mean", "norm", "median", "trimmed")
+Rule = Literal["mean", "norm", "median", "trimmed", "krum", "outlier"]
+RULES: tuple[Rule, ...] = ("mean", "norm", "median", "trimmed", "krum", "outlier")
 #: Registry names (fedmqtt.strategies.registry) of the defended rules.
-BY_NAME: dict[str, Rule] = {"fedbuff-median": "median", "fedbuff-trimmed": "trimmed", "fedbuff-norm": "norm"}
+BY_NAME: dict[str, Rule] = {"fedbuff-median": "median", "fedbuff-trimmed": "trimmed", "fedbuff-norm": "norm",
+                            "fedbuff-krum": "krum", "fedbuff-outlier": "outlier"}
 
 
 class RobustState(NamedTuple):
-    deltas: Params  # each leaf stacked: (K, *shape), float32; slot i holds w(sᵢ)·Δᵢ
+    deltas: Params  # each leaf stacked: (K, *shape), float32; slot i holds Δᵢ as its agent sent it
+    weights: Array  # (K,): slot i's staleness weight w(sᵢ)
     filled: Array  # slots filled so far
     opt_state: optax.OptState
 
 
-def combine(deltas: Params, rule: Rule, trim: float = 0.2, max_norm: float | None = None) -> Params:
+def combine(deltas: Params, rule: Rule, trim: float = 0.2, max_norm: float | None = None,
+            weights: Array | None = None, spread: float = 3.0) -> Params:
     """Combine stacked deltas (leading axis K) into one with ``rule``; pure and jittable.
+
+    ``weights`` (shape (K,), default all 1) are the staleness weights; every rule combines the weighted
+    deltas wᵢ·Δᵢ, and the outlier filter decides what to drop on the deltas as sent, before weighting.
 
     >>> import jax.numpy as jnp
     >>> d = {"w": jnp.array([[1.0], [2.0], [100.0]])}
     >>> float(combine(d, "median")["w"][0]), float(combine(d, "mean")["w"][0])
     (2.0, 34.333...)
     """
+    k = jax.tree.leaves(deltas)[0].shape[0]
+    w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    if rule == "outlier":
+        return _outlier_filter(deltas, w, spread)
+    deltas = jax.tree.map(lambda d: d * w.reshape((-1,) + (1,) * (d.ndim - 1)), deltas)
     if rule == "mean":
         return jax.tree.map(lambda d: jnp.mean(d, axis=0), deltas)
     if rule == "median":
         return jax.tree.map(lambda d: jnp.median(d, axis=0), deltas)
     if rule == "trimmed":
-        k = jax.tree.leaves(deltas)[0].shape[0]
         cut = int(trim * k)
         if 2 * cut >= k:
             raise ValueError(f"trim {trim} leaves nothing of a buffer of {k}")
@@ -61,7 +78,43 @@ def combine(deltas: Params, rule: Rule, trim: float = 0.2, max_norm: float | Non
         scale = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-12))
         return jax.tree.map(lambda d: jnp.mean(d * scale.reshape((-1,) + (1,) * (d.ndim - 1)), axis=0),
                             deltas)
+    if rule == "krum":
+        return _multi_krum(deltas, int(trim * k))
     raise ValueError(f"unknown robust rule {rule!r}; choose one of {', '.join(RULES)}")
+
+
+def _mean_of(deltas: Params, chosen: Array) -> Params:
+    """The mean of the deltas whose mask entry (shape (K,), at least one set) is set."""
+    w = chosen.astype(jnp.float32)
+    return jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1) / jnp.sum(w), deltas)
+
+
+def _gram(a: Params, b: Params) -> Array:
+    """⟨aᵢ, bⱼ⟩ over every leaf, for stacked pytrees a (K, ...) and b (M, ...): a (K, M) matrix."""
+    return sum((jnp.reshape(x, (x.shape[0], -1)) @ jnp.reshape(y, (y.shape[0], -1)).T
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)),
+               start=jnp.zeros(()))
+
+
+def _multi_krum(deltas: Params, f: int) -> Params:
+    k = jax.tree.leaves(deltas)[0].shape[0]
+    if k - f - 2 < 1:
+        raise ValueError(f"Multi-Krum needs K >= f + 3 (K = {k}, f = {f})")
+    g = _gram(deltas, deltas)
+    sq = jnp.diag(g)
+    dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * g, 0.0) + jnp.diag(jnp.full((k,), jnp.inf))
+    scores = jnp.sum(jnp.sort(dist, axis=1)[:, : k - f - 2], axis=1)
+    chosen = jnp.argsort(scores)[: k - f]
+    return _mean_of(deltas, jnp.zeros((k,), bool).at[chosen].set(True))
+
+
+def _outlier_filter(deltas: Params, weights: Array, spread: float) -> Params:
+    center = jax.tree.map(lambda d: jnp.median(d, axis=0)[None], deltas)
+    norms = jax.vmap(l2_norm)(deltas)
+    dist = jnp.sqrt(jnp.maximum(norms**2 - 2 * _gram(deltas, center)[:, 0] + l2_norm(center) ** 2, 0.0))
+    keep = dist <= spread * jnp.median(dist)  # the median-distance delta itself always stays
+    w = jnp.where(keep, weights, 0.0)
+    return jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1) / jnp.sum(keep), deltas)
 
 
 def robust_fedbuff(
@@ -72,6 +125,7 @@ def robust_fedbuff(
     optimizer: optax.GradientTransformation | None = None,
     weighting: StalenessFn | None = None,
     name: str | None = None,
+    spread: float = 3.0,
 ) -> Strategy:
     """FedBuff over a buffer of K deltas combined by ``rule`` (mean, norm, median, trimmed).
 
@@ -84,24 +138,27 @@ def robust_fedbuff(
         raise ValueError(f"unknown robust rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "trimmed" and not 0 <= 2 * int(trim * buffer_size) < buffer_size:
         raise ValueError(f"trim {trim} leaves nothing of a buffer of {buffer_size}")
+    if rule == "krum" and buffer_size - int(trim * buffer_size) - 2 < 1:
+        raise ValueError(f"Multi-Krum needs K >= f + 3 (K = {buffer_size}, f = {int(trim * buffer_size)})")
     opt = optimizer or optax.sgd(1.0)
     w = weighting or polynomial(0.5)
 
     def init(params: Params) -> RobustState:
         slots = jax.tree.map(lambda x: jnp.zeros((buffer_size, *jnp.shape(x)), jnp.float32), params)
-        return RobustState(slots, jnp.zeros((), jnp.int32), opt.init(params))
+        return RobustState(slots, jnp.zeros((buffer_size,), jnp.float32), jnp.zeros((), jnp.int32),
+                           opt.init(params))
 
     def apply(params: Params, update: ClientUpdate, state: RobustState) -> tuple[Params, RobustState, Array]:
-        weight = w(update.staleness)
-        deltas = jax.tree.map(lambda s, d: s.at[state.filled].set(weight * jnp.asarray(d, jnp.float32)),
+        deltas = jax.tree.map(lambda s, d: s.at[state.filled].set(jnp.asarray(d, jnp.float32)),
                               state.deltas, update.params)
-        state = state._replace(deltas=deltas, filled=state.filled + 1)
+        weights = state.weights.at[state.filled].set(w(update.staleness))
+        state = state._replace(deltas=deltas, weights=weights, filled=state.filled + 1)
         stepped = state.filled >= buffer_size
         params, state = jax.lax.cond(stepped, _step, lambda p, s: (p, s), params, state)
         return params, state, stepped
 
     def _step(params: Params, state: RobustState) -> tuple[Params, RobustState]:
-        agg = combine(state.deltas, rule, trim, max_norm)
+        agg = combine(state.deltas, rule, trim, max_norm, state.weights, spread)
         grads = jax.tree.map(lambda d, p: (-d).astype(p.dtype), agg, params)
         updates, opt_state = opt.update(grads, state.opt_state, params)
         return optax.apply_updates(params, updates), state._replace(filled=jnp.zeros_like(state.filled),

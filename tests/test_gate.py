@@ -1,0 +1,95 @@
+"""One update per agent per server step (central DP's sensitivity): the StepGate alone and in the aggregator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmqtt import codec
+from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.gate import StepGate
+from fedmqtt.schemas import Ack
+from fedmqtt.strategies.registry import make
+from fedmqtt.topics import Topics
+from fedmqtt.transport import MemoryBroker, Message
+
+PARAMS = {"w": np.zeros(4, np.float32)}
+FP = codec.fingerprint(PARAMS)
+TOPICS = Topics()
+
+
+def update(agent: str, update_id: str, value: float, base: int = 0) -> Message:
+    payload = codec.encode_update({"w": np.full(4, value, np.float32)}, agent=agent, update_id=update_id,
+                                  base_version=base, num_samples=10, encoding="delta", model_fingerprint=FP)
+    return Message(TOPICS.update(agent), payload)
+
+
+def make_agg(gate: bool, state_dir: Path | None = None) -> Aggregator:
+    strategy = make("fedbuff", buffer_size=2, dp_clip=10.0, dp_noise=0.0, staleness_a=0.0)
+    cfg = AggregatorConfig(one_update_per_step=gate, state_dir=state_dir)
+    return Aggregator(MemoryBroker().connect, PARAMS, strategy, cfg)
+
+
+def acks(agg: Aggregator) -> list[tuple[str, Ack]]:
+    out = []
+    while not agg._acks.empty():
+        out.append(agg._acks.get_nowait())
+    return out
+
+
+def test_gate_holds_resends_once_and_releases_one_per_agent_in_arrival_order() -> None:
+    g = StepGate(capacity=3)
+    g.admit("a")
+    assert not g.admits("a") and g.admits("b")
+    assert g.hold("a/1", "a", b"1") and g.hold("a/1", "a", b"1")  # a re-send is held once
+    assert g.hold("a/2", "a", b"2") and g.hold("c/1", "c", b"3")
+    assert not g.hold("d/1", "d", b"4") and g.dropped == 1  # capacity 3
+    assert list(g.ready()) == [("c/1", "c", b"3")]  # "a" is still in this step
+    g.advance()
+    assert [k for k, _, _ in g.ready()] == ["a/1"]  # one per agent per call, oldest first
+    assert len(g) == 1
+
+
+def test_second_update_from_an_agent_waits_for_the_next_step() -> None:
+    agg = make_agg(gate=True)
+    agg._on_message(update("a", "u1", 0.1))
+    agg._on_message(update("a", "u2", 0.5))  # same step: held, not acknowledged
+    agg._on_message(update("a", "u2", 0.5))  # the agent's re-send: still held once
+    assert [(a, k.update_id, k.status) for a, k in acks(agg)] == [("a", "u1", "accepted")]
+    assert agg.metrics().held == 1 and agg.version == 0
+    agg._on_message(update("b", "v1", 0.3))  # fills the buffer: step 1 = mean of u1 and v1
+    assert agg.version == 1
+    np.testing.assert_allclose(np.asarray(agg.params["w"]), 0.2, rtol=1e-6)
+    got = [(a, k.update_id, k.status, k.version) for a, k in acks(agg)]
+    assert got == [("b", "v1", "accepted", 1), ("a", "u2", "accepted", 1)]  # u2 applied after the step
+    assert agg.metrics().held == 0 and agg.accepted == 3
+    agg._on_message(update("b", "v2", 0.1, base=1))  # step 2 = mean of u2 and v2
+    np.testing.assert_allclose(np.asarray(agg.params["w"]), 0.2 + 0.3, rtol=1e-6)
+
+
+def test_without_the_gate_both_updates_of_one_agent_share_a_step() -> None:
+    agg = make_agg(gate=False)
+    agg._on_message(update("a", "u1", 0.1))
+    agg._on_message(update("a", "u2", 0.5))
+    assert agg.version == 1
+    np.testing.assert_allclose(np.asarray(agg.params["w"]), 0.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("snapshot", [True, False], ids=["from-snapshot", "from-journal"])
+def test_the_current_step_survives_a_restart(tmp_path: Path, snapshot: bool) -> None:
+    first = make_agg(gate=True, state_dir=tmp_path)
+    first.recover()
+    first._on_message(update("a", "u1", 0.1))
+    assert first._journal is not None
+    first._journal.sync()
+    if snapshot:
+        first._journal.rotate()
+        first._write_snapshot(first._capture())
+    first._journal.close()
+    second = make_agg(gate=True, state_dir=tmp_path)
+    second.recover()
+    assert second.gate is not None and second.gate.in_step == {"a"}
+    second._on_message(update("a", "u2", 0.2))
+    assert second.metrics().held == 1 and second.version == 0
