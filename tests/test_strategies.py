@@ -98,13 +98,13 @@ def test_fedbuff_adam_first_step_moves_by_lr() -> None:
 # ---- contracts for every registered strategy ------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_every_strategy_keeps_tree_and_finite(name: str) -> None:
-    s = make(name, buffer_size=2)
+    s = make(name, buffer_size=3)  # Multi-Krum needs K >= 3
     params = {"a": jnp.ones((2, 3), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
     st = s.init(params)
     value = jax.tree.map(lambda x: x + 0.1, params) if s.wants == "weights" else jax.tree.map(
         lambda x: jnp.full_like(x, 0.1), params)
     out = params
-    for _ in range(2):
+    for _ in range(3):
         out, st, _ = s.apply(out, ClientUpdate(value, 1, 10), st)
     out, st, _ = s.flush(out, st)
     assert jax.tree.structure(out) == jax.tree.structure(params)
