@@ -94,7 +94,8 @@ def demo(
 def aggregator(
     broker: BrokerOpt = "mqtt://127.0.0.1:1883",
     strategy: Annotated[str, typer.Option(help="fedasync, fedasync-hinge, fedasync-constant, fedbuff, fedavg, "
-                                              "fedbuff-median, fedbuff-trimmed, fedbuff-norm")] = "fedasync",
+                                              "fedbuff-outlier, fedbuff-krum, fedbuff-median, fedbuff-trimmed, "
+                                              "fedbuff-norm")] = "fedasync",
     task: TaskOpt = "digits",
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
@@ -114,6 +115,12 @@ def aggregator(
     dp_clip: Annotated[float | None, typer.Option(help="fedbuff central DP: clip each delta to this L2 norm")
                        ] = None,
     dp_noise: Annotated[float, typer.Option(help="fedbuff central DP: noise multiplier sigma")] = 0.0,
+    trim: Annotated[float, typer.Option(help="fedbuff-trimmed: fraction cut at each end; fedbuff-krum: "
+                                              "attackers assumed per buffer, f = trim x K")] = 0.2,
+    spread: Annotated[float, typer.Option(help="fedbuff-outlier: drop deltas farther from the median than "
+                                                "spread x the median distance")] = 3.0,
+    one_update_per_step: Annotated[bool, typer.Option(
+        help="hold a device's second update until the next step (always on with --dp-clip)")] = False,
     seed: int = 0,
     verbose: bool = False,
 ) -> None:
@@ -128,14 +135,15 @@ def aggregator(
     trainer = t.trainer(seed)
     cfg = AggregatorConfig(topics=Topics(prefix, federation), max_staleness=max_staleness,
                            max_update_norm=max_update_norm, round_size=round_size, round_deadline=round_deadline,
-                           state_dir=state_dir, snapshot_every=snapshot_every, keep_journal=keep_journal)
+                           state_dir=state_dir, snapshot_every=snapshot_every, keep_journal=keep_journal,
+                           one_update_per_step=one_update_per_step)
     if dp_clip is not None:
         from fedmqtt.privacy import central_accountant
 
         cfg = replace(cfg, privacy=central_accountant(dp_noise), one_update_per_step=True)
     try:
         strat = make(strategy, alpha=alpha, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr,
-                     dp_clip=dp_clip, dp_noise=dp_noise, seed=seed)
+                     dp_clip=dp_clip, dp_noise=dp_noise, seed=seed, trim=trim, spread=spread)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
