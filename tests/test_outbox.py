@@ -41,6 +41,13 @@ def test_outbox_persists_and_forgets(tmp_path: Path) -> None:
     assert len(Outbox()) == 0  # no directory: memory only
 
 
+async def test_put_writes_to_disk_before_returning(tmp_path: Path) -> None:
+    box, p1 = Outbox(tmp_path, "a1"), payload("u1")
+    await box.put("u1", Pending(p1, 1.0))
+    assert (tmp_path / "u1.safetensors").read_bytes() == p1  # durable once put returns
+    assert list(Outbox(tmp_path, "a1")) == ["u1"]
+
+
 async def test_unacknowledged_updates_survive_an_agent_restart(tmp_path: Path) -> None:
     broker = MemoryBroker()
     task = get_task("digits", num_clients=2, seed=0)

@@ -255,7 +255,7 @@ class EdgeAgent:
             remaining = cfg.round_seconds - (time.monotonic() - started)
             if remaining > 0:
                 await asyncio.sleep(remaining)
-            self.outbox[update_id] = Pending(payload, time.monotonic())
+            await self.outbox.put(update_id, Pending(payload, time.monotonic()))  # on disk before it is sent
             if len(self.outbox) >= cfg.max_outbox:
                 self._outbox_space.clear()
             await self._send(update_id, payload)

@@ -14,6 +14,7 @@ memory only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -79,6 +80,13 @@ class Outbox(MutableMapping[str, Pending]):
     def __setitem__(self, update_id: str, pending: Pending) -> None:
         if self.directory is not None and update_id not in self._items:
             _write_atomic(self._path(update_id), pending.payload)
+        self._items[update_id] = pending
+
+    async def put(self, update_id: str, pending: Pending) -> None:
+        """``box[update_id] = pending`` with the disk write and its fsyncs in a worker thread, so that a
+        slow flash card does not stall the agent's event loop."""
+        if self.directory is not None and update_id not in self._items:
+            await asyncio.to_thread(_write_atomic, self._path(update_id), pending.payload)
         self._items[update_id] = pending
 
     def __delitem__(self, update_id: str) -> None:
