@@ -154,13 +154,19 @@ def test_prng_key_leaves_survive_a_snapshot(tmp_path: Path) -> None:
     assert jax.random.key_data(restored).tolist() == jax.random.key_data(key).tolist()
 
 
-def test_dedup_window_eviction_raises_the_floor() -> None:
+def test_dedup_window_evicts_the_oldest_base_and_raises_the_floor_only_to_it() -> None:
     w = DedupWindow(capacity=2)
     w.add("a/1", 5)
-    w.add("a/2", 3)
+    w.add("a/2", 3)  # applied later, on an older base
     w.add("a/3", 7)
-    assert "a/1" not in w
-    assert w.floor == 5
+    assert "a/2" not in w and "a/1" in w and "a/3" in w
+    assert w.floor == 3  # updates on bases 4 and 5 are still accepted; a replay of a/2 is stale
+    w.expire(6)
+    assert w.items() == [("a/3", 7)]
+    w.add("a/3", 8)  # the same key again moves it
+    w.add("b/1", 8)
+    w.add("b/2", 9)
+    assert "a/3" not in w and "b/1" not in w and w.floor == 8
 
 
 async def test_acks_and_model_wait_for_the_fsync(tmp_path: Path) -> None:

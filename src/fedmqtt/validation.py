@@ -8,7 +8,6 @@ fingerprint → tensor names → shapes → dtypes → finite values → delta n
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -44,15 +43,17 @@ class DedupWindow:
     """Applied ``agent/update_id`` keys, remembered while a replay could still pass the staleness check.
 
     An entry whose base version is older than ``version - max_staleness`` is forgotten: a replay of it would
-    be rejected as stale anyway. ``capacity`` bounds memory under any load (oldest evicted first); an
-    eviction raises ``floor`` to the evicted entry's base, and updates on a base ``<= floor`` are refused as
-    stale, so an evicted id can never be applied twice.
+    be rejected as stale anyway. ``capacity`` bounds memory under any load: beyond it, the entries with the
+    oldest base version go first, and ``floor`` rises to that base; updates on a base ``<= floor`` are
+    refused as stale, so an evicted id can never be applied twice, and the floor rises no further than it
+    must.
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
         self.floor = -1
-        self._keys: OrderedDict[str, int] = OrderedDict()
+        self._keys: dict[str, int] = {}
+        self._by_base: dict[int, set[str]] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self._keys
@@ -61,15 +62,24 @@ class DedupWindow:
         return len(self._keys)
 
     def add(self, key: str, base_version: int) -> None:
+        if key in self._keys:
+            old = self._keys[key]
+            self._by_base[old].discard(key)
+            if not self._by_base[old]:
+                del self._by_base[old]
         self._keys[key] = base_version
+        self._by_base.setdefault(base_version, set()).add(key)
         while len(self._keys) > self.capacity:
-            self.floor = max(self.floor, self._keys.popitem(last=False)[1])
+            oldest = min(self._by_base)
+            self._drop(oldest)
+            self.floor = max(self.floor, oldest)
 
     def expire(self, oldest_acceptable_base: int) -> None:
-        while self._keys:
-            key, base = next(iter(self._keys.items()))
-            if base >= oldest_acceptable_base:
-                break
+        for base in [b for b in self._by_base if b < oldest_acceptable_base]:
+            self._drop(base)
+
+    def _drop(self, base: int) -> None:
+        for key in self._by_base.pop(base):
             del self._keys[key]
 
     def items(self) -> list[tuple[str, int]]:
