@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedmqtt import codec
+from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.gate import StepGate
+from fedmqtt.privacy import central_accountant, epsilon
 from fedmqtt.schemas import Ack
 from fedmqtt.strategies.registry import make
+from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import MemoryBroker, Message
+from fedmqtt.transport import BrokerConfig, ConnectOptions, MemoryBroker, Message, mqtt_connector
 
 PARAMS = {"w": np.zeros(4, np.float32)}
 FP = codec.fingerprint(PARAMS)
@@ -93,3 +99,50 @@ def test_the_current_step_survives_a_restart(tmp_path: Path, snapshot: bool) -> 
     assert second.gate is not None and second.gate.in_step == {"a"}
     second._on_message(update("a", "u2", 0.2))
     assert second.metrics().held == 1 and second.version == 0
+
+
+# ---- over Mosquitto, with real agents of different speeds -------------------------------------------------
+@pytest.mark.broker
+async def test_central_dp_federation_over_mosquitto_keeps_one_update_per_agent_per_step(
+        broker: BrokerConfig, federation: str) -> None:
+    task = get_task("digits", num_clients=4, seed=0)
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    cfg = AggregatorConfig(topics=topics, privacy=central_accountant(1.0), one_update_per_step=True)
+    agg = Aggregator(connect, task.trainer(0).initial, make("fedbuff", buffer_size=3, dp_clip=1.0, dp_noise=1.0),
+                     cfg)
+    steps: dict[int, list[str]] = {}
+    apply = agg._apply
+
+    def spy(checked, params, state, stepped):  # type: ignore[no-untyped-def]
+        steps.setdefault(agg.version, []).append(checked.info.agent)  # the step this update goes into
+        apply(checked, params, state, stepped)
+
+    agg._apply = spy  # type: ignore[method-assign]
+    held_seen = 0
+    async with agg:
+        await agg.wait_connected()
+        agents = [EdgeAgent(connect, f"dp-{i}", task.trainer(0), task.data_for(i),
+                            AgentConfig(topics=topics, round_seconds=0.05 * 3**i)) for i in range(4)]  # 1:27
+        for a in agents:
+            await a.__aenter__()
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and agg.version < 8:
+                held_seen = max(held_seen, agg.metrics().held)
+                await asyncio.sleep(0.02)
+        finally:
+            for a in agents:
+                await a.__aexit__(None, None, None)
+        await agg.wait_version(agg.committed_version, timeout=10)
+        async with connect(ConnectOptions("dp-reader")) as reader:
+            await reader.subscribe(topics.metrics)
+            async for m in reader.messages():
+                metrics = json.loads(m.payload)
+                break
+    assert agg.version >= 8 and held_seen > 0  # fast agents did send twice within a step, and waited
+    full = [agents_in for v, agents_in in steps.items() if v < agg.version]
+    assert all(len(s) == 3 and len(set(s)) == 3 for s in full), full  # K distinct agents in every step
+    assert sum(a.acks["rejected"] for a in agents) == 0
+    assert metrics["dp_steps"] == metrics["version"] and metrics["dp_delta"] == 1e-5
+    assert metrics["dp_epsilon"] == pytest.approx(epsilon(1.0, metrics["dp_steps"]))
