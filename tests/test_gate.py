@@ -88,12 +88,12 @@ def test_the_current_step_survives_a_restart(tmp_path: Path, snapshot: bool) -> 
     first = make_agg(gate=True, state_dir=tmp_path)
     first.recover()
     first._on_message(update("a", "u1", 0.1))
-    assert first._journal is not None
-    first._journal.sync()
+    d = first.durability
+    assert d is not None and d.journal is not None
+    d.journal.sync()
     if snapshot:
-        first._journal.rotate()
-        first._write_snapshot(first._capture())
-    first._journal.close()
+        asyncio.run(first.snapshot())
+    d.journal.close()
     second = make_agg(gate=True, state_dir=tmp_path)
     second.recover()
     assert second.gate is not None and second.gate.in_step == {"a"}

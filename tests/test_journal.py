@@ -176,7 +176,8 @@ async def test_acks_and_model_wait_for_the_fsync(tmp_path: Path) -> None:
     calls = []
     async with agg:
         await agg.wait_connected()
-        j = agg._journal
+        assert agg.durability is not None
+        j = agg.durability.journal
         assert j is not None
         real_sync = j.sync
 

@@ -8,11 +8,10 @@ Republishes coalesce: at most one model publish is in flight; updates applied me
 next one, which always carries the newest version; ``publish_interval`` (50 ms) and ``metrics_interval``
 (0.5 s) cap how often the model and the metrics go out.
 
-Durability (``state_dir``, see journal.py and docs/reliability.md): ``handle`` writes each accepted update to
-the journal before applying it; acknowledgements and model publishes are held until the ``committer`` task's
-fsync covers their record. One fsync commits every record written while the previous one ran (group commit),
-so under load the cost is one fsync per batch, not per update. ``snapshotter`` writes snapshots and trims
-the journal; ``recover`` (called on entry) loads the newest snapshot and replays the journal after it.
+Durability (``state_dir``; durability.py, journal.py and docs/reliability.md): ``handle`` writes each accepted
+update to the journal before applying it; acknowledgements and model publishes are held until the
+``committer`` task's fsync covers their record; ``snapshotter`` writes snapshots; ``recover`` (called on
+entry) loads the newest snapshot and replays the journal after it.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedmqtt import codec, journal
+from fedmqtt.durability import Durability
 from fedmqtt.errors import InvalidUpdate, Reason, StateError, TransportError
 from fedmqtt.gate import StepGate
 from fedmqtt.lifecycle import cancel_all
@@ -126,15 +126,9 @@ class Aggregator:
         self._rate: deque[float] = deque(maxlen=256)
         self.acks_dropped = 0
         self._dropped_before = 0  # incoming drops counted by earlier connections
-        # durability: the newest version whose journal records are fsynced is the one published
-        self._journal: journal.Journal | None = None
+        # with a state_dir, once recovered: the newest version whose journal records are fsynced is published
+        self.durability: Durability | None = None
         self._committed: tuple[int, dict[str, Any]] = (self.version, self.params)
-        self._committing: deque[tuple[int, int, dict[str, Any]]] = deque()  # (version, seq, params)
-        self._pending_acks: deque[tuple[int, str, Ack]] = deque()  # (seq to be durable, agent, ack)
-        self._commit_wanted = asyncio.Event()
-        self._snapshot_due = asyncio.Event()
-        self._snapshot_seq = 0
-        self._snapshot_at = time.monotonic()
 
     # ---- the synchronous core -------------------------------------------------------------------
     def handle(self, topic_agent: str, payload: bytes) -> Ack | None:
@@ -158,10 +152,8 @@ class Aggregator:
             log.info("rejected update from %s: %s", topic_agent, exc)
             return Ack(update_id=update_id or exc.update_id or "", status="rejected", version=self.version,
                        reason=exc.reason.value, detail=exc.detail[:300])
-        if self._journal is not None:  # write-ahead: the record exists before any effect is visible
-            seq = self._journal.append(journal.UPDATE, journal.update_body(topic_agent, payload))
-            if seq - self._snapshot_seq >= self.config.snapshot_every:
-                self._snapshot_due.set()
+        if self.durability is not None:  # write-ahead: the record exists before any effect is visible
+            self.durability.append_update(topic_agent, payload)
         self._apply(checked, params, state, stepped)
         return Ack(update_id=checked.info.update_id, status="accepted", version=self.version)
 
@@ -206,10 +198,10 @@ class Aggregator:
     def _advance(self, params: dict[str, Any]) -> None:
         self.params = params
         self.version += 1
-        if self._journal is None:
+        if self.durability is None:
             self._committed = (self.version, params)
         else:  # published once the record that made it is durable
-            self._committing.append((self.version, self._journal.written_seq, params))
+            self.durability.hold_version(self.version, params)
         self._history[self.version] = params
         self._history.pop(self.version - self._history_len, None)
         self.applied.expire(self.version - self.max_staleness)
@@ -233,11 +225,9 @@ class Aggregator:
         """Sync mode: average the round's updates into a new version (if any arrived)."""
         params, self.state, stepped = self.strategy.flush(self.params, self.state)
         if bool(stepped):
-            if self._journal is not None:
-                self._journal.append(journal.FLUSH)
+            if self.durability is not None:
+                self.durability.append_flush()
             self._advance(params)
-            if self._journal is not None:
-                self._commit_wanted.set()  # no update may follow to trigger the fsync (the cohort is done)
             return True
         return False
 
@@ -250,38 +240,27 @@ class Aggregator:
     def recover(self) -> int:
         """With ``state_dir``: load the newest snapshot, replay the journal after it, open the journal for
         appending; returns the number of records replayed. Called on entry; safe to call again."""
-        if self._journal is not None or self.config.state_dir is None:
+        cfg = self.config
+        if self.durability is not None or cfg.state_dir is None:
             return 0
-        directory = Path(self.config.state_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        for tmp in directory.glob("*.tmp"):
-            tmp.unlink()  # a snapshot the crash interrupted
-        epoch_file = directory / "epoch"
-        if epoch_file.is_file():
-            self.epoch = epoch_file.read_text().strip()
-        else:
-            journal.atomic_write(epoch_file, self.epoch.encode())
-        snap = journal.read_snapshot(directory)
-        if snap is not None:
-            self._restore(snap)
-        last = self._snapshot_seq = snap.seq if snap else 0
-        replayed = 0
-        for rec in journal.read_records(directory, last, repair=True):
-            try:
-                if rec.kind == journal.UPDATE:
-                    self._replay_update(rec.agent, rec.payload)
-                elif rec.kind == journal.FLUSH:
-                    self.close_round()
-            except InvalidUpdate as exc:  # never silently skip an acknowledged update
-                raise StateError(f"journal record {rec.seq} cannot be replayed ({exc}); was the aggregator's "
-                                 "model or strategy changed?") from exc
-            last, replayed = rec.seq, replayed + 1
-        self._journal = journal.Journal(directory, last + 1, keep=self.config.keep_journal)
-        self._journal.sync()
+        durability = Durability(cfg.state_dir, cfg.snapshot_every, cfg.snapshot_interval, cfg.keep_journal)
+        self.epoch = durability.epoch(self.epoch)
+        replayed = durability.open(self._restore, self._replay)
+        self.durability = durability
         self._committed = (self.version, self.params)
-        log.info("recovered version %d from %s (snapshot at record %d, %d replayed)", self.version, directory,
-                 self._snapshot_seq, replayed)
+        log.info("recovered version %d from %s (snapshot at record %d, %d replayed)", self.version,
+                 durability.directory, durability.snapshot_seq, replayed)
         return replayed
+
+    def _replay(self, rec: journal.Record) -> None:
+        try:
+            if rec.kind == journal.UPDATE:
+                self._replay_update(rec.agent, rec.payload)
+            elif rec.kind == journal.FLUSH:
+                self.close_round()
+        except InvalidUpdate as exc:  # never silently skip an acknowledged update
+            raise StateError(f"journal record {rec.seq} cannot be replayed ({exc}); was the aggregator's "
+                             "model or strategy changed?") from exc
 
     def _replay_update(self, agent: str, payload: bytes) -> None:
         """Re-apply a journalled update: the structural checks again, but not the policy bounds (staleness,
@@ -315,11 +294,11 @@ class Aggregator:
         if self.gate is not None:
             self.gate.in_step = {str(a) for a in c.get("in_step", [])}
 
-    def _capture(self) -> journal.Snapshot:
-        """The current state by reference (jax arrays are immutable); serialised later in a worker thread."""
-        assert self._journal is not None
+    def _capture(self, seq: int) -> journal.Snapshot:
+        """The state after record ``seq``, by reference (jax arrays are immutable); serialised later in a
+        worker thread."""
         return journal.Snapshot(
-            seq=self._journal.written_seq, version=self.version, fingerprint=self.reference.fingerprint,
+            seq=seq, version=self.version, fingerprint=self.reference.fingerprint,
             strategy=self.strategy.name, params=self.params,
             state_leaves=jax.tree_util.tree_leaves(self.state),
             history=dict(self._history), dedup=self.applied.items(), dedup_floor=self.applied.floor,
@@ -329,30 +308,14 @@ class Aggregator:
                       "in_step": sorted(self.gate.in_step) if self.gate is not None else []},
         )
 
-    def _write_snapshot(self, snap: journal.Snapshot) -> None:
-        assert self._journal is not None
-        journal.write_snapshot(self._journal.directory, snap)
-        self._journal.prune(snap.seq)
-
     async def snapshot(self) -> None:
         """Write a snapshot now (the journal before it is then deleted, unless ``keep_journal``)."""
-        j = self._journal
-        if j is None or j.written_seq == self._snapshot_seq:
-            return
-        j.rotate()
-        snap = self._capture()
-        self._snapshot_seq, self._snapshot_at = snap.seq, time.monotonic()
-        await asyncio.to_thread(self._write_snapshot, snap)
+        if self.durability is not None:
+            await self.durability.snapshot(self._capture)
 
-    def _release(self, synced: int) -> None:
-        """Let out the acks and model versions whose journal records are now durable."""
-        while self._pending_acks and self._pending_acks[0][0] <= synced:
-            _, agent, ack = self._pending_acks.popleft()
-            self._queue_ack(agent, ack)
-        while self._committing and self._committing[0][1] <= synced:
-            version, _, params = self._committing.popleft()
-            self._committed = (version, params)
-            self._dirty.set()
+    def _commit_version(self, version: int, params: dict[str, Any]) -> None:
+        self._committed = (version, params)
+        self._dirty.set()
 
     def numpy_params(self) -> dict[str, Array]:
         """The current global parameters as numpy arrays."""
@@ -391,9 +354,9 @@ class Aggregator:
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         loops = {"connection": self._connection_loop(), "publisher": self._publisher(), "acks": self._ack_sender()}
-        if self._journal is not None:
-            loops["committer"] = self._committer()
-            loops["snapshotter"] = self._snapshotter()
+        if self.durability is not None:
+            loops["committer"] = self.durability.committer(self._queue_ack, self._commit_version)
+            loops["snapshotter"] = self.durability.snapshotter(self._capture)
         if self._evaluate is not None:
             loops["evaluator"] = self._evaluator()
         if self.sync:
@@ -409,13 +372,9 @@ class Aggregator:
         await cancel_all(self._running)
         with contextlib.suppress(asyncio.CancelledError):
             await self._tasks.__aexit__(None, None, None)
-        j = self._journal
-        if j is not None:  # a clean stop leaves a snapshot, so the next start replays nothing
-            if j.written_seq != self._snapshot_seq:
-                j.rotate()
-                self._write_snapshot(self._capture())
-            j.close()
-            self._journal = None
+        if self.durability is not None:  # a clean stop leaves a snapshot, so the next start replays nothing
+            self.durability.close(self._capture)
+            self.durability = None
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)
@@ -497,13 +456,10 @@ class Aggregator:
         self._dirty.set()
         if ack is None:
             return  # held for the next step; acknowledged once applied
-        if self._journal is None:
+        if self.durability is None:
             self._queue_ack(agent, ack)
-        elif len(self._pending_acks) >= self.config.max_queued:
-            self.acks_dropped += 1  # the agent's outbox re-sends; the dedup window answers then
-        else:  # every ack waits for the fsync of all records written so far (a "duplicate" too)
-            self._pending_acks.append((self._journal.written_seq, agent, ack))
-            self._commit_wanted.set()
+        elif not self.durability.hold_ack(agent, ack, self.config.max_queued):  # waits for the fsync, even
+            self.acks_dropped += 1  # a "duplicate"; dropped: the agent's outbox re-sends, the dedup window answers
 
     def _queue_ack(self, agent: str, ack: Ack) -> None:
         try:
@@ -563,25 +519,6 @@ class Aggregator:
             for r in results:
                 if isinstance(r, BaseException) and not isinstance(r, TransportError):
                     raise r
-
-    async def _committer(self) -> None:
-        """Group commit: one fsync covers every record written since the last; then release acks/versions."""
-        j = self._journal
-        assert j is not None
-        while True:
-            await self._commit_wanted.wait()
-            self._commit_wanted.clear()
-            if j.synced_seq < j.written_seq:
-                await asyncio.to_thread(j.sync)  # the loop keeps handling updates meanwhile
-            self._release(j.synced_seq)
-
-    async def _snapshotter(self) -> None:
-        cfg = self.config
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._snapshot_due.wait(), cfg.snapshot_interval)
-            self._snapshot_due.clear()
-            await self.snapshot()
 
     async def _evaluator(self) -> None:
         assert self._evaluate is not None
