@@ -113,13 +113,15 @@ def test_bad_settings_refused() -> None:
     with pytest.raises(ValueError, match="trim"):
         robust_fedbuff(4, "trimmed", trim=0.5)
     with pytest.raises(ValueError, match="Krum"):
-        robust_fedbuff(4, "krum", trim=0.5)
+        robust_fedbuff(10, "krum", trim=0.4)
+    with pytest.raises(ValueError, match="spread"):
+        robust_fedbuff(10, "outlier", spread=0.5)
 
 
 @pytest.mark.parametrize("name", ["fedbuff-median", "fedbuff-trimmed", "fedbuff-norm", "fedbuff-krum",
                                   "fedbuff-outlier"])
 def test_registered(name: str) -> None:
     assert name in NAMES
-    s = make(name, buffer_size=4, trim=0.25)
+    s = make(name, buffer_size=5, trim=0.2)
     assert s.name == name
     assert s.wants == "delta"

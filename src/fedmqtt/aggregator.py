@@ -35,7 +35,7 @@ import numpy as np
 
 from fedmqtt import codec, journal
 from fedmqtt.durability import Durability
-from fedmqtt.errors import InvalidUpdate, Reason, StateError, TransportError
+from fedmqtt.errors import ConfigError, InvalidUpdate, Reason, StateError, TransportError
 from fedmqtt.gate import StepGate
 from fedmqtt.lifecycle import cancel_all
 from fedmqtt.schemas import Ack, Metrics, Status, dump
@@ -74,6 +74,9 @@ class AggregatorConfig:
     privacy: Callable[[Any], Mapping[str, Any]] | None = None  # strategy state -> extra metrics (DP ε)
     one_update_per_step: bool = False  # hold an agent's second update until the next step (central DP; gate.py)
     max_held: int = 1024  # updates held by one_update_per_step; more are dropped unacknowledged (re-sent)
+    max_held_per_agent: int = 8  # ... from one agent (the agent's default outbox size)
+    max_held_bytes: int = 256 << 20  # ... in payload bytes
+    step_deadline: float | None = 30.0  # with held updates, close a partial step after this many seconds
 
 
 class Aggregator:
@@ -105,7 +108,11 @@ class Aggregator:
         # (FedBuff) keeps just the current one, so a weights-encoded update to it must be based on it.
         self._history_len = self.max_staleness + 1 if strategy.wants == "weights" else 1
         self.applied = DedupWindow(cfg.dedup_capacity)
-        self.gate = StepGate(cfg.max_held) if cfg.one_update_per_step else None
+        if cfg.one_update_per_step and self.sync:
+            raise ConfigError("one_update_per_step is for asynchronous strategies; a sync round takes one "
+                              "update per agent already")
+        self.gate = (StepGate(cfg.max_held, cfg.max_held_per_agent, cfg.max_held_bytes)
+                     if cfg.one_update_per_step else None)
         self._gate_opened = False  # a step was taken: held updates may go in
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
@@ -131,18 +138,21 @@ class Aggregator:
         self._committed: tuple[int, dict[str, Any]] = (self.version, self.params)
 
     # ---- the synchronous core -------------------------------------------------------------------
-    def handle(self, topic_agent: str, payload: bytes) -> Ack | None:
+    def handle(self, topic_agent: str, payload: bytes, arrived: int | None = None) -> Ack | None:
         """Validate and apply one update; returns the acknowledgement for its sender, or None when the update
-        is held for the next step (``one_update_per_step``; acknowledged when applied). Never raises for bad
-        input: every rejection is counted by reason."""
+        is held for the next step (``one_update_per_step``; acknowledged when applied). ``arrived`` is the
+        version at which a held update arrived: its staleness bound is judged as of then. Never raises for
+        bad input: every rejection is counted by reason."""
         update_id: str | None = None
+        waited = self.version - arrived if arrived is not None else 0
         try:
             checked = check_update(payload, topic_agent, reference=self.reference, version=self.version,
-                                   max_staleness=self.max_staleness, applied=self.applied,
+                                   max_staleness=self.max_staleness + waited, applied=self.applied,
                                    max_payload=self.config.max_payload)
             update_id = checked.info.update_id
             if self.gate is not None and not self.gate.admits(topic_agent):
-                self.gate.hold(dedup_key(topic_agent, update_id), topic_agent, payload)
+                self.gate.hold(dedup_key(topic_agent, update_id), topic_agent, payload,
+                               self.version if arrived is None else arrived)
                 return None
             update = self._client_update(checked, self.config.max_update_norm)
             params, state, stepped = self.strategy.apply(self.params, update, self.state)
@@ -343,7 +353,7 @@ class Aggregator:
             staleness_max=max(self.staleness) if n else None, staleness_hist=hist,
             agents_online=len(self.online), updates_per_s=(len(recent) - 1) / span if span > 0 else 0.0,
             ts=time.time(), dropped=self.acks_dropped + self._dropped_before
-            + (self._transport.dropped if self._transport else 0) + (self.gate.dropped if self.gate else 0),
+            + (self._transport.dropped if self._transport else 0) + (self.gate.dropped if self.gate is not None else 0),
             held=len(self.gate) if self.gate is not None else 0,
             **(self.config.privacy(self.state) if self.config.privacy else {}),
         )
@@ -361,6 +371,8 @@ class Aggregator:
             loops["evaluator"] = self._evaluator()
         if self.sync:
             loops["rounds"] = self._rounds()
+        if self.gate is not None and self.config.step_deadline is not None:
+            loops["step deadline"] = self._step_deadline(self.config.step_deadline)
         self._running = [self._tasks.create_task(coro, name=name) for name, coro in loops.items()]
         return self
 
@@ -435,11 +447,7 @@ class Aggregator:
                 self._dirty.set()
                 return
             self._respond(agent, self.handle(agent, msg.payload))
-            while self._gate_opened:  # a step was taken: held updates go in first, one per agent
-                self._gate_opened = False
-                assert self.gate is not None
-                for _, held_agent, payload in self.gate.ready():
-                    self._respond(held_agent, self.handle(held_agent, payload))
+            self._release_held()
             return
         agent = self.topics.agent_of_status(msg.topic)
         if agent is not None:
@@ -451,6 +459,14 @@ class Aggregator:
                 self.online.discard(agent)
             elif len(self.online) < self.config.max_online:
                 self.online.add(agent)
+
+    def _release_held(self) -> None:
+        """After a step, held updates go in first, one per agent per step, oldest first."""
+        while self._gate_opened:
+            self._gate_opened = False
+            assert self.gate is not None
+            for held in self.gate.ready():
+                self._respond(held.agent, self.handle(held.agent, held.payload, arrived=held.version))
 
     def _respond(self, agent: str, ack: Ack | None) -> None:
         self._dirty.set()
@@ -529,6 +545,16 @@ class Aggregator:
                 self.evaluated_version = version
                 self._dirty.set()
             await asyncio.sleep(self.config.eval_interval)
+
+    async def _step_deadline(self, seconds: float) -> None:
+        """With ``one_update_per_step``, fewer than K active agents could never fill a step: when updates
+        are held and no step was taken for ``seconds``, take a partial one (the strategy's ``flush``)."""
+        while True:
+            await asyncio.sleep(min(1.0, seconds / 4))
+            assert self.gate is not None
+            if len(self.gate) and time.monotonic() - self._round_started > seconds and self.close_round():
+                log.info("took a partial step after %.0f s (updates held, too few agents)", seconds)
+                self._release_held()
 
     async def _rounds(self) -> None:
         while True:

@@ -6,6 +6,10 @@
 Central differential privacy (``dp_clip=C``, ``dp_noise=sigma``; see fedmqtt.privacy): each Δᵢ is clipped to
 ‖Δᵢ‖ ≤ C and N(0, (sigmaC)²) noise is added to the buffered sum before dividing by K; the PRNG key and the
 count of noisy steps live in the state, so the strategy stays pure.
+
+``flush`` takes a step with a partly filled buffer (the mean over the n < K deltas held); the aggregator
+calls it when a step is overdue (``AggregatorConfig.step_deadline``). With central DP each device still adds
+at most one clipped delta and the noise on the sum is the same, so a partial step costs no extra privacy.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import optax
 from jax import Array
 
 from fedmqtt.privacy import clip_by_l2, gaussian_noise
-from fedmqtt.strategies.base import ClientUpdate, Params, Strategy, no_flush
+from fedmqtt.strategies.base import ClientUpdate, Params, Strategy
 from fedmqtt.strategies.staleness import StalenessFn, polynomial
 
 
@@ -98,4 +102,9 @@ def fedbuff(
         return params, state._replace(buffer=zeros, weight_sum=jnp.zeros_like(state.weight_sum),
                                       n=jnp.zeros_like(state.n), opt_state=opt_state)
 
-    return Strategy(name, "delta", "async", init, jax.jit(apply), no_flush)
+    def flush(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
+        stepped = state.n > 0
+        params, state = jax.lax.cond(stepped, _step, lambda p, s: (p, s), params, state)
+        return params, state, stepped
+
+    return Strategy(name, "delta", "async", init, jax.jit(apply), jax.jit(flush))

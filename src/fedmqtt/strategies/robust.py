@@ -1,22 +1,24 @@
 """Robust FedBuff: keep the K buffered deltas themselves and combine them with a rule that a few poisoned
 updates cannot drag far, then take the usual server optimizer step.
 
-    Δᵢ ← w(sᵢ)·Δᵢ                                       (staleness weighting, as in FedBuff)
-    mean:      Δ̄ = Σ Δᵢ / K                             (no defence; equals FedBuff)
-    norm:      Δ̄ = Σ clip(Δᵢ, B) / K                    (norm bounding; B fixed, or the buffer's median ‖Δᵢ‖)
-    median:    Δ̄ⱼ = median_i Δᵢⱼ                        (coordinate-wise median, Yin et al. 2018)
-    trimmed:   Δ̄ⱼ = mean of Δᵢⱼ without the ⌊βK⌋ lowest and highest  (coordinate-wise trimmed mean)
-    krum:      Δ̄ = mean of the K - f deltas with the lowest Krum scores, f = ⌊βK⌋   (Multi-Krum,
-               Blanchard et al. 2017; score = Σ ‖Δᵢ - Δⱼ‖² over i's K - f - 2 nearest neighbours)
-    cosine:    m = coordinate-wise median; keep the Δᵢ with cos(Δᵢ, m) > 0, clip each to the median norm of
-               those kept, and average them (direction filter plus norm bound)
+    wᵢ = w(sᵢ)                                          (staleness weight, as in FedBuff)
+    mean:      Δ̄ = Σ wᵢΔᵢ / K                           (no defence; equals FedBuff)
+    norm:      Δ̄ = Σ clip(wᵢΔᵢ, B) / K                  (norm bounding; B fixed, or the buffer's median norm)
+    median:    Δ̄ⱼ = median_i wᵢΔᵢⱼ                      (coordinate-wise median, Yin et al. 2018)
+    trimmed:   Δ̄ⱼ = mean of wᵢΔᵢⱼ without the ⌊βK⌋ lowest and highest  (coordinate-wise trimmed mean)
+    krum:      S = the K - f deltas with the lowest Krum scores, f = ⌊βK⌋, score = Σ ‖Δᵢ - Δⱼ‖² over i's
+               K - f - 2 nearest neighbours (Multi-Krum, Blanchard et al. 2017);  Δ̄ = Σ_S wᵢΔᵢ / |S|
+    outlier:   m = coordinate-wise median of the Δᵢ, d̃ = median ‖Δᵢ - m‖;
+               S = {i : ‖Δᵢ - m‖ <= spread·d̃};  Δ̄ = Σ_S wᵢΔᵢ / |S|
     θ ← θ + optax_step(g = -Δ̄)
 
-Each rule tolerates a minority of attackers per buffer: the median up to half, the trimmed mean up to β·K,
-norm bounding only limits how much each can pull; Multi-Krum drops f; the cosine filter drops any number
-short of half that point against the median, and bounds the norm of the rest. Median-based rules pay a
-bias on non-IID data (the median of skewed honest deltas is not their mean); Multi-Krum and the cosine filter
-average honest deltas, so they keep FedBuff's accuracy. Memory is K copies of the model.
+Multi-Krum and the outlier filter choose on the deltas as sent (before weighting, which would shrink a
+stale attacker into the honest range) and average the chosen ones with their weights. Each rule tolerates a
+minority of attackers per buffer: the median and the outlier filter up to half, the trimmed mean β·K,
+Multi-Krum f (K >= 2f + 3); norm bounding only limits how much each can pull. The median and Multi-Krum pay
+a bias on non-IID data (they prefer the typical honest deltas and lose the unusual ones); the outlier filter
+drops only what stands out, so it keeps nearly all of FedBuff's accuracy (docs/benchmarks.md). Memory is
+K copies of the model.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def combine(deltas: Params, rule: Rule, trim: float = 0.2, max_norm: float | Non
     w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     if rule == "outlier":
         return _outlier_filter(deltas, w, spread)
+    if rule == "krum":
+        return _multi_krum(deltas, w, int(trim * k))
     deltas = jax.tree.map(lambda d: d * w.reshape((-1,) + (1,) * (d.ndim - 1)), deltas)
     if rule == "mean":
         return jax.tree.map(lambda d: jnp.mean(d, axis=0), deltas)
@@ -78,15 +82,13 @@ def combine(deltas: Params, rule: Rule, trim: float = 0.2, max_norm: float | Non
         scale = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-12))
         return jax.tree.map(lambda d: jnp.mean(d * scale.reshape((-1,) + (1,) * (d.ndim - 1)), axis=0),
                             deltas)
-    if rule == "krum":
-        return _multi_krum(deltas, int(trim * k))
     raise ValueError(f"unknown robust rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
-def _mean_of(deltas: Params, chosen: Array) -> Params:
-    """The mean of the deltas whose mask entry (shape (K,), at least one set) is set."""
-    w = chosen.astype(jnp.float32)
-    return jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1) / jnp.sum(w), deltas)
+def _mean_of(deltas: Params, weights: Array, chosen: Array) -> Params:
+    """Σ wᵢΔᵢ / |chosen| over the chosen slots (a boolean mask of shape (K,))."""
+    w = jnp.where(chosen, weights, 0.0)
+    return jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1) / jnp.maximum(jnp.sum(chosen), 1), deltas)
 
 
 def _gram(a: Params, b: Params) -> Array:
@@ -96,25 +98,25 @@ def _gram(a: Params, b: Params) -> Array:
                start=jnp.zeros(()))
 
 
-def _multi_krum(deltas: Params, f: int) -> Params:
+def _multi_krum(deltas: Params, weights: Array, f: int) -> Params:
     k = jax.tree.leaves(deltas)[0].shape[0]
-    if k - f - 2 < 1:
-        raise ValueError(f"Multi-Krum needs K >= f + 3 (K = {k}, f = {f})")
-    g = _gram(deltas, deltas)
+    if k < 2 * f + 3:
+        raise ValueError(f"Multi-Krum needs K >= 2f + 3 (K = {k}, f = {f})")
+    # centred first: pairwise distances are unchanged, and ‖a‖² + ‖b‖² - 2⟨a, b⟩ loses less to rounding
+    centred = jax.tree.map(lambda d: d - jnp.mean(d, axis=0, keepdims=True), deltas)
+    g = _gram(centred, centred)
     sq = jnp.diag(g)
     dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * g, 0.0) + jnp.diag(jnp.full((k,), jnp.inf))
     scores = jnp.sum(jnp.sort(dist, axis=1)[:, : k - f - 2], axis=1)
-    chosen = jnp.argsort(scores)[: k - f]
-    return _mean_of(deltas, jnp.zeros((k,), bool).at[chosen].set(True))
+    chosen = jnp.zeros((k,), bool).at[jnp.argsort(scores)[: k - f]].set(True)
+    return _mean_of(deltas, weights, chosen)
 
 
 def _outlier_filter(deltas: Params, weights: Array, spread: float) -> Params:
     center = jax.tree.map(lambda d: jnp.median(d, axis=0)[None], deltas)
-    norms = jax.vmap(l2_norm)(deltas)
-    dist = jnp.sqrt(jnp.maximum(norms**2 - 2 * _gram(deltas, center)[:, 0] + l2_norm(center) ** 2, 0.0))
-    keep = dist <= spread * jnp.median(dist)  # the median-distance delta itself always stays
-    w = jnp.where(keep, weights, 0.0)
-    return jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1) / jnp.sum(keep), deltas)
+    dist = jax.vmap(l2_norm)(jax.tree.map(jnp.subtract, deltas, center))  # ‖Δᵢ - m‖, computed directly
+    keep = dist <= spread * jnp.median(dist)  # spread >= 1: the median-distance delta itself always stays
+    return _mean_of(deltas, weights, keep)
 
 
 def robust_fedbuff(
@@ -127,10 +129,11 @@ def robust_fedbuff(
     name: str | None = None,
     spread: float = 3.0,
 ) -> Strategy:
-    """FedBuff over a buffer of K deltas combined by ``rule`` (mean, norm, median, trimmed).
+    """FedBuff over a buffer of K deltas combined by ``rule`` (mean, norm, median, trimmed, krum, outlier).
 
-    ``trim`` is β of the trimmed mean (fraction cut at each end); ``max_norm`` is the norm bound B (None: the
-    buffer's median norm, which adapts to the model and the learning rate).
+    ``trim`` is β of the trimmed mean (fraction cut at each end) and of Multi-Krum (f = ⌊βK⌋); ``max_norm``
+    is the norm bound B (None: the buffer's median norm, which adapts to the model and the learning rate);
+    ``spread`` (>= 1) is the outlier filter's cut, in median distances from the coordinate-wise median.
     """
     if buffer_size < 1:
         raise ValueError("FedBuff buffer size K must be >= 1")
@@ -138,8 +141,10 @@ def robust_fedbuff(
         raise ValueError(f"unknown robust rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "trimmed" and not 0 <= 2 * int(trim * buffer_size) < buffer_size:
         raise ValueError(f"trim {trim} leaves nothing of a buffer of {buffer_size}")
-    if rule == "krum" and buffer_size - int(trim * buffer_size) - 2 < 1:
-        raise ValueError(f"Multi-Krum needs K >= f + 3 (K = {buffer_size}, f = {int(trim * buffer_size)})")
+    if rule == "krum" and buffer_size < 2 * int(trim * buffer_size) + 3:
+        raise ValueError(f"Multi-Krum needs K >= 2f + 3 (K = {buffer_size}, f = {int(trim * buffer_size)})")
+    if rule == "outlier" and not spread >= 1.0:
+        raise ValueError(f"the outlier filter's spread must be >= 1 (got {spread}): below 1 it can keep nothing")
     opt = optimizer or optax.sgd(1.0)
     w = weighting or polynomial(0.5)
 
