@@ -53,11 +53,23 @@ def test_add_and_revoke_touch_only_that_device(tmp_path: Path) -> None:
         revoke_agent(d, "aggregator")
 
 
-def test_revoking_needs_the_ca_key(tmp_path: Path) -> None:
+def test_revoking_needs_the_ca_key_and_changes_nothing_without_it(tmp_path: Path) -> None:
     p = init_broker(tmp_path / "s", ["a1"], port=18883, client_certs=True)
-    (p.directory / "ca.key").rename(tmp_path / "offline-ca.key")
+    d = p.directory
+    before = {name: (d / name).read_bytes() for name in ("passwd", "acl", "crl.pem", "clients/a1.crt")}
+    (d / "ca.key").rename(tmp_path / "offline-ca.key")
     with pytest.raises(ConfigError, match="CA key"):
-        revoke_agent(p.directory, "a1")
+        revoke_agent(d, "a1")
+    assert {name: (d / name).read_bytes() for name in before} == before  # not half revoked
+
+
+@pytest.mark.parametrize("bad", ["x:1", "a b", "a\nuser aggregator", "é"])
+def test_usernames_that_would_corrupt_passwd_or_acl_are_refused(tmp_path: Path, bad: str) -> None:
+    p = init_broker(tmp_path / "s", ["a1"], port=18883)
+    with pytest.raises(ConfigError, match="must be"):
+        add_agent(p.directory, bad)
+    with pytest.raises(ConfigError, match="must be"):
+        init_broker(tmp_path / "t", [bad])
 
 
 # ---- against Mosquitto --------------------------------------------------------------------------------
@@ -136,3 +148,4 @@ async def test_revoked_certificate_is_refused_with_a_valid_password(broker: Secu
     assert await until(lambda: _not(cfg))
     assert not await can_connect(replace(cfg, cert_file=None, key_file=None), "nocert-a1")
     assert await can_connect(identity(broker, "a2"), "cert-a2")  # other certificates still work
+    assert not await can_connect(cfg, "cert-a1-again")  # still refused once the reload is surely over

@@ -31,10 +31,10 @@ from fedmqtt.security import (
     _key_pem,
     _write_private,
     agent_acl,
+    check_username,
     load_env_file,
     mosquitto_password_hash,
 )
-from fedmqtt.topics import check_segment
 
 CRL_FILE = "crl.pem"
 
@@ -61,7 +61,7 @@ def uses_client_certs(directory: Path) -> bool:
 def add_agent(directory: Path, agent: str) -> Identity:
     """Give a new device a password, ACL block, env file (and client certificate if the profile uses them)."""
     d = Path(directory).resolve()
-    agent = check_segment(agent, "agent id")
+    agent = check_username(agent, "agent id")
     if agent in users(d):
         raise ConfigError(f"{agent!r} is already in {d / 'passwd'}; revoke it first to re-issue credentials")
     cert = key = None
@@ -90,20 +90,20 @@ def add_agent(directory: Path, agent: str) -> Identity:
 def revoke_agent(directory: Path, agent: str) -> Revoked:
     """Remove a device's password and ACL block, revoke its client certificate, delete its files."""
     d = Path(directory).resolve()
-    agent = check_segment(agent, "agent id")
+    agent = check_username(agent, "agent id")
     if agent == AGGREGATOR:
         raise ConfigError("refusing to revoke the aggregator's identity; re-run broker init to rotate it")
+    serial = None
+    cert = d / "clients" / f"{agent}.crt"
+    if cert.exists():  # first, as it needs the CA key: without it, nothing is changed
+        serial = revoke_certificate(d, cert)
+        cert.unlink()
+        (d / "clients" / f"{agent}.key").unlink(missing_ok=True)
     lines = _read(d / "passwd").splitlines()
     kept = [ln for ln in lines if ln.split(":", 1)[0] != agent]
     _write_private(d / "passwd", "".join(f"{ln}\n" for ln in kept))
     acl, removed_acl = _without_block(_read(d / "acl"), agent)
     (d / "acl").write_text(acl)
-    serial = None
-    cert = d / "clients" / f"{agent}.crt"
-    if cert.exists():
-        serial = revoke_certificate(d, cert)
-        cert.unlink()
-        (d / "clients" / f"{agent}.key").unlink(missing_ok=True)
     (d / "env" / f"{agent}.env").unlink(missing_ok=True)
     if len(kept) == len(lines) and not removed_acl and serial is None:
         raise ConfigError(f"{agent!r} is not in the profile in {d}")

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,16 @@ WATCHER = "watcher"
 DOCKER_DIR = Path("/mosquitto/secure")
 #: PBKDF2 rounds in the password file; Mosquitto reads the count from each line ($7$<rounds>$...).
 PBKDF2_ROUNDS = 20_000
+_USERNAME = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
+
+
+def check_username(value: str, what: str = "username") -> str:
+    """A broker username (agent ids are usernames in the secure profile): the protocol's id characters
+    without ``:``, which separates the name from the hash in Mosquitto's password file."""
+    if not _USERNAME.match(value):
+        raise ConfigError(f"{what} {value!r} must be 1-128 of A-Z a-z 0-9 . _ @ - (it names a topic level, a "
+                          "password-file entry and an ACL user)")
+    return check_segment(value, what)
 
 
 def pseudonym(device_id: str, secret: bytes | str, length: int = 16, prefix: str = "a-") -> str:
@@ -52,7 +63,7 @@ def pseudonym(device_id: str, secret: bytes | str, length: int = 16, prefix: str
     if len(key) < 16:
         raise ValueError("the pseudonym secret must be at least 16 bytes; use secrets.token_bytes(32)")
     digest = hmac.new(key, device_id.encode(), hashlib.sha256).hexdigest()
-    return check_segment(prefix + digest[:length], "agent id")
+    return check_username(prefix + digest[:length], "agent id")
 
 
 def mosquitto_password_hash(password: str, rounds: int = PBKDF2_ROUNDS, salt: bytes | None = None) -> str:
@@ -74,13 +85,13 @@ def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR
         f"# Federation {b}.",
         "",
         "# The aggregator: reads updates and presence, writes the retained model, metrics and acks.",
-        f"user {check_segment(aggregator, 'aggregator username')}",
+        f"user {check_username(aggregator, 'aggregator username')}",
         f"topic readwrite {b}/#",
         "",
     ]
     for w in watchers:
         lines += ["# A read-only observer (`fedmqtt watch`): metrics and presence only.",
-                  f"user {check_segment(w, 'watcher username')}", f"topic read {b}/metrics",
+                  f"user {check_username(w, 'watcher username')}", f"topic read {b}/metrics",
                   f"topic read {b}/agents/+/status", ""]
     for a in agents:
         lines += [*agent_acl(b, a), ""]
@@ -89,7 +100,7 @@ def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR
 
 def agent_acl(base: str, agent: str) -> list[str]:
     """One agent's ACL block: write its own update and status topics, read the model and its own acks."""
-    a = check_segment(agent, "agent id")
+    a = check_username(agent, "agent id")
     return [f"user {a}", f"topic write {base}/updates/{a}", f"topic write {base}/agents/{a}/status",
             f"topic read {base}/agents/{a}/acks", f"topic read {base}/model"]
 
@@ -234,8 +245,8 @@ def init_broker(
         raise ConfigError("broker init needs the 'cryptography' package: "
                           "pip install 'fedmqtt[security]'") from exc
     topics = topics or Topics()
-    names = [check_segment(a.strip(), "agent id") for a in agents if a.strip()]
-    users = [aggregator, *([watcher] if watcher else []), *names]
+    names = [check_username(a.strip(), "agent id") for a in agents if a.strip()]
+    users = [check_username(u) for u in (aggregator, *([watcher] if watcher else []), *names)]
     if len(set(users)) != len(users):
         raise ConfigError(f"usernames must be unique (aggregator {aggregator!r}, watcher {watcher!r}, "
                           "agents)")
