@@ -142,9 +142,9 @@ def main() -> None:
                         server_lr=lr, attackers=attackers, attack=attack, base_seconds=args.base_seconds,
                         sigma=args.sigma)))
             accs = [r["accuracy"] for r in runs]
-            share = statistics.median(r["attacker_share"] for r in runs)
+            share = f"{statistics.median(r['attacker_share'] for r in runs):.2f}" if attacked else "—"
             print(f"| {label} | {statistics.median(accs):.4f} | {', '.join(f'{a:.3f}' for a in accs)} | "
-                  f"{share:.2f} |", flush=True)
+                  f"{share} |", flush=True)
             results.append({"task": task.name, "row": label, "strategy": strategy, "options": options,
                             "attacked": attacked, "runs": runs, "seconds": round(time.monotonic() - started, 1)})
             path.write_text(json.dumps({"argv": sys.argv, "engine": args.engine, "server_lr": lr,
