@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -63,10 +64,8 @@ def publisher(port: int, topic: str, agent: str, acks_topic: str | None, n_param
     c = _client(agent)
     if acks_topic:
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
-            try:
+            with contextlib.suppress(ValueError, KeyError):
                 base[0] = max(base[0], int(json.loads(msg.payload)["version"]))
-            except (ValueError, KeyError):
-                pass
         c.on_message = on_message
     c.max_inflight_messages_set(window)
     c.connect("127.0.0.1", port, keepalive=60)

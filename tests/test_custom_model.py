@@ -10,8 +10,18 @@ import optax
 import pytest
 from flax import nnx
 
-from fedmqtt import AgentConfig, Aggregator, AggregatorConfig, ArrayData, EdgeAgent, Topics, Trainer, fedasync
-from fedmqtt import model_params, mqtt_connector
+from fedmqtt import (
+    AgentConfig,
+    Aggregator,
+    AggregatorConfig,
+    ArrayData,
+    EdgeAgent,
+    Topics,
+    Trainer,
+    fedasync,
+    model_params,
+    mqtt_connector,
+)
 from fedmqtt.transport import BrokerConfig
 
 pytestmark = pytest.mark.broker

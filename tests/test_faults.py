@@ -118,7 +118,7 @@ async def test_kills_and_broker_restarts_lose_nothing(mosquitto: MosquittoProces
         for i in range(AGENTS):
             agents.append(make_agent(i))
             await agents[-1].__aenter__()
-        while len(acks) < 10:  # let the federation get going  # noqa: ASYNC110
+        while len(acks) < 10:  # let the federation get going
             await asyncio.sleep(0.1)
         for event in events:
             await asyncio.sleep(rng.uniform(0.5, 3.0))
@@ -150,7 +150,7 @@ async def test_kills_and_broker_restarts_lose_nothing(mosquitto: MosquittoProces
                 log.append(f"agent edge-0 restarted with {pending} unacknowledged update(s) from disk")
         # Quiet time: outboxes drain (re-sends after the timeout) against the last incarnation.
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (  # noqa: ASYNC110
+        while time.monotonic() < deadline and (
                 sum(len(a.outbox) for a in agents) > AGENTS or len(acks) < 150):
             await asyncio.sleep(0.2)
         pending = sum(len(a.outbox) for a in agents)

@@ -57,7 +57,7 @@ async def test_unacknowledged_updates_survive_an_agent_restart(tmp_path: Path) -
     broker.retained[cfg.topics.model] = codec.encode_model(trainer.initial, version=0)
     async with EdgeAgent(broker.connect, "edge-0", trainer, task.data_for(0), cfg) as agent:
         deadline = time.monotonic() + 30
-        while len(agent.outbox) < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while len(agent.outbox) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         sent = set(agent.outbox)
     assert len(sent) == 3
