@@ -4,29 +4,78 @@ buffered sum; sigma is the smallest noise multiplier whose ε after the run's se
     python benchmarks/privacy.py                          # digits and HAPT; ε = 1, 4, 8, clip only, no DP
     python benchmarks/privacy.py --tasks digits --seeds 1
     python benchmarks/privacy.py --tasks digits --agents 300 --buffer 100 --updates digits=3000
+    python benchmarks/privacy.py --engine mqtt             # through Mosquitto, ε read from the metrics
 
-Runs the event-driven asynchronous simulation in ``_async_sim.py`` (no MQTT), 30 agents by default, and holds
-a second update from the same agent until the buffer has been emptied, so that each agent contributes at
-most one delta per noisy step (the sensitivity the accountant assumes). ε is from dp-accounting's RDP
-accountant over the steps actually taken, with no amplification by sampling (see fedmqtt.privacy).
+``sim`` (default) runs the event-driven asynchronous simulation in ``_async_sim.py`` (no MQTT), 30 agents by
+default, and holds a second update from the same agent until the buffer has been emptied, so that each
+agent contributes at most one delta per noisy step (the sensitivity the accountant assumes). ``mqtt`` runs
+a Mosquitto of its own, the real ``Aggregator`` (``one_update_per_step``, ``central_accountant``) and a
+``Fleet`` of 30 agents until the planned number of noisy steps is taken, then reads ε from the aggregator's
+retained metrics. ε is from dp-accounting's RDP accountant over the steps actually taken, with no
+amplification by sampling (see fedmqtt.privacy).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import math
 import statistics
 import sys
 import time
+from dataclasses import replace
+from typing import Any
 
 from _async_sim import simulate
 
-from fedmqtt.privacy import DELTA, epsilon, noise_for_epsilon
+from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.broker import local_broker
+from fedmqtt.fleet import Fleet, FleetConfig
+from fedmqtt.privacy import DELTA, central_accountant, epsilon, noise_for_epsilon
+from fedmqtt.strategies.base import Strategy
 from fedmqtt.strategies.registry import make
-from fedmqtt.tasks import get_task
+from fedmqtt.tasks import Task, get_task
+from fedmqtt.topics import Topics
+from fedmqtt.transport import ConnectOptions, mqtt_connector
 
 CLIP = {"digits": 1.0, "hapt6": 0.5}  # about the median honest delta norm of each task (printed below)
+
+
+async def run_mqtt(task: Task, strategy: Strategy, sigma: float | None, *, steps: int, seed: int,
+                   base_seconds: float, stall: float = 20.0) -> dict[str, Any]:
+    """Run the real aggregator and fleet until ``steps`` versions; ε comes from the retained metrics."""
+    topics = Topics(federation=f"privacy-{seed}-{sigma}")
+    fleet_cfg = FleetConfig(agents=task.num_clients, base_seconds=base_seconds, sigma=1.0, seed=seed)
+    fleet_cfg = replace(fleet_cfg, agent=replace(fleet_cfg.agent, topics=topics))
+    evaluator = task.trainer(seed)
+    cfg = AggregatorConfig(topics=topics, max_staleness=500, one_update_per_step=sigma is not None,
+                           privacy=central_accountant(sigma) if sigma is not None else None)
+    async with local_broker("mosquitto") as broker:
+        connect = mqtt_connector(broker.config)
+        async with Aggregator(connect, evaluator.initial, strategy, cfg) as agg:
+            await agg.wait_connected()
+            fleet = Fleet(connect, task, fleet_cfg)
+            fleet.warm_up()
+            started = last_step = time.monotonic()
+            seen = agg.version
+            async with fleet:  # until the planned steps, or no step for `stall` seconds (a ruined model's
+                while agg.version < steps and time.monotonic() - last_step < stall:  # deltas are rejected)
+                    await asyncio.sleep(0.02)
+                    if agg.version != seen:
+                        seen, last_step = agg.version, time.monotonic()
+            accuracy = float(task.evaluate_fn(evaluator)(agg.numpy_params())["accuracy"])
+            held = agg.metrics().held
+        async with connect(ConnectOptions(f"privacy-reader-{seed}")) as reader:  # what anyone reads
+            await reader.subscribe(topics.metrics)
+            async for m in reader.messages():
+                metrics = json.loads(m.payload)
+                break
+    return {"accuracy": accuracy, "steps": metrics["version"], "epsilon": metrics.get("dp_epsilon", math.inf),
+            "dp_steps": metrics.get("dp_steps"), "accepted": metrics["accepted"], "held_at_end": held,
+            "rejected_by_reason": metrics["rejected_by_reason"],
+            "seconds": round(time.monotonic() - started, 1)}
 
 
 def main() -> None:
@@ -37,7 +86,11 @@ def main() -> None:
     ap.add_argument("--epsilons", default="inf,clip,8,4,1", help="targets; inf = no DP, clip = clip only")
     ap.add_argument("--updates", default="digits=600,hapt=800", help="arrivals per run, per task")
     ap.add_argument("--agents", type=int, default=30, help="digits: agents (IID shards); HAPT has 30")
+    ap.add_argument("--engine", choices=("sim", "mqtt"), default="sim")
+    ap.add_argument("--base-seconds", default="digits=0.2,hapt=0.5", help="mqtt: median seconds per local round")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    base_seconds = dict(kv.split("=") for kv in args.base_seconds.split(","))
     budget = dict(kv.split("=") for kv in args.updates.split(","))
     print(f"# {' '.join(sys.argv)}")
     for name in args.tasks.split(","):
@@ -62,6 +115,15 @@ def main() -> None:
             started = time.monotonic()
             for seed in range(args.seeds):
                 strategy = make("fedbuff", buffer_size=args.buffer, seed=seed, **kw)  # type: ignore[arg-type]
+                if args.engine == "mqtt":
+                    r2 = asyncio.run(run_mqtt(task, strategy, sigma if target != "inf" else None,
+                                              steps=planned_steps, seed=seed,
+                                              base_seconds=float(base_seconds[name])))
+                    accs.append(r2["accuracy"])
+                    steps.append(r2["steps"])
+                    eps.append(r2["epsilon"] if target not in ("inf", "clip") else math.inf)
+                    print(json.dumps({"seed": seed, **r2}), file=sys.stderr, flush=True)
+                    continue
                 r = simulate(task, strategy, updates=updates, seed=seed,
                              one_per_buffer=args.buffer if kw else None)
                 accs.append(r.accuracy)
