@@ -149,3 +149,19 @@ async def test_revoked_certificate_is_refused_with_a_valid_password(broker: Secu
     assert not await can_connect(replace(cfg, cert_file=None, key_file=None), "nocert-a1")
     assert await can_connect(identity(broker, "a2"), "cert-a2")  # other certificates still work
     assert not await can_connect(cfg, "cert-a1-again")  # still refused once the reload is surely over
+
+
+def test_cli_adds_and_revokes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedmqtt.cli import app
+
+    d = init_broker(tmp_path / "s", ["a1"], port=18883).directory
+    runner = CliRunner()
+    added = runner.invoke(app, ["broker", "add-agent", "--dir", str(d), "a2", "a3"])
+    assert added.exit_code == 0, added.output
+    assert users(d) == ["aggregator", "watcher", "a1", "a2", "a3"]
+    revoked = runner.invoke(app, ["broker", "revoke", "--dir", str(d), "a2"])
+    assert revoked.exit_code == 0, revoked.output
+    again = runner.invoke(app, ["broker", "revoke", "--dir", str(d), "a2"])
+    assert again.exit_code == 1 and users(d) == ["aggregator", "watcher", "a1", "a3"]

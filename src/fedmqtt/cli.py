@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any
 
@@ -262,49 +263,51 @@ def broker_init(
 
 
 RELOAD_HINT = "then make Mosquitto re-read it: kill -HUP <pid> (Docker: docker compose kill -s HUP mosquitto)"
+ProfileDir = Annotated[str, typer.Option("--dir", help="the profile directory made by broker init")]
+
+
+def _each_agent(agents: list[str], action: Callable[[str], str]) -> None:
+    """Run ``action`` for each agent id, print what it did; stop at the first error."""
+    for agent in agents:
+        try:
+            err.print(action(agent))
+        except (FedMQTTError, ValueError) as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+    err.print(RELOAD_HINT)
 
 
 @broker_app.command("add-agent")
-def broker_add_agent(
-    directory: Annotated[str, typer.Option("--dir", help="the profile directory made by broker init")],
-    agents: Annotated[list[str], typer.Argument(help="agent ids to add")],
-) -> None:
+def broker_add_agent(directory: ProfileDir,
+                     agents: Annotated[list[str], typer.Argument(help="agent ids to add")]) -> None:
     """Add devices to a secure profile: password, ACL block, env file (and client certificate)."""
     from pathlib import Path
 
     from fedmqtt.membership import add_agent
 
-    for agent in agents:
-        try:
-            ident = add_agent(Path(directory), agent)
-        except (FedMQTTError, ValueError) as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
-        err.print(f"added {agent}: copy {ident.env_file}"
-                  + (f" and {ident.cert_file}, {ident.key_file}" if ident.cert_file else "") + " to the device")
-    err.print(RELOAD_HINT)
+    def add(agent: str) -> str:
+        ident = add_agent(Path(directory), agent)
+        certs = f" and {ident.cert_file}, {ident.key_file}" if ident.cert_file else ""
+        return f"added {agent}: copy {ident.env_file}{certs} to the device"
+
+    _each_agent(agents, add)
 
 
 @broker_app.command("revoke")
-def broker_revoke(
-    directory: Annotated[str, typer.Option("--dir", help="the profile directory made by broker init")],
-    agents: Annotated[list[str], typer.Argument(help="agent ids to revoke")],
-) -> None:
+def broker_revoke(directory: ProfileDir,
+                  agents: Annotated[list[str], typer.Argument(help="agent ids to revoke")]) -> None:
     """Revoke devices: remove password and ACL block, put the client certificate on the CRL."""
     from pathlib import Path
 
     from fedmqtt.membership import revoke_agent
 
-    for agent in agents:
-        try:
-            r = revoke_agent(Path(directory), agent)
-        except (FedMQTTError, ValueError) as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
+    def revoke(agent: str) -> str:
+        r = revoke_agent(Path(directory), agent)
         cert = f", certificate serial {r.certificate_serial:x} on the CRL" if r.certificate_serial else ""
-        err.print(f"revoked {agent}: password {'removed' if r.password else 'absent'}, "
-                  f"ACL {'removed' if r.acl else 'absent'}{cert}")
-    err.print(RELOAD_HINT)
+        return (f"revoked {agent}: password {'removed' if r.password else 'absent'}, "
+                f"ACL {'removed' if r.acl else 'absent'}{cert}")
+
+    _each_agent(agents, revoke)
 
 
 def main() -> None:
