@@ -27,6 +27,7 @@ from fedmqtt.security import (
     AGGREGATOR,
     Identity,
     _cert_pem,
+    _crl_pem,
     _issue,
     _key_pem,
     _write_private,
@@ -114,23 +115,15 @@ def revoke_certificate(directory: Path, cert_file: Path) -> int:
     """Add a client certificate's serial to the profile's CRL (re-signed by the CA); returns the serial.
     Also makes sure mosquitto.conf names the CRL (``crlfile``)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
 
     d = Path(directory).resolve()
     ca_key, ca_cert = _load_ca(d)
     serial = x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).serial_number
-    now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
-               .next_update(ca_cert.not_valid_after_utc))  # an expired CRL would lock every device out
     crl_path = d / CRL_FILE
-    if crl_path.exists():
-        for entry in x509.load_pem_x509_crl(crl_path.read_bytes()):
-            if entry.serial_number != serial:
-                builder = builder.add_revoked_certificate(entry)
-    builder = builder.add_revoked_certificate(
-        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
-    crl = builder.sign(ca_key, hashes.SHA256())
-    crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    old = x509.load_pem_x509_crl(crl_path.read_bytes()) if crl_path.exists() else []
+    kept = [e for e in old if e.serial_number != serial]
+    new = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(dt.datetime.now(dt.UTC)).build()
+    crl_path.write_bytes(_crl_pem(ca_key, ca_cert, [*kept, new]))
     _name_crl_in_config(d)
     return serial
 

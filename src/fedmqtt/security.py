@@ -279,7 +279,7 @@ def init_broker(
     _write_private(out / "passwd", "\n".join(hashes) + "\n")
     (out / "acl").write_text(acl_text(topics, names, aggregator, [watcher] if watcher else []))
     if client_certs:  # Mosquitto checks every client certificate against the CA's CRL: start with an empty one
-        (out / "crl.pem").write_bytes(_crl_pem(ca_key, ca_cert, valid_days))
+        (out / "crl.pem").write_bytes(_crl_pem(ca_key, ca_cert))
     config = out / "mosquitto.conf"
     config.write_text(secure_config(out, port, bind, client_certs))
 
@@ -354,18 +354,21 @@ def _issue(ca_key: object, ca_cert: object, common_name: str, hosts: Iterable[st
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
-def _crl_pem(ca_key: object, ca_cert: object, days: int) -> bytes:
-    """An empty certificate revocation list signed by the CA, valid as long as the CA."""
+def _crl_pem(ca_key: object, ca_cert: object, revoked: Iterable[object] = ()) -> bytes:
+    """A certificate revocation list of ``revoked`` (``x509.RevokedCertificate``) signed by the CA. It is
+    valid as long as the CA: an expired CRL would lock every device out."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     assert isinstance(ca_cert, x509.Certificate)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    now = dt.datetime.now(dt.UTC)
-    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
-           .next_update(now + dt.timedelta(days=days)).sign(ca_key, hashes.SHA256()))
-    return crl.public_bytes(serialization.Encoding.PEM)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(dt.datetime.now(dt.UTC)).next_update(ca_cert.not_valid_after_utc))
+    for entry in revoked:
+        assert isinstance(entry, x509.RevokedCertificate)
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def _key_pem(key: object) -> bytes:
