@@ -120,7 +120,7 @@ def revoke_certificate(directory: Path, cert_file: Path) -> int:
     ca_key, ca_cert = _load_ca(d)
     serial = x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).serial_number
     crl_path = d / CRL_FILE
-    old = x509.load_pem_x509_crl(crl_path.read_bytes()) if crl_path.exists() else []
+    old = list(x509.load_pem_x509_crl(crl_path.read_bytes())) if crl_path.exists() else []
     kept = [e for e in old if e.serial_number != serial]
     new = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(dt.datetime.now(dt.UTC)).build()
     crl_path.write_bytes(_crl_pem(ca_key, ca_cert, [*kept, new]))
