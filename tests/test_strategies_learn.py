@@ -61,6 +61,8 @@ async def _learn(broker: BrokerConfig, federation: str, strategy_name: str, *, r
                                   "fedasync-hinge", "fedbuff"])
 async def test_strategy_learns_through_mosquitto(broker: BrokerConfig, federation: str, name: str) -> None:
     options: dict[str, object] = {"buffer_size": 6, "server_lr": 0.5, "rounds": 16} if name == "fedbuff" else {}
+    if name == "fedasync-hinge":  # past b = 4 versions, hinge weights stale updates down: it needs more of them
+        options = {"rounds": 16}
     before, after, agg, _ = await _learn(broker, federation, name, **options)  # type: ignore[arg-type]
     assert before < 0.3
     assert after > 0.8, (f"{name}: accuracy {after:.3f} after {agg.accepted} updates, "
