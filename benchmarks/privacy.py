@@ -6,7 +6,7 @@ buffered sum; sigma is the smallest noise multiplier whose ε after the run's se
     python benchmarks/privacy.py --tasks digits --agents 300 --buffer 100 --updates digits=3000
     python benchmarks/privacy.py --engine mqtt             # through Mosquitto, ε read from the metrics
 
-``sim`` (default) runs the event-driven asynchronous simulation in ``_async_sim.py`` (no MQTT), 30 agents by
+``sim`` (default) runs the event-driven asynchronous simulation in ``fedmqtt.simulation`` (no MQTT), 30 agents by
 default, and holds a second update from the same agent until the buffer has been emptied, so that each
 agent contributes at most one delta per noisy step (the sensitivity the accountant assumes). ``mqtt`` runs
 a Mosquitto of its own, the real ``Aggregator`` (``one_update_per_step``, ``central_accountant``) and a
@@ -28,7 +28,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from _async_sim import simulate
+from fedmqtt.simulation import simulate
 
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker
@@ -124,8 +124,7 @@ def main() -> None:
                     eps.append(r2["epsilon"] if target not in ("inf", "clip") else math.inf)
                     print(json.dumps({"seed": seed, **r2}), file=sys.stderr, flush=True)
                     continue
-                r = simulate(task, strategy, updates=updates, seed=seed,
-                             one_per_buffer=args.buffer if kw else None)
+                r = simulate(task, strategy, updates=updates, seed=seed)  # DP: one update per agent per step
                 accs.append(r.accuracy)
                 steps.append(r.version)
                 norms.append(r.delta_norm_median)

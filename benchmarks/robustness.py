@@ -6,7 +6,7 @@
 
 Two engines run the same rows:
 
-- ``sim`` (default): the event-driven asynchronous simulation in ``_async_sim.py`` (same trainer, tasks and
+- ``sim`` (default): the event-driven asynchronous simulation in ``fedmqtt.simulation`` (same trainer, tasks and
   pure strategies as the services, no MQTT), ``--updates`` arrivals per run; reproducible from its seed.
 - ``mqtt``: a Mosquitto of its own (the repo's mosquitto.conf on a free port), the real ``Aggregator`` and a
   ``Fleet`` of agents speaking MQTT, ``--seconds`` of wall time per run. An attacker is an ordinary agent
@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from _async_sim import Attack, sign_flip, simulate
+from fedmqtt.simulation import Attack, sign_flip, simulate
 
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker

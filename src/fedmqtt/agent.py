@@ -6,36 +6,34 @@ Presence is a retained status with a last will that marks it offline; the connec
 jittered exponential backoff; updates wait in an outbox until the aggregator acknowledges them (on disk
 with ``outbox_dir``, so that a reboot keeps them; see outbox.py).
 
-Lifecycle: ``async with EdgeAgent(...) as agent: await agent.wait_updates(10)``.
+Lifecycle (service.py): ``async with EdgeAgent(...) as agent: await agent.wait_updates(10)``; named loops
+``connection``, ``training`` and ``resender``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from fedmqtt import codec
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
-from fedmqtt.lifecycle import cancel_all
 from fedmqtt.outbox import Outbox, Pending
 from fedmqtt.privacy import ClientDP, ClientPrivacy
 from fedmqtt.schemas import Ack, Status, dump, parse_model_metadata
-from fedmqtt.topics import Topics, check_segment
+from fedmqtt.service import Loop, Service
+from fedmqtt.topics import Topics
 from fedmqtt.training import Trainer
-from fedmqtt.transport import ConnectOptions, Connector, Transport, Will
-from fedmqtt.types import Array, Encoding, ModelInfo
+from fedmqtt.transport import ConnectOptions, Connector, Message, Transport, Will
+from fedmqtt.types import Array, Encoding, ModelInfo, check_id
 
 log = logging.getLogger("fedmqtt.agent")
 
@@ -59,7 +57,7 @@ class GlobalModel(NamedTuple):
     params: dict[str, Array]
 
 
-class EdgeAgent:
+class EdgeAgent(Service):
     """One device. ``trainer`` knows the model and loss; ``data`` is ArrayData, (x, y) or an async stream."""
 
     def __init__(
@@ -71,13 +69,13 @@ class EdgeAgent:
         config: AgentConfig | None = None,
         on_ack: Callable[[Ack], None] | None = None,
     ) -> None:
-        self.agent_id = check_segment(agent_id, "agent id")
+        self.agent_id = check_id(agent_id)
         self.config = config or AgentConfig()
+        super().__init__(self.agent_id, connect, self.config.backoff_max)
         self.topics = self.config.topics
         self.trainer = trainer
         self.data = as_source(data)
         self.fingerprint = codec.fingerprint(trainer.initial)
-        self._connect = connect
         self._on_ack = on_ack
         self.model: GlobalModel | None = None
         self._model_changed = asyncio.Event()
@@ -86,11 +84,6 @@ class EdgeAgent:
         self._outbox_space = asyncio.Event()
         if len(self.outbox) < self.config.max_outbox:
             self._outbox_space.set()
-        self._transport: Transport | None = None
-        self._connected = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._running: list[asyncio.Task[None]] = []
-        self._tasks: asyncio.TaskGroup | None = None
         self.updates_sent = 0
         self.acks: dict[str, int] = {"accepted": 0, "rejected": 0}
         self.last_rejection: Ack | None = None
@@ -103,50 +96,29 @@ class EdgeAgent:
         self.privacy = ClientPrivacy(self.config.dp, self.agent_id) if self.config.dp is not None else None
 
     # ---- lifecycle ------------------------------------------------------------------------------
-    async def __aenter__(self) -> Self:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        self._running = [
-            self._tasks.create_task(self._connection_loop(), name=f"{self.agent_id}:connection"),
-            self._tasks.create_task(self._training_loop(), name=f"{self.agent_id}:training"),
-            self._tasks.create_task(self._resender(), name=f"{self.agent_id}:resender"),
-        ]
-        return self
+    def loops(self) -> dict[str, Loop]:
+        will = Will(self.topics.status(self.agent_id), self._status("offline"), qos=1, retain=True)
+        opts = ConnectOptions(f"fedmqtt-{self.topics.federation}-agent-{self.agent_id}", will=will,
+                              clean_start=False, session_expiry=self.config.session_expiry,
+                              on_message=self._on_message)
+        return {"connection": self.connection(opts, self._on_connect), "training": self._training_loop(),
+                "resender": self._resender()}
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        self._closing.set()
-        t = self._transport
-        if t is not None and self._connected.is_set():  # a clean goodbye; the will covers the rest
-            with contextlib.suppress(TransportError, TimeoutError):
-                await asyncio.wait_for(self._publish_status(t, "offline"), 2.0)
-        await cancel_all(self._running)
-        assert self._tasks is not None
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._tasks.__aexit__(None, None, None)
-
-    async def run(self) -> None:
-        async with self:
-            await self._closing.wait()
-
-    def stop(self) -> None:
-        self._closing.set()
+    async def closing(self) -> None:
+        """A clean goodbye; the will covers the rest."""
+        t = self.transport
+        if t is not None and self.connected.is_set():
+            await self._publish_status(t, "offline")
 
     async def wait_model(self, timeout: float = 10.0) -> GlobalModel:
-        deadline = time.monotonic() + timeout
-        while self.model is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.agent_id}: no global model within {timeout}s")
-            await asyncio.sleep(0.01)
+        await self.wait_until(lambda: self.model is not None, timeout, lambda: "no global model")
+        assert self.model is not None
         return self.model
 
     async def wait_updates(self, n: int, timeout: float = 60.0) -> None:
         """Wait until ``n`` updates have been acknowledged (accepted or rejected)."""
-        deadline = time.monotonic() + timeout
-        while sum(self.acks.values()) < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.agent_id}: {self.acks} after {timeout}s, wanted {n} acks")
-            await asyncio.sleep(0.01)
+        await self.wait_until(lambda: sum(self.acks.values()) >= n, timeout,
+                              lambda: f"{self.acks}, wanted {n} acks")
 
     # ---- connection -----------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
@@ -158,35 +130,19 @@ class EdgeAgent:
         self._state = state
         await t.publish(self.topics.status(self.agent_id), self._status(state), qos=1, retain=True)
 
-    async def _connection_loop(self) -> None:
-        attempt = 0
-        will = Will(self.topics.status(self.agent_id), self._status("offline"), qos=1, retain=True)
-        opts = ConnectOptions(f"fedmqtt-{self.topics.federation}-agent-{self.agent_id}", will=will, clean_start=False,
-                              session_expiry=self.config.session_expiry)
-        while not self._closing.is_set():
-            try:
-                async with self._connect(opts) as t:
-                    await self._publish_status(t, "online")
-                    await t.subscribe(self.topics.acks(self.agent_id), qos=1)
-                    await t.subscribe(self.topics.model, qos=1)
-                    self._transport = t
-                    self._connected.set()
-                    attempt = 0
-                    for update_id, pending in list(self.outbox.items()):  # re-send what was never acked
-                        await self._send(update_id, pending.payload)
-                    async for msg in t.messages():
-                        if msg.topic == self.topics.model:
-                            self._on_model(msg.payload)
-                        elif msg.topic == self.topics.acks(self.agent_id):
-                            self._on_ack_message(msg.payload)
-            except TransportError as exc:
-                log.warning("%s: connection: %s", self.agent_id, exc)
-            self._connected.clear()
-            self._transport = None
-            attempt += 1
-            delay = min(self.config.backoff_max, 0.2 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), delay)
+    async def _on_connect(self, t: Transport) -> None:
+        await self._publish_status(t, "online")
+        await t.subscribe(self.topics.acks(self.agent_id), qos=1)
+        await t.subscribe(self.topics.model, qos=1)
+        for update_id, pending in list(self.outbox.items()):  # re-send what was never acked
+            await self._send(update_id, pending.payload)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.topic == self.topics.model:
+            self._on_model(msg.payload)
+        elif msg.topic == self.topics.acks(self.agent_id):
+            self._on_ack_message(msg.payload)
+        self.changed()
 
     def _on_model(self, payload: bytes) -> None:
         try:
@@ -271,7 +227,7 @@ class EdgeAgent:
         return model, new, loss, started
 
     async def _send(self, update_id: str, payload: bytes) -> None:
-        t = self._transport
+        t = self.transport
         if t is None:
             return  # stays in the outbox; sent after the next connect
         try:

@@ -102,61 +102,72 @@ def aggregator(
     federation: FedOpt = "default",
     max_staleness: int = 64,
     max_update_norm: Annotated[float, typer.Option(help="reject updates whose delta L2 norm exceeds this")] = 1e3,
-    alpha: Annotated[float, typer.Option(help="FedAsync mixing rate")] = 0.6,
-    buffer_size: Annotated[int, typer.Option(help="FedBuff K")] = 10,
-    server_opt: Annotated[str, typer.Option(help="FedBuff server step: sgd, fedavgm, fedadam, fedyogi")] = "sgd",
-    server_lr: float = 1.0,
+    alpha: Annotated[float | None, typer.Option(help="FedAsync mixing rate (default 0.6)")] = None,
+    buffer_size: Annotated[int | None, typer.Option(help="FedBuff K (default 10)")] = None,
+    server_opt: Annotated[str | None, typer.Option(help="FedBuff server step: sgd (default), fedavgm, fedadam, "
+                                                        "fedyogi")] = None,
+    server_lr: Annotated[float | None, typer.Option(help="FedBuff (default 1.0) and fedavg-delta server lr")
+                         ] = None,
     round_size: Annotated[int | None, typer.Option(help="fedavg: updates per round")] = None,
     round_deadline: Annotated[float | None, typer.Option(help="fedavg: round deadline, seconds")] = None,
     state_dir: Annotated[str | None, typer.Option(
-        help="durable state (journal + snapshots) to resume from after a crash; default: in memory")] = None,
+        help="durable state (journal + snapshots); default: a directory per federation in the user's data "
+             "directory ($XDG_DATA_HOME/fedmqtt/PREFIX/FEDERATION)")] = None,
+    ephemeral: Annotated[bool, typer.Option(help="keep no state: a restart begins again at version 0")] = False,
     snapshot_every: Annotated[int, typer.Option(help="journal records between snapshots")] = 500,
     keep_journal: Annotated[bool, typer.Option(help="keep every journal segment (a ledger of applied "
                                                     "updates)")] = False,
-    dp_clip: Annotated[float | None, typer.Option(help="fedbuff central DP: clip each delta to this L2 norm")
+    dp_clip: Annotated[float | None, typer.Option(help="fedbuff central DP: clip each delta to this L2 norm "
+                                                       "(holds a device's second update until the next step)")
                        ] = None,
-    dp_noise: Annotated[float, typer.Option(help="fedbuff central DP: noise multiplier sigma")] = 0.0,
-    trim: Annotated[float, typer.Option(help="fedbuff-trimmed: fraction cut at each end; fedbuff-krum: "
-                                              "attackers assumed per buffer, f = trim x K")] = 0.2,
-    spread: Annotated[float, typer.Option(help="fedbuff-outlier: drop deltas farther from the median than "
-                                                "spread x the median distance")] = 3.0,
+    dp_noise: Annotated[float | None, typer.Option(help="fedbuff central DP: noise multiplier sigma")] = None,
+    trim: Annotated[float | None, typer.Option(help="fedbuff-trimmed: fraction cut at each end; fedbuff-krum: "
+                                                     "attackers assumed per buffer, f = trim x K (default 0.2)")
+                    ] = None,
+    spread: Annotated[float | None, typer.Option(help="fedbuff-outlier: drop deltas farther from the median "
+                                                       "than spread x the median distance (default 3)")] = None,
     one_update_per_step: Annotated[bool, typer.Option(
         help="hold a device's second update until the next step (always on with --dp-clip)")] = False,
     seed: int = 0,
     verbose: bool = False,
 ) -> None:
-    """Run the aggregator for a built-in task until interrupted."""
+    """Run the aggregator for a built-in task until interrupted; it resumes where it stopped."""
     from fedmqtt.aggregator import Aggregator, AggregatorConfig
+    from fedmqtt.core import Limits
+    from fedmqtt.durability import default_directory
     from fedmqtt.strategies.registry import make
     from fedmqtt.tasks import get_task
     from fedmqtt.transport import BrokerConfig, mqtt_connector
 
     _logging(verbose)
-    t = get_task(task, seed=seed)
-    trainer = t.trainer(seed)
-    cfg = AggregatorConfig(topics=Topics(prefix, federation), max_staleness=max_staleness,
-                           max_update_norm=max_update_norm, round_size=round_size, round_deadline=round_deadline,
-                           state_dir=state_dir, snapshot_every=snapshot_every, keep_journal=keep_journal,
-                           one_update_per_step=one_update_per_step)
-    if dp_clip is not None:
-        from fedmqtt.privacy import central_accountant
-
-        cfg = replace(cfg, privacy=central_accountant(dp_noise), one_update_per_step=True)
+    topics = Topics(prefix, federation)
+    if ephemeral and state_dir:
+        raise typer.BadParameter("--ephemeral keeps no state; drop --state-dir or --ephemeral")
+    directory = None if ephemeral else (state_dir or str(default_directory(topics)))
     try:
         strat = make(strategy, alpha=alpha, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr,
-                     dp_clip=dp_clip, dp_noise=dp_noise, seed=seed, trim=trim, spread=spread)
+                     dp_clip=dp_clip, dp_noise=dp_noise, seed=seed if dp_clip is not None else None, trim=trim,
+                     spread=spread)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    t = get_task(task, seed=seed)
+    trainer = t.trainer(seed)
+    limits = Limits(max_staleness=max_staleness, max_update_norm=max_update_norm,
+                    one_update_per_step=one_update_per_step)
+    cfg = AggregatorConfig(topics=topics, limits=limits, round_size=round_size, round_deadline=round_deadline,
+                           state_dir=directory, snapshot_every=snapshot_every, keep_journal=keep_journal)
     agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
                      evaluate=t.evaluate_fn(trainer))
     err.print(f"aggregator: {strat.name} on {broker}, federation {federation!r}")
-    if state_dir:
-        try:
-            replayed = agg.recover()
-        except FedMQTTError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
-        err.print(f"aggregator: resumed at version {agg.version} from {state_dir} "
+    try:
+        replayed = agg.recover()
+    except FedMQTTError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if directory is None:
+        err.print("aggregator: ephemeral (no state kept): starting at version 0")
+    else:
+        err.print(f"aggregator: state in {directory}; resumed at version {agg.version} "
                   f"({replayed} journal records replayed)")
     _run(agg.run())
 

@@ -24,9 +24,9 @@ import numpy as np
 import safetensors.numpy
 
 from fedmqtt.errors import CodecError, Reason
-from fedmqtt.types import Array, Encoding, FlatParams, Mode
+from fedmqtt.types import SCHEMA_VERSION, Array, Encoding, FlatParams, Mode
 
-SCHEMA = "1"
+SCHEMA = str(SCHEMA_VERSION)
 #: The largest header we read; a model with thousands of tensors stays far below it.
 MAX_HEADER_BYTES = 1 << 20
 #: Default cap on a whole payload (the broker's message_size_limit should match).

@@ -1,108 +1,170 @@
-"""The aggregator's durable state at run time: write-ahead records, group commit, held acks and versions,
-snapshots and recovery. ``journal.py`` holds the file formats; this module decides when things happen.
+"""Where the aggregator's effects wait until they may be seen: write-ahead records, group commit, snapshots,
+recovery. ``journal.py`` holds the record format, ``snapshot.py`` the state's; this module decides when.
 
 The rule it keeps: nothing an update caused is visible outside the process before the update's journal
-record is on disk. ``handle`` appends the record (``append_update``) before applying the update; its ack
-(``hold_ack``) and the model version it made (``hold_version``) wait until the ``committer`` task's fsync
-covers the record. One fsync commits every record written while the previous one ran (group commit), so
-under load the cost is one fsync per batch, not per update. The ``snapshotter`` task writes a snapshot
-every ``snapshot_every`` records or ``snapshot_interval`` seconds and trims the journal; ``open`` loads
-the newest snapshot and replays the records after it, through callbacks of the aggregator.
+record is on disk. The service appends the records of each core.Effects (``append``) and hands over the
+replies and the new version (``hold``); they wait until the ``committer`` task's fsync covers the records.
+One fsync commits every record written while the previous one ran (group commit), so under load the cost
+is one fsync per batch, not per update. A failed fsync stops the service (StateError): after one, the OS may
+have dropped the written pages, so nothing written since can be promised. The ``snapshotter`` writes the
+state every ``snapshot_every`` records or ``snapshot_interval`` seconds and trims the journal; ``open``
+loads the newest snapshot and replays the records after it through the core.
+
+:class:`Volatile` has the same interface for an aggregator without a state directory: it releases at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple, Protocol
+from urllib.parse import quote
 
-from fedmqtt import journal
-from fedmqtt.schemas import Ack
+from fedmqtt import core, journal, snapshot
+from fedmqtt.core import Entry, Reply, Rules, ServerState
+from fedmqtt.errors import StateError
+from fedmqtt.files import Fsync, atomic_write
+from fedmqtt.topics import Topics
 
-Capture = Callable[[int], journal.Snapshot]  # sequence number -> the aggregator's state at that record
+log = logging.getLogger("fedmqtt.durability")
+Release = Callable[[Sequence[Reply], ServerState | None], None]  # replies to send, a state whose version to publish
+Current = Callable[[], ServerState]
+_KIND = {"update": journal.UPDATE, "flush": journal.FLUSH}
+
+
+def default_directory(topics: Topics, env: Mapping[str, str] | None = None) -> Path:
+    """Where ``fedmqtt aggregator`` keeps a federation's state unless told otherwise:
+    ``$XDG_DATA_HOME/fedmqtt/<prefix>/<federation>`` (``~/.local/share/fedmqtt/...`` when unset).
+
+    >>> str(default_directory(Topics("fedmqtt", "plant-3"), {"XDG_DATA_HOME": "/data"}))
+    '/data/fedmqtt/fedmqtt/plant-3'
+    """
+    e = os.environ if env is None else env
+    base = Path(e["XDG_DATA_HOME"]) if e.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
+    # topic levels may hold any character but '/', '+', '#' and NUL: keep "." and ".." from meaning a path
+    names = [quote(n, safe="") if n not in (".", "..") else n.replace(".", "%2E") for n in (topics.prefix,
+                                                                                           topics.federation)]
+    return base / "fedmqtt" / names[0] / names[1]
+
+
+class _Waiting(NamedTuple):
+    seq: int  # released once this record is durable
+    replies: Sequence[Reply]
+    state: ServerState | None  # publish its version
+
+
+class Store(Protocol):
+    """What the aggregator needs of its state storage (a :class:`Durability` or a :class:`Volatile`)."""
+
+    dropped: int
+
+    def open(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]: ...
+    def append(self, records: Sequence[Entry]) -> None: ...
+    def hold(self, replies: Sequence[Reply], state: ServerState | None) -> None: ...
+    async def committer(self) -> None: ...
+    async def snapshotter(self, current: Current) -> None: ...
+    def close(self, current: Current) -> None: ...
+
+
+class Volatile:
+    """No state directory: everything is released at once, and lost with the process."""
+
+    def __init__(self, release: Release) -> None:
+        self.release = release
+        self.dropped = 0
+
+    def open(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]:
+        return fresh, 0
+
+    def append(self, records: Sequence[Entry]) -> None:
+        del records
+
+    def hold(self, replies: Sequence[Reply], state: ServerState | None) -> None:
+        self.release(replies, state)
+
+    async def committer(self) -> None:
+        await asyncio.Event().wait()  # nothing to commit
+
+    async def snapshotter(self, current: Current) -> None:
+        await asyncio.Event().wait()
+
+    def close(self, current: Current) -> None:
+        del current
 
 
 class Durability:
-    """One state directory. Not thread-safe: used from the event loop (fsync and snapshot writes go to
-    worker threads)."""
+    """One state directory. Used from the event loop; fsyncs and snapshot writes go to worker threads."""
 
-    def __init__(self, directory: str | Path, snapshot_every: int = 500, snapshot_interval: float = 60.0,
-                 keep_journal: bool = False) -> None:
+    def __init__(self, directory: str | Path, release: Release, snapshot_every: int = 500,
+                 snapshot_interval: float = 60.0, keep_journal: bool = False, max_waiting: int = 1024,
+                 fsync: Fsync = os.fsync) -> None:
         self.directory = Path(directory)
+        self.release = release
         self.snapshot_every = snapshot_every
         self.snapshot_interval = snapshot_interval
         self.keep_journal = keep_journal
+        self.max_waiting = max_waiting
+        self.fsync = fsync  # injectable, so that tests can delay or fail it
         self.journal: journal.Journal | None = None
         self.snapshot_seq = 0
-        self._versions: deque[tuple[int, int, dict[str, Any]]] = deque()  # (version, seq, params)
-        self._acks: deque[tuple[int, str, Ack]] = deque()  # (seq to be durable, agent, ack)
+        self.dropped = 0  # replies not kept (more than max_waiting waited): the agents re-send
+        self._rules: Rules | None = None
+        self._waiting: deque[_Waiting] = deque()
         self._commit_wanted = asyncio.Event()
         self._snapshot_due = asyncio.Event()
 
     # ---- recovery ---------------------------------------------------------------------------------------
-    def epoch(self, new: str) -> str:
-        """The epoch kept in the directory (``new`` is written there on the first start)."""
+    def open(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]:
+        """The state after the newest snapshot and every record after it (``fresh`` on a first start, whose
+        epoch is then kept); opens the journal for appending. Returns the state and the records replayed."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / "epoch"
-        if path.is_file():
-            return path.read_text().strip()
-        journal.atomic_write(path, new.encode())
-        return new
-
-    def open(self, restore: Callable[[journal.Snapshot], None],
-             replay: Callable[[journal.Record], None]) -> int:
-        """Restore the newest snapshot, replay every record after it, open the journal for appending;
-        returns the number of records replayed."""
+        self._rules = r
+        epoch_file = self.directory / "epoch"
+        if epoch_file.is_file():
+            fresh = fresh._replace(epoch=epoch_file.read_text().strip())
+        else:
+            atomic_write(epoch_file, fresh.epoch.encode(), fsync=self.fsync)
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink()  # a snapshot the crash interrupted
-        snap = journal.read_snapshot(self.directory)
-        if snap is not None:
-            restore(snap)
-        last = self.snapshot_seq = snap.seq if snap else 0
+        found = snapshot.read(self.directory, r, fresh.epoch)
+        last, state = found if found is not None else (0, fresh)
+        self.snapshot_seq = last
         replayed = 0
         for rec in journal.read_records(self.directory, last, repair=True):
-            replay(rec)
+            entry = Entry("update", rec.agent, rec.payload) if rec.kind == journal.UPDATE else Entry("flush")
+            state = core.replay(state, entry, r)
             last, replayed = rec.seq, replayed + 1
-        self.journal = journal.Journal(self.directory, last + 1, keep=self.keep_journal)
+        self.journal = journal.Journal(self.directory, last + 1, keep=self.keep_journal, fsync=self.fsync)
         self.journal.sync()
-        return replayed
+        return state, replayed
 
-    # ---- the write-ahead rule -----------------------------------------------------------------------------
-    @property
-    def written_seq(self) -> int:
-        assert self.journal is not None
-        return self.journal.written_seq
-
-    def append_update(self, agent: str, payload: bytes) -> None:
-        assert self.journal is not None
-        seq = self.journal.append(journal.UPDATE, journal.update_body(agent, payload))
-        if seq - self.snapshot_seq >= self.snapshot_every:
+    # ---- the write-ahead rule ---------------------------------------------------------------------------
+    def append(self, records: Sequence[Entry]) -> None:
+        j = self.journal
+        assert j is not None, "open() first"
+        for e in records:
+            j.append(_KIND[e.kind], journal.update_body(e.agent, e.payload) if e.kind == "update" else b"")
+        if j.written_seq - self.snapshot_seq >= self.snapshot_every:
             self._snapshot_due.set()
 
-    def append_flush(self) -> None:
-        """A closed sync round; no update may follow to trigger the fsync, so it is asked for here."""
+    def hold(self, replies: Sequence[Reply], state: ServerState | None) -> None:
+        """Release ``replies`` and publish ``state``'s version once every record written so far is durable.
+        Beyond ``max_waiting`` waiting replies, more are dropped and counted (the agents re-send them after
+        their ack timeout, and the de-duplication window answers then)."""
         assert self.journal is not None
-        self.journal.append(journal.FLUSH)
-        self._commit_wanted.set()
+        if replies and len(self._waiting) >= self.max_waiting:
+            self.dropped += len(replies)
+            replies = ()
+        if replies or state is not None:
+            self._waiting.append(_Waiting(self.journal.written_seq, replies, state))
+            self._commit_wanted.set()
 
-    def hold_version(self, version: int, params: dict[str, Any]) -> None:
-        """Publish ``version`` once every record written so far is durable."""
-        self._versions.append((version, self.written_seq, params))
-
-    def hold_ack(self, agent: str, ack: Ack, limit: int) -> bool:
-        """Send ``ack`` once every record written so far is durable; False when ``limit`` acks already
-        wait (the caller counts it as dropped; the agent re-sends and the dedup window answers then)."""
-        if len(self._acks) >= limit:
-            return False
-        self._acks.append((self.written_seq, agent, ack))
-        self._commit_wanted.set()
-        return True
-
-    async def committer(self, send_ack: Callable[[str, Ack], None],
-                        commit_version: Callable[[int, dict[str, Any]], None]) -> None:
+    async def committer(self) -> None:
         """Group commit: one fsync covers every record written since the last; then release what waited."""
         j = self.journal
         assert j is not None
@@ -110,44 +172,45 @@ class Durability:
             await self._commit_wanted.wait()
             self._commit_wanted.clear()
             if j.synced_seq < j.written_seq:
-                await asyncio.to_thread(j.sync)  # the loop keeps handling updates meanwhile
-            while self._acks and self._acks[0][0] <= j.synced_seq:
-                _, agent, ack = self._acks.popleft()
-                send_ack(agent, ack)
-            while self._versions and self._versions[0][1] <= j.synced_seq:
-                version, _, params = self._versions.popleft()
-                commit_version(version, params)
+                try:
+                    await asyncio.to_thread(j.sync)  # the loop keeps handling updates meanwhile
+                except OSError as exc:
+                    raise StateError(f"fsync of the journal in {self.directory} failed ({exc}); stopping: "
+                                     "nothing written since the last good fsync can be promised") from exc
+            while self._waiting and self._waiting[0].seq <= j.synced_seq:
+                w = self._waiting.popleft()
+                self.release(w.replies, w.state)
 
-    # ---- snapshots ----------------------------------------------------------------------------------------
-    async def snapshotter(self, capture: Capture) -> None:
+    # ---- snapshots --------------------------------------------------------------------------------------
+    async def snapshotter(self, current: Current) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._snapshot_due.wait(), self.snapshot_interval)
             self._snapshot_due.clear()
-            await self.snapshot(capture)
+            await self.snapshot(current)
 
-    async def snapshot(self, capture: Capture) -> None:
+    async def snapshot(self, current: Current) -> None:
         """Write a snapshot now (the journal before it is then deleted, unless ``keep_journal``)."""
         j = self.journal
         if j is None or j.written_seq == self.snapshot_seq:
             return
         j.rotate()
-        snap = capture(j.written_seq)
-        self.snapshot_seq = snap.seq
-        await asyncio.to_thread(self._write, snap)
+        seq, state = j.written_seq, current()  # the state after record seq: the loop is between events
+        self.snapshot_seq = seq
+        await asyncio.to_thread(self._write, state, seq)
 
-    def _write(self, snap: journal.Snapshot) -> None:
-        journal.write_snapshot(self.directory, snap)
-        assert self.journal is not None
-        self.journal.prune(snap.seq)
+    def _write(self, state: ServerState, seq: int) -> None:
+        assert self._rules is not None and self.journal is not None
+        snapshot.write(self.directory, state, self._rules, seq, self.fsync)
+        self.journal.prune(seq)
 
-    def close(self, capture: Capture) -> None:
+    def close(self, current: Current) -> None:
         """A clean stop leaves a snapshot, so the next start replays nothing."""
         j = self.journal
         if j is None:
             return
         if j.written_seq != self.snapshot_seq:
             j.rotate()
-            self._write(capture(j.written_seq))
+            self._write(current(), j.written_seq)
         j.close()
         self.journal = None

@@ -13,17 +13,16 @@ agent index, so two runs with the same config see the same schedule.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
 
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.schemas import Ack
+from fedmqtt.service import Loop, Service
 from fedmqtt.tasks import Task
 from fedmqtt.training import Trainer
 from fedmqtt.transport import Connector
@@ -69,12 +68,15 @@ class FleetConfig:
         return out
 
 
-class Fleet:
+class Fleet(Service):
     """``async with Fleet(connect, task, cfg) as fleet:`` runs the agents until the block ends."""
+
+    stop_grace = 30.0  # each slot closes its agent cleanly (an "offline" status) when the fleet stops
 
     def __init__(self, connect: Connector, task: Task, config: FleetConfig | None = None,
                  on_ack: Callable[[str, Ack], None] | None = None) -> None:
         self.config = cfg = config or FleetConfig()
+        super().__init__("fleet")
         self.task = task
         self._connect = connect
         self._on_ack = on_ack
@@ -91,9 +93,7 @@ class Fleet:
         self.retired_acks: dict[str, int] = {"accepted": 0, "rejected": 0}
         self.departures = 0
         self.offline_seconds = 0.0
-        self._closing = asyncio.Event()
-        self._tasks: asyncio.TaskGroup | None = None
-        self._started: list[asyncio.Event] = []
+        self._started = [asyncio.Event() for _ in self.agents]
 
     def _new_agent(self, i: int) -> EdgeAgent:
         agent_id = f"{self.config.id_prefix}{i}"
@@ -113,27 +113,14 @@ class Fleet:
             data = self.task.data_for(i, self.config.seed)  # a copy: the agent's own sampling order is kept
             trainer.train(trainer.initial, _take_sync(data, self._agent_cfgs[i].local_steps))
 
+    def loops(self) -> dict[str, Loop]:
+        return {self.agents[i].agent_id: self._slot(i) for i in range(len(self.agents))}
+
     async def __aenter__(self) -> Self:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        self._started = [asyncio.Event() for _ in self.agents]
-        for i in range(len(self.agents)):
-            self._tasks.create_task(self._slot(i), name=f"fleet:{self.agents[i].agent_id}")
+        await super().__aenter__()
         for started in self._started:
             await asyncio.wait_for(started.wait(), 30.0)
         return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        self._closing.set()
-        assert self._tasks is not None
-        await self._tasks.__aexit__(None, None, None)
-
-    async def _wait_closing(self, seconds: float | None) -> bool:
-        """Sleep ``seconds`` (forever if None); True when the fleet is closing."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
-        return self._closing.is_set()
 
     async def _slot(self, i: int) -> None:
         cfg = self.config
@@ -146,7 +133,7 @@ class Fleet:
                     self._started[i].set()
                     first = False
                 online = float(rng.exponential(cfg.mean_online)) if cfg.mean_online else None
-                if await self._wait_closing(online):
+                if await self.sleep(online):
                     return
             self.departures += 1
             self.retired_sent += agent.updates_sent
@@ -155,7 +142,7 @@ class Fleet:
             self.agents[i] = self._new_agent(i)  # not connected until the absence ends
             away = float(rng.exponential(cfg.mean_offline))
             started = time.monotonic()
-            closing = await self._wait_closing(away)
+            closing = await self.sleep(away)
             self.offline_seconds += time.monotonic() - started
             if closing:
                 return

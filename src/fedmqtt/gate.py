@@ -1,92 +1,88 @@
-"""One update per agent per server step, for central differential privacy.
+"""One update per agent per server step, for central differential privacy: an immutable value in the server
+state, and pure functions on it.
 
 Central DP in FedBuff (fedmqtt.privacy) bounds each device's influence on a noisy step by one clipped delta:
-its ε assumes that no agent has two updates in one buffer. The aggregator enforces that with a ``StepGate``
-(``AggregatorConfig(one_update_per_step=True)``, on by default with ``fedmqtt aggregator --dp-clip``): an
-agent's second update in the same step is *held*, unacknowledged, and applied first thing after the step;
-only then is it acknowledged, so an aggregator crash loses nothing (the agent's outbox re-sends it). A
-re-send of a held update is held once. Memory stays bounded: beyond ``capacity`` updates or ``max_bytes``
-in all, or ``per_agent`` from one agent, more are not held and are counted as ``dropped`` (the agents
-re-send them after their ack timeout), so one device cannot crowd out the others.
+its ε assumes that no agent has two updates in one buffer. A strategy with central DP says so
+(``Strategy.one_update_per_step``) and the core then keeps a ``Gate``: an agent's second update in the same
+step is *held*, unacknowledged, and applied first thing after the step; only then is it acknowledged, so a
+crash loses nothing (the agent's outbox re-sends it). A re-send of a held update is held once. Memory stays
+bounded: beyond ``max_held`` updates or ``max_held_bytes`` in all, or ``max_held_per_agent`` from one agent,
+more are not held and are counted in ``dropped`` (the agents re-send them after their ack timeout), so one
+device cannot crowd out the others.
 
-Each held update remembers the version at which it arrived, so the aggregator judges its staleness as of
-its arrival, not as of the end of the wait. If fewer than K agents are active, a step can never fill with
-distinct agents; the aggregator then closes a partial step after ``step_deadline`` seconds.
+Each held update remembers the version at which it arrived, so its staleness is judged as of its arrival.
+If fewer than K agents are active, a step can never fill with distinct agents; the aggregator then closes a
+partial step after ``step_deadline`` seconds.
 
->>> g = StepGate(capacity=4)
->>> g.admits("a"), g.admit("a"), g.admits("a")
-(True, None, False)
->>> g.hold("a/u2", "a", b"...", version=7)
-True
->>> g.advance(); list(g.ready())
-[Held(agent='a', payload=b'...', version=7)]
+>>> g = admit(Gate(), "a")
+>>> admits(g, "a"), admits(g, "b")
+(False, True)
+>>> g = hold(g, Held("a/u2", "a", b"...", 7), GateLimits())
+>>> g, ready = take_ready(advance(g)); [h.key for h in ready], len(g.held)
+(['a/u2'], 0)
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
 from typing import NamedTuple
 
 
 class Held(NamedTuple):
+    key: str  # agent/update_id
     agent: str
     payload: bytes
-    version: int  # the aggregator's version when the update arrived
+    version: int  # the server's version when the update arrived
 
 
-class StepGate:
-    """Tracks which agents contributed to the current step and the updates held for later steps."""
+class GateLimits(NamedTuple):
+    max_held: int = 1024
+    max_held_per_agent: int = 8  # the agent's default outbox size
+    max_held_bytes: int = 256 << 20
 
-    def __init__(self, capacity: int = 1024, per_agent: int = 8, max_bytes: int = 256 << 20) -> None:
-        self.capacity = capacity
-        self.per_agent = per_agent
-        self.max_bytes = max_bytes
-        self.in_step: set[str] = set()
-        self._held: dict[str, Held] = {}  # dedup key -> held update, in arrival order
-        self._per_agent: Counter[str] = Counter()
-        self._bytes = 0
-        self.dropped = 0
 
-    def admits(self, agent: str) -> bool:
-        """Whether ``agent`` may contribute to the current step."""
-        return agent not in self.in_step
+class Gate(NamedTuple):
+    in_step: frozenset[str] = frozenset()  # agents that contributed to the current step
+    held: tuple[Held, ...] = ()  # in arrival order
+    dropped: int = 0  # updates not held because a bound was reached
 
-    def admit(self, agent: str) -> None:
-        """Record that ``agent`` contributed to the current step."""
-        self.in_step.add(agent)
 
-    def hold(self, key: str, agent: str, payload: bytes, version: int) -> bool:
-        """Keep an update for a later step; False when it was not kept (a bound was reached)."""
-        if key in self._held:
-            return True  # a re-send of an update already held
-        if (len(self._held) >= self.capacity or self._per_agent[agent] >= self.per_agent
-                or self._bytes + len(payload) > self.max_bytes):
-            self.dropped += 1
-            return False
-        self._held[key] = Held(agent, payload, version)
-        self._per_agent[agent] += 1
-        self._bytes += len(payload)
-        return True
+def admits(gate: Gate, agent: str) -> bool:
+    """Whether ``agent`` may contribute to the current step."""
+    return agent not in gate.in_step
 
-    def advance(self) -> None:
-        """A step was taken: every agent may contribute again."""
-        self.in_step.clear()
 
-    def ready(self) -> Iterator[Held]:
-        """Take out the held updates whose agents may contribute now, oldest first (at most one per agent
-        per call; the caller admits each as it applies it)."""
-        taken: set[str] = set()
-        for key, held in list(self._held.items()):
-            if held.agent in self.in_step or held.agent in taken:
-                continue
-            taken.add(held.agent)
-            del self._held[key]
-            self._per_agent[held.agent] -= 1
-            if not self._per_agent[held.agent]:
-                del self._per_agent[held.agent]
-            self._bytes -= len(held.payload)
-            yield held
+def admit(gate: Gate, agent: str) -> Gate:
+    """``agent`` contributed to the current step."""
+    return gate._replace(in_step=gate.in_step | {agent})
 
-    def __len__(self) -> int:
-        return len(self._held)
+
+def hold(gate: Gate, update: Held, limits: GateLimits) -> Gate:
+    """Keep ``update`` for a later step (a re-send of a held update is held once); counted in ``dropped``
+    when a bound is reached."""
+    if any(h.key == update.key for h in gate.held):
+        return gate
+    from_agent = sum(h.agent == update.agent for h in gate.held)
+    size = sum(len(h.payload) for h in gate.held)
+    if (len(gate.held) >= limits.max_held or from_agent >= limits.max_held_per_agent
+            or size + len(update.payload) > limits.max_held_bytes):
+        return gate._replace(dropped=gate.dropped + 1)
+    return gate._replace(held=(*gate.held, update))
+
+
+def advance(gate: Gate) -> Gate:
+    """A step was taken: every agent may contribute again."""
+    return gate._replace(in_step=frozenset())
+
+
+def take_ready(gate: Gate) -> tuple[Gate, tuple[Held, ...]]:
+    """Take out the held updates whose agents may contribute now, oldest first, at most one per agent (the
+    caller admits each as it applies it)."""
+    taken: set[str] = set()
+    ready, kept = [], []
+    for h in gate.held:
+        if h.agent in gate.in_step or h.agent in taken:
+            kept.append(h)
+        else:
+            taken.add(h.agent)
+            ready.append(h)
+    return gate._replace(held=tuple(kept)), tuple(ready)

@@ -1,43 +1,37 @@
-"""Durable aggregator state: a write-ahead journal of accepted updates plus atomic snapshots.
+"""The aggregator's write-ahead journal: one record per accepted update and per flushed step.
 
 A state directory holds::
 
-    snapshot.safetensors        the newest complete snapshot (written to a temp file, fsynced, renamed)
+    snapshot.safetensors        the newest complete snapshot of the server state (snapshot.py)
     journal-000000000042.log    journal segment whose first record has sequence number 42
 
 The aggregator appends one record per accepted update (the raw payload and the topic's agent id) and one
 per closed sync round, *before* the update's effect becomes visible outside the process; acknowledgements
 and model publishes wait until an ``fsync`` covers the record (:meth:`Journal.sync`, grouped: one fsync
-commits every record written while the previous one ran). A snapshot holds everything needed to resume
-without the journal before it: parameters, version, the strategy state's leaves, the model history kept
-for stale bases, the de-duplication window and counters. Recovery = newest snapshot + replay of the
-records after it through the same strategy code, so the resumed state equals the state before the crash.
+commits every record written while the previous one ran). Recovery = the newest snapshot + replay of the
+records after it through the same core (core.replay), so the resumed state equals the state before the
+crash.
 
 Records are framed ``magic "FJ" | seq u64 | kind u8 | length u32 | crc32 u32 | body`` (little endian); a
 torn or corrupt tail of the last segment (a write the crash interrupted, never acknowledged) is cut off.
-No pickle anywhere: snapshots are safetensors with JSON metadata, records are bytes.
+No pickle anywhere: records are bytes.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import jax
-import numpy as np
-import safetensors.numpy
+from typing import NamedTuple
 
 from fedmqtt.errors import StateError
-from fedmqtt.types import Array
+from fedmqtt.files import Fsync, fsync_dir, write_all
 
 log = logging.getLogger("fedmqtt.journal")
 
@@ -46,8 +40,6 @@ FLUSH = 2  #: body: empty (a sync round was closed)
 _FRAME = struct.Struct("<2sQBII")
 _MAGIC = b"FJ"
 _SEGMENT = re.compile(r"^journal-(\d{12})\.log$")
-SNAPSHOT = "snapshot.safetensors"
-SNAPSHOT_FORMAT = "1"
 
 
 class Record(NamedTuple):
@@ -55,21 +47,6 @@ class Record(NamedTuple):
     kind: int
     agent: str
     payload: bytes
-
-
-class Snapshot(NamedTuple):
-    """The aggregator's state after journal record ``seq`` (``seq`` 0: before any record)."""
-
-    seq: int
-    version: int
-    fingerprint: str
-    strategy: str
-    params: Mapping[str, Any]
-    state_leaves: list[Any]
-    history: Mapping[int, Mapping[str, Any]]
-    dedup: list[tuple[str, int]]
-    dedup_floor: int
-    counters: Mapping[str, Any]
 
 
 # ---- records --------------------------------------------------------------------------------------------
@@ -152,14 +129,6 @@ def applied_updates(directory: str | Path) -> list[tuple[int, str, bytes]]:
     return [(r.seq, r.agent, r.payload) for r in read_records(Path(directory)) if r.kind == UPDATE]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Journal:
     """Appends records from the event loop; :meth:`sync` (run in a worker thread) makes them durable.
 
@@ -168,9 +137,10 @@ class Journal:
     as an audit ledger with ``keep``.
     """
 
-    def __init__(self, directory: Path, next_seq: int, keep: bool = False) -> None:
+    def __init__(self, directory: Path, next_seq: int, keep: bool = False, fsync: Fsync = os.fsync) -> None:
         self.directory = directory
         self.keep = keep
+        self._fsync = fsync  # injectable: tests delay or fail it
         self.written_seq = self.synced_seq = next_seq - 1
         self._lock = threading.Lock()  # serialises sync/close/rotate bookkeeping across threads
         self._retired: list[int] = []
@@ -185,11 +155,7 @@ class Journal:
     def append(self, kind: int, body: bytes = b"") -> int:
         """Write one record (no fsync); returns its sequence number. Raises OSError on a disk error."""
         seq = self.written_seq + 1
-        data = _frame(seq, kind, body) + body
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        write_all(self._fd, _frame(seq, kind, body) + body)
         self.written_seq = seq
         return seq
 
@@ -208,11 +174,11 @@ class Journal:
             target = self.written_seq
             retired, self._retired = self._retired, []
             for fd in [*retired, self._fd]:
-                os.fsync(fd)
+                self._fsync(fd)
             for fd in retired:
                 os.close(fd)
             if self._dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory, self._fsync)
                 self._dir_dirty = False
             self.synced_seq = max(self.synced_seq, target)
             return self.synced_seq
@@ -232,135 +198,3 @@ class Journal:
             if not self.closed:
                 os.close(self._fd)
                 self.closed = True
-
-
-# ---- snapshots ------------------------------------------------------------------------------------------
-def _leaf_to_numpy(leaf: Any) -> tuple[np.ndarray[Any, Any], bool]:
-    if isinstance(leaf, jax.Array) and jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(leaf)), True
-    return np.asarray(leaf, order="C"), False
-
-
-_write_lock = threading.Lock()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_snapshot(directory: Path, snap: Snapshot) -> None:
-    """Write ``snap`` atomically: temp file, fsync, rename over the old one, fsync the directory.
-
-    Thread-safe; a snapshot older than the one already on disk is skipped."""
-    tensors: dict[str, np.ndarray[Any, Any]] = {}
-    for name, arr in snap.params.items():
-        tensors[f"params/{name}"] = np.asarray(arr, order="C")
-    keys = []
-    for i, leaf in enumerate(snap.state_leaves):
-        tensors[f"state/{i:06d}"], is_key = _leaf_to_numpy(leaf)
-        if is_key:
-            keys.append(i)
-    held = []
-    for version, params in snap.history.items():
-        if params is snap.params:
-            continue  # the current version: stored once, as params/
-        held.append(version)
-        for name, arr in params.items():
-            tensors[f"history/{version}/{name}"] = np.asarray(arr, order="C")
-    meta = {
-        "fedmqtt.snapshot": SNAPSHOT_FORMAT,
-        "seq": str(snap.seq),
-        "version": str(snap.version),
-        "fingerprint": snap.fingerprint,
-        "strategy": snap.strategy,
-        "state_leaves": str(len(snap.state_leaves)),
-        "state_key_leaves": json.dumps(keys),
-        "history": json.dumps(sorted(held)),
-        "dedup": json.dumps(snap.dedup),
-        "dedup_floor": str(snap.dedup_floor),
-        "counters": json.dumps(snap.counters),
-    }
-    with _write_lock:
-        current = read_snapshot_seq(directory)
-        if current is not None and current > snap.seq:
-            return
-        tmp = directory / f"{SNAPSHOT}.{snap.seq}.tmp"
-        safetensors.numpy.save_file(tensors, str(tmp), metadata=meta)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, directory / SNAPSHOT)
-        _fsync_dir(directory)
-
-
-def read_snapshot_seq(directory: Path) -> int | None:
-    path = directory / SNAPSHOT
-    if not path.exists():
-        return None
-    with safetensors.safe_open(str(path), "np") as f:
-        return int((f.metadata() or {})["seq"])
-
-
-def read_snapshot(directory: Path) -> Snapshot | None:
-    """The newest snapshot in ``directory`` (``None`` if there is none); raises StateError if unreadable."""
-    path = directory / SNAPSHOT
-    if not path.exists():
-        return None
-    try:
-        with safetensors.safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-        tensors = safetensors.numpy.load_file(str(path))
-        if meta.get("fedmqtt.snapshot") != SNAPSHOT_FORMAT:
-            raise StateError(f"{path}: not a fedmqtt snapshot (format {meta.get('fedmqtt.snapshot')!r})")
-        params = {k[len("params/"):]: v for k, v in tensors.items() if k.startswith("params/")}
-        n = int(meta["state_leaves"])
-        keys = set(json.loads(meta["state_key_leaves"]))
-        leaves: list[Any] = [("key" if i in keys else "array", tensors[f"state/{i:06d}"]) for i in range(n)]
-        history: dict[int, dict[str, Array]] = {}
-        for version in json.loads(meta["history"]):
-            head = f"history/{version}/"
-            history[int(version)] = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
-        return Snapshot(
-            seq=int(meta["seq"]), version=int(meta["version"]), fingerprint=meta["fingerprint"],
-            strategy=meta["strategy"], params=params, state_leaves=leaves, history=history,
-            dedup=[(str(k), int(b)) for k, b in json.loads(meta["dedup"])],
-            dedup_floor=int(meta["dedup_floor"]), counters=json.loads(meta["counters"]),
-        )
-    except StateError:
-        raise
-    except Exception as exc:  # safetensors' own error, KeyError, ValueError: all mean "unreadable"
-        raise StateError(f"cannot read snapshot {path}: {exc}") from exc
-
-
-def rebuild_state(template: Any, leaves: list[tuple[str, np.ndarray[Any, Any]]]) -> Any:
-    """The strategy state: ``template``'s tree structure (``strategy.init(params)``), the stored leaves.
-
-    >>> import jax.numpy as jnp
-    >>> stored = [("array", np.ones(2, np.float32)), ("array", np.array(3, np.int32))]
-    >>> rebuild_state((jnp.zeros(2), jnp.int32(0)), stored)
-    (Array([1., 1.], dtype=float32), Array(3, dtype=int32))
-    """
-    t_leaves, treedef = jax.tree_util.tree_flatten(template)
-    if len(t_leaves) != len(leaves):
-        raise StateError(f"snapshot holds {len(leaves)} strategy-state leaves, the strategy has "
-                         f"{len(t_leaves)} (a different strategy or optimizer than the one that wrote it?)")
-    out = []
-    for i, (t, (kind, stored)) in enumerate(zip(t_leaves, leaves, strict=True)):
-        if kind == "key":
-            out.append(jax.random.wrap_key_data(jax.numpy.asarray(stored), impl=jax.random.key_impl(t)))
-            continue
-        t_arr = jax.numpy.asarray(t)
-        if tuple(stored.shape) != tuple(t_arr.shape) or stored.dtype != t_arr.dtype:
-            raise StateError(f"strategy-state leaf {i}: stored {stored.dtype}{list(stored.shape)} does not "
-                             f"fit {t_arr.dtype}{list(t_arr.shape)}")
-        out.append(jax.numpy.asarray(stored, dtype=t_arr.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)

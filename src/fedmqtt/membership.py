@@ -76,7 +76,7 @@ def add_agent(directory: Path, agent: str) -> Identity:
     with (d / "passwd").open("a") as f:
         f.write(f"{agent}:{mosquitto_password_hash(password)}\n")
     acl = _read(d / "acl").rstrip("\n")
-    (d / "acl").write_text(acl + "\n\n" + "\n".join(agent_acl(_acl_base(acl), agent)) + "\n")
+    atomic_write(d / "acl", (acl + "\n\n" + "\n".join(agent_acl(_acl_base(acl), agent)) + "\n").encode(), 0o644)
     env = {"FEDMQTT_BROKER_URL": _broker_url(d), "FEDMQTT_USERNAME": agent, "FEDMQTT_PASSWORD": password,
            "FEDMQTT_CA_FILE": str(d / "ca.crt")}
     if cert and key:
@@ -104,7 +104,7 @@ def revoke_agent(directory: Path, agent: str) -> Revoked:
     kept = [ln for ln in lines if ln.split(":", 1)[0] != agent]
     _write_private(d / "passwd", "".join(f"{ln}\n" for ln in kept))
     acl, removed_acl = _without_block(_read(d / "acl"), agent)
-    (d / "acl").write_text(acl)
+    atomic_write(d / "acl", acl.encode(), 0o644)
     (d / "env" / f"{agent}.env").unlink(missing_ok=True)
     if len(kept) == len(lines) and not removed_acl and serial is None:
         raise ConfigError(f"{agent!r} is not in the profile in {d}")

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from fedmqtt import codec
 from fedmqtt.errors import CodecError
+from fedmqtt.files import atomic_write
 
 log = logging.getLogger("fedmqtt.outbox")
 _NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
@@ -79,14 +80,14 @@ class Outbox(MutableMapping[str, Pending]):
 
     def __setitem__(self, update_id: str, pending: Pending) -> None:
         if self.directory is not None and update_id not in self._items:
-            _write_atomic(self._path(update_id), pending.payload)
+            atomic_write(self._path(update_id), pending.payload)
         self._items[update_id] = pending
 
     async def put(self, update_id: str, pending: Pending) -> None:
         """``box[update_id] = pending`` with the disk write and its fsyncs in a worker thread, so that a
         slow flash card does not stall the agent's event loop."""
         if self.directory is not None and update_id not in self._items:
-            await asyncio.to_thread(_write_atomic, self._path(update_id), pending.payload)
+            await asyncio.to_thread(atomic_write, self._path(update_id), pending.payload)
         self._items[update_id] = pending
 
     def __delitem__(self, update_id: str) -> None:
@@ -99,21 +100,3 @@ class Outbox(MutableMapping[str, Pending]):
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -5,7 +5,7 @@ Two places use it (docs/security.md explains which to pick):
 * **on the agent** (``AgentConfig(dp=ClientDP(clip_norm=1.0, noise_multiplier=1.0))``): every delta the device
   publishes is clipped to ``C`` and gets N(0, (sigmaC)²) noise, so the aggregator and the broker only ever see
   noisy updates. Guarantee per device, against an untrusted aggregator.
-* **at the aggregator, FedBuff** (``fedbuff(dp_clip=C, dp_noise=sigma)``): each buffered delta is clipped to
+* **at the aggregator, FedBuff** (``fedbuff(dp=CentralDP(clip=C, noise=sigma))``): each buffered delta is clipped to
   ``C`` and N(0, (sigma C)²) noise is added once to the buffered sum before the server step. Guarantee per
   device for whoever sees the published models (other devices, observers), with a trusted aggregator.
 
@@ -36,7 +36,7 @@ import functools
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +115,24 @@ def noise_for_epsilon(target: float, releases: int, delta: float = DELTA, sampli
     return hi
 
 
+class CentralDP(NamedTuple):
+    """Central DP for FedBuff (``fedbuff(dp=CentralDP(1.0, 1.1))``): clip each delta to ``clip``, add
+    N(0, (noise·clip)²) to each buffered sum; ``seed`` seeds the noise, ε is reported at ``delta``."""
+
+    clip: float
+    noise: float = 0.0
+    seed: int = 0
+    delta: float = DELTA
+
+    def check(self) -> CentralDP:
+        if not self.clip > 0 or self.noise < 0:
+            raise ValueError("central DP needs clip > 0 and noise >= 0")
+        return self
+
+
 def central_accountant(noise_multiplier: float, delta: float = DELTA, sampling_rate: float = 1.0
                        ) -> Callable[[Any], Mapping[str, Any]]:
-    """For ``AggregatorConfig(privacy=...)``: reads the number of noisy steps from a DP FedBuff state and
+    """A DP FedBuff strategy's ``report`` (set by ``fedbuff(dp=...)``): reads the number of noisy steps from a DP FedBuff state and
     returns the metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_steps``."""
 
     def report(state: Any) -> Mapping[str, Any]:

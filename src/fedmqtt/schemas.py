@@ -11,10 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmqtt.errors import InvalidUpdate, Reason
-from fedmqtt.types import ModelInfo, UpdateInfo
+from fedmqtt.types import ID_PATTERN, SCHEMA_VERSION, Encoding, Mode, ModelInfo, UpdateInfo
 
-SCHEMA = 1
-ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+SCHEMA = SCHEMA_VERSION
 _HEX64 = r"^[0-9a-f]{64}$"
 _INT = r"^(0|[1-9][0-9]{0,17})$"
 
@@ -36,20 +35,21 @@ class UpdateHeader(_Frozen):
     update_id: str = Field(alias="fedmqtt.update_id", pattern=ID_PATTERN)
     base_version: str = Field(alias="fedmqtt.base_version", pattern=_INT)
     num_samples: str = Field(alias="fedmqtt.num_samples", pattern=_INT)
-    encoding: Literal["delta", "weights"] = Field(alias="fedmqtt.encoding")
+    encoding: Encoding = Field(alias="fedmqtt.encoding")
     fingerprint: str = Field(alias="fedmqtt.fingerprint", pattern=_HEX64)
 
 
 class ModelHeader(_Frozen):
     version: str = Field(alias="fedmqtt.version", pattern=_INT)
     fingerprint: str = Field(alias="fedmqtt.fingerprint", pattern=_HEX64)
-    mode: Literal["async", "sync"] = Field(default="async", alias="fedmqtt.mode")
+    mode: Mode = Field(default="async", alias="fedmqtt.mode")
     epoch: str = Field(default="", alias="fedmqtt.epoch", pattern=r"^[A-Za-z0-9]{0,64}$")
 
 
 def _check_schema_and_kind(metadata: dict[str, str], kind: str) -> None:
     if metadata.get("fedmqtt.schema") != str(SCHEMA):
-        raise InvalidUpdate(Reason.SCHEMA, f"fedmqtt.schema is {metadata.get('fedmqtt.schema')!r}, expected '1'")
+        raise InvalidUpdate(Reason.SCHEMA,
+                            f"fedmqtt.schema is {metadata.get('fedmqtt.schema')!r}, expected '{SCHEMA}'")
     if metadata.get("fedmqtt.kind") != kind:
         raise InvalidUpdate(Reason.KIND, f"fedmqtt.kind is {metadata.get('fedmqtt.kind')!r}, expected {kind!r}")
 

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedmqtt.types import check_id
+
 _FORBIDDEN = set("+#/\x00")
 
 
 def check_segment(value: str, what: str) -> str:
-    """Return ``value`` if it is a valid single topic level, else raise ValueError."""
+    """Return ``value`` if it is a valid single topic level (a prefix or federation name), else ValueError.
+    Agent ids follow the stricter id rule (:func:`fedmqtt.types.check_id`)."""
     if not value or len(value) > 128 or any(c in _FORBIDDEN for c in value) or value.startswith("$"):
         raise ValueError(f"{what} {value!r} must be 1-128 characters without '/', '+', '#', NUL or leading '$'")
     return value
 
-
-def valid_segment(value: str) -> bool:
-    """Whether ``value`` can be one topic level of an agent id (see :func:`check_segment`)."""
-    try:
-        check_segment(value, "agent id")
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -55,13 +50,13 @@ class Topics:
         return f"{self.base}/agents/+/status"
 
     def update(self, agent_id: str) -> str:
-        return f"{self.base}/updates/{check_segment(agent_id, 'agent id')}"
+        return f"{self.base}/updates/{check_id(agent_id)}"
 
     def status(self, agent_id: str) -> str:
-        return f"{self.base}/agents/{check_segment(agent_id, 'agent id')}/status"
+        return f"{self.base}/agents/{check_id(agent_id)}/status"
 
     def acks(self, agent_id: str) -> str:
-        return f"{self.base}/agents/{check_segment(agent_id, 'agent id')}/acks"
+        return f"{self.base}/agents/{check_id(agent_id)}/acks"
 
     def agent_of_update(self, topic: str) -> str | None:
         """The agent id in an update topic, or None if ``topic`` is not one."""

@@ -1,8 +1,13 @@
 """The only module that speaks MQTT (aiomqtt on paho-mqtt 2.x), plus an in-memory twin for fast tests.
 
-Both implement :class:`Transport`: an async context manager that connects, ``publish``, ``subscribe`` and an
-async iterator of :class:`Message`. Services build a new transport per connection attempt (through a
-:data:`Connector`), so reconnecting is a loop around ``async with``.
+Both implement :class:`Transport`: an async context manager that connects, ``publish``, ``subscribe`` and
+``closed`` (returns when the connection ends). Services build a new transport per connection attempt
+(through a :data:`Connector`), so reconnecting is a loop around ``async with``.
+
+Messages are received one way: the ``on_message`` handler of :class:`ConnectOptions`, called on the event
+loop for each message, in order. Reading from the socket goes no faster than the handler, so a busy
+service pushes back through TCP to the broker, which keeps the rest in the client's session queue; nothing
+is read only to be dropped. A client that wants to ``await`` messages puts an :class:`Inbox` there.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
+from collections import deque
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import NamedTuple, Protocol, Self
@@ -105,9 +111,8 @@ class Transport(Protocol):
                         tb: TracebackType | None) -> None: ...
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
     async def subscribe(self, topic: str, qos: int = 1) -> None: ...
-    def messages(self) -> AsyncIterator[Message]: ...
-    @property
-    def dropped(self) -> int: ...
+    async def closed(self) -> None:
+        """Return when the connection ends; TransportError when it was lost."""
 
 
 class ConnectOptions(NamedTuple):
@@ -117,11 +122,7 @@ class ConnectOptions(NamedTuple):
     will: Will | None = None
     clean_start: bool = True
     session_expiry: int = 0  # seconds the broker keeps the session (and queues QoS 1) after a disconnect
-    max_queued: int = 0  # bound on received-but-unprocessed messages; 0 = unbounded
-    # Handle each message synchronously as it is read, instead of queueing it for ``messages()``. Reading
-    # then goes no faster than handling, so TCP flow control pushes back to the broker (which holds the
-    # rest in the session queue) and nothing is read only to be dropped.
-    on_message: Callable[[Message], None] | None = None
+    on_message: Callable[[Message], None] | None = None  # every received message, in order (None: ignored)
 
 
 Connector = Callable[[ConnectOptions], "Transport"]
@@ -132,21 +133,24 @@ def mqtt_connector(config: BrokerConfig) -> Connector:
 
     def connect(opts: ConnectOptions) -> Transport:
         return MqttTransport(config, opts.client_id, will=opts.will, clean_start=opts.clean_start,
-                             session_expiry=opts.session_expiry, max_queued=opts.max_queued,
-                             on_message=opts.on_message)
+                             session_expiry=opts.session_expiry, on_message=opts.on_message)
 
     return connect
 
 
-class _CountingQueue(asyncio.Queue[aiomqtt.Message]):
-    """aiomqtt's incoming queue, bounded; a message that does not fit is counted (aiomqtt then drops it)."""
+def _delivery(on_message: Callable[[Message], None] | None) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's incoming-message queue (its public ``queue_type`` option) made into a hand-over: aiomqtt
+    puts each message in with ``put_nowait`` from its socket reader, on the event loop; this queue hands it
+    to ``on_message`` there and keeps nothing. This is the one place fedmqtt relies on how aiomqtt receives;
+    tests/test_transport.py fails loudly if that changes."""
 
-    dropped = 0
+    class Delivery(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            if on_message is not None:
+                payload = item.payload if isinstance(item.payload, bytes | bytearray) else str(item.payload).encode()
+                on_message(Message(item.topic.value, bytes(payload), bool(item.retain)))
 
-    def put_nowait(self, item: aiomqtt.Message) -> None:
-        if self.full():
-            self.dropped += 1
-        super().put_nowait(item)
+    return Delivery
 
 
 # aiomqtt warns on every publish while more than 10 are in flight, which the aggregator's concurrent acks do
@@ -166,7 +170,6 @@ class MqttTransport:
         will: Will | None = None,
         clean_start: bool = True,
         session_expiry: int = 0,
-        max_queued: int = 0,
         on_message: Callable[[Message], None] | None = None,
         timeout: float = 10.0,
     ) -> None:
@@ -189,22 +192,10 @@ class MqttTransport:
             keepalive=config.keepalive,
             tls_context=config.ssl_context(),
             timeout=timeout,
-            queue_type=_CountingQueue,
+            queue_type=_delivery(on_message),
             logger=_MQTT_LOG,
-            max_queued_incoming_messages=max_queued or None,
         )
         self._timeout = timeout
-        if on_message is not None:
-            def deliver(client: paho.Client, userdata: object, m: paho.MQTTMessage) -> None:
-                on_message(Message(m.topic, bytes(m.payload), bool(m.retain)))
-
-            # aiomqtt exposes no hook of its own; its paho client is the one place a message enters.
-            self._client._client.on_message = deliver
-
-    @property
-    def dropped(self) -> int:
-        queue = self._client._queue
-        return queue.dropped if isinstance(queue, _CountingQueue) else 0
 
     async def __aenter__(self) -> Self:
         try:
@@ -233,13 +224,44 @@ class MqttTransport:
         except aiomqtt.MqttError as exc:
             raise TransportError(f"subscribe to {topic} failed: {exc}") from exc
 
-    async def messages(self) -> AsyncIterator[Message]:
+    async def closed(self) -> None:
+        # The message iterator waits on aiomqtt's queue (never filled: see _delivery) and on the connection,
+        # so it ends exactly when the connection does, through aiomqtt's public API.
         try:
-            async for m in self._client.messages:
-                payload = m.payload if isinstance(m.payload, bytes | bytearray) else str(m.payload).encode()
-                yield Message(m.topic.value, bytes(payload), bool(m.retain))
+            async for _ in self._client.messages:
+                pass
         except aiomqtt.MqttError as exc:
             raise TransportError(f"connection lost: {exc}") from exc
+
+
+class Inbox:
+    """A bounded queue to put as ``on_message`` for clients that ``await`` their messages (readers, tests,
+    ``fedmqtt watch``). A message that does not fit is counted in ``dropped``.
+
+    >>> inbox = Inbox(maxsize=1)
+    >>> inbox(Message("t", b"1")); inbox(Message("t", b"2")); inbox.dropped
+    1
+    """
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def __call__(self, msg: Message) -> None:
+        try:
+            self.queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def get(self, timeout: float | None = None) -> Message:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self.queue.get()
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
@@ -254,9 +276,13 @@ def topic_matches(pattern: str, topic: str) -> bool:
 
 
 class MemoryBroker:
-    """An in-process broker with retained messages and wills, for unit tests of the services."""
+    """An in-process broker with retained messages and wills, for unit tests of the services. Like
+    Mosquitto (``max_queued_messages`` in mosquitto.conf), it queues at most ``max_queued`` undelivered
+    messages per client and drops the rest; messages reach the handler later on the event loop, in order,
+    never inside the publisher's call."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_queued: int = 10_000) -> None:
+        self.max_queued = max_queued
         self.retained: dict[str, bytes] = {}
         self.clients: list[MemoryTransport] = []
         self.published: list[Message] = []
@@ -274,20 +300,19 @@ class MemoryBroker:
 
     def connect(self, opts: ConnectOptions) -> MemoryTransport:
         """This broker as a :data:`Connector`."""
-        t = MemoryTransport(self, opts.client_id, opts.will)
-        t.on_message = opts.on_message
-        return t
+        return MemoryTransport(self, opts.client_id, opts.will, opts.on_message)
 
 
 class MemoryTransport:
-    def __init__(self, broker: MemoryBroker, client_id: str, will: Will | None = None) -> None:
+    def __init__(self, broker: MemoryBroker, client_id: str, will: Will | None = None,
+                 on_message: Callable[[Message], None] | None = None) -> None:
         self.broker, self.client_id, self.will = broker, client_id, will
+        self.on_message = on_message
         self.filters: list[str] = []
-        self.queue: asyncio.Queue[Message] = asyncio.Queue()
         self.connected = False
-        self.on_message: Callable[[Message], None] | None = None
-
-    dropped = 0
+        self.dropped = 0  # messages beyond the broker's max_queued for this client
+        self._pending: deque[Message] = deque()
+        self._lost = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         self.connected = True
@@ -297,20 +322,31 @@ class MemoryTransport:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         self.connected = False
-        self.broker.clients.remove(self)
+        if self in self.broker.clients:
+            self.broker.clients.remove(self)
         if et is not None and self.will:  # an unclean end fires the last will
             self.broker.route(Message(self.will.topic, self.will.payload, self.will.retain))
 
+    def drop(self) -> None:
+        """Lose the connection, as a network fault would."""
+        self._lost.set()
+
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        if not self.connected:
+        if not self.connected or self._lost.is_set():
             raise TransportError("not connected")
         self.broker.route(Message(topic, bytes(payload), retain))
 
     def deliver(self, msg: Message) -> None:
-        if self.on_message is not None:
+        if len(self._pending) >= self.broker.max_queued:
+            self.dropped += 1
+            return
+        self._pending.append(msg)
+        asyncio.get_running_loop().call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        msg = self._pending.popleft()
+        if self.on_message is not None and self.connected:
             self.on_message(msg)
-        else:
-            self.queue.put_nowait(msg)
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         self.filters.append(topic)
@@ -318,6 +354,6 @@ class MemoryTransport:
             if topic_matches(topic, t):
                 self.deliver(Message(t, payload, True))
 
-    async def messages(self) -> AsyncIterator[Message]:
-        while self.connected:
-            yield await self.queue.get()
+    async def closed(self) -> None:
+        await self._lost.wait()
+        raise TransportError("connection lost (MemoryTransport.drop)")

@@ -7,18 +7,15 @@ fingerprint → tensor names → shapes → dtypes → finite values → delta n
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
 
-from fedmqtt import codec
+from fedmqtt import codec, dedup
 from fedmqtt.errors import CodecError, InvalidUpdate, Reason
-from fedmqtt.schemas import ID_PATTERN, parse_update_metadata
-from fedmqtt.types import Array, UpdateInfo
-
-_ID = re.compile(ID_PATTERN)
+from fedmqtt.schemas import parse_update_metadata
+from fedmqtt.types import Array, UpdateInfo, is_id
 
 
 class Reference(NamedTuple):
@@ -39,57 +36,6 @@ class Checked(NamedTuple):
     staleness: int
 
 
-class DedupWindow:
-    """Applied ``agent/update_id`` keys, remembered while a replay could still pass the staleness check.
-
-    An entry whose base version is older than ``version - max_staleness`` is forgotten: a replay of it would
-    be rejected as stale anyway. ``capacity`` bounds memory under any load: beyond it, the entries with the
-    oldest base version go first, and ``floor`` rises to that base; updates on a base ``<= floor`` are
-    refused as stale, so an evicted id can never be applied twice, and the floor rises no further than it
-    must.
-    """
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self.capacity = capacity
-        self.floor = -1
-        self._keys: dict[str, int] = {}
-        self._by_base: dict[int, set[str]] = {}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def add(self, key: str, base_version: int) -> None:
-        if key in self._keys:
-            old = self._keys[key]
-            self._by_base[old].discard(key)
-            if not self._by_base[old]:
-                del self._by_base[old]
-        self._keys[key] = base_version
-        self._by_base.setdefault(base_version, set()).add(key)
-        while len(self._keys) > self.capacity:
-            oldest = min(self._by_base)
-            self._drop(oldest)
-            self.floor = max(self.floor, oldest)
-
-    def expire(self, oldest_acceptable_base: int) -> None:
-        for base in [b for b in self._by_base if b < oldest_acceptable_base]:
-            self._drop(base)
-
-    def _drop(self, base: int) -> None:
-        for key in self._by_base.pop(base):
-            del self._keys[key]
-
-    def items(self) -> list[tuple[str, int]]:
-        return list(self._keys.items())
-
-
-def dedup_key(agent: str, update_id: str) -> str:
-    return f"{agent}/{update_id}"
-
-
 def check_update(
     payload: bytes,
     topic_agent: str,
@@ -97,7 +43,7 @@ def check_update(
     reference: Reference,
     version: int,
     max_staleness: int,
-    applied: DedupWindow,
+    seen: dedup.Seen,
     max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
 ) -> Checked:
     """Everything that can be checked without the model's values; raises InvalidUpdate."""
@@ -109,15 +55,15 @@ def check_update(
         info = parse_update_metadata(decoded.metadata)
     except InvalidUpdate as exc:  # name the update in the ack when its id at least is well-formed
         claimed = decoded.metadata.get("fedmqtt.update_id", "")
-        exc.update_id = claimed if _ID.fullmatch(claimed) else None
+        exc.update_id = claimed if is_id(claimed) else None
         raise
     try:
         if info.agent != topic_agent:
             raise InvalidUpdate(Reason.AGENT_MISMATCH,
                                 f"fedmqtt.agent {info.agent!r} sent on the topic of {topic_agent!r}")
-        if dedup_key(info.agent, info.update_id) in applied:
+        if dedup.contains(seen, dedup.key(info.agent, info.update_id), info.base_version):
             raise InvalidUpdate(Reason.DUPLICATE, f"update {info.update_id!r} was already applied")
-        if info.base_version <= applied.floor:
+        if info.base_version <= seen.floor:
             raise InvalidUpdate(Reason.STALE, f"base {info.base_version} predates the de-duplication window")
         if info.base_version > version:
             raise InvalidUpdate(Reason.FUTURE_BASE, f"base version {info.base_version} > current {version}")

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from fedmqtt.schemas import Metrics, Status
 from fedmqtt.topics import Topics
-from fedmqtt.transport import BrokerConfig, ConnectOptions, mqtt_connector
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector
 
 
 async def watch(broker: str, topics: Topics, raw: bool = False, out: Console | None = None,
@@ -18,10 +18,11 @@ async def watch(broker: str, topics: Topics, raw: bool = False, out: Console | N
     console = out or Console()
     connect = mqtt_connector(BrokerConfig.from_url(broker))
     seen = 0
-    async with connect(ConnectOptions(f"fedmqtt-watch-{uuid.uuid4().hex[:8]}")) as t:
+    inbox = Inbox()
+    async with connect(ConnectOptions(f"fedmqtt-watch-{uuid.uuid4().hex[:8]}", on_message=inbox)) as t:
         await t.subscribe(topics.metrics, qos=1)
         await t.subscribe(topics.status_wildcard, qos=1)
-        async for msg in t.messages():
+        async for msg in inbox:
             try:
                 show(console, topics, msg.topic, msg.payload, raw)
             except ValueError as exc:  # anyone may publish here on an open broker: report, keep watching

@@ -1,18 +1,18 @@
-"""Aggregation strategies: pure functions on pytrees."""
+"""Aggregation strategies: pure functions on pytrees, composed from parts (combine rules, DP, optax)."""
 
 from fedmqtt.strategies.base import ClientUpdate, EmptyState, Strategy
+from fedmqtt.strategies.combine import Combine, mean, median, multi_krum, norm_bound, outlier, trimmed
 from fedmqtt.strategies.fedasync import fedasync
 from fedmqtt.strategies.fedavg import FedAvgState, fedavg
 from fedmqtt.strategies.fedbuff import FedBuffState, fedbuff, server_optimizer
-from fedmqtt.strategies.robust import RobustState, robust_fedbuff
 from fedmqtt.strategies.staleness import StalenessFn, constant, hinge, polynomial
 
 __all__ = [
     "ClientUpdate",
+    "Combine",
     "EmptyState",
     "FedAvgState",
     "FedBuffState",
-    "RobustState",
     "StalenessFn",
     "Strategy",
     "constant",
@@ -20,7 +20,12 @@ __all__ = [
     "fedavg",
     "fedbuff",
     "hinge",
+    "mean",
+    "median",
+    "multi_krum",
+    "norm_bound",
+    "outlier",
     "polynomial",
-    "robust_fedbuff",
     "server_optimizer",
+    "trimmed",
 ]

@@ -8,11 +8,13 @@ State is a NamedTuple pytree, so it can be checkpointed, compared in tests and j
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from jax import Array
 from jax.typing import ArrayLike
+
+from fedmqtt.types import Encoding, Mode
 
 Params = Any  # a pytree of arrays; the aggregator uses a flat dict name -> array
 State = Any  # a NamedTuple pytree
@@ -27,14 +29,20 @@ class ClientUpdate(NamedTuple):
 
 
 class Strategy(NamedTuple):
-    """``apply`` returns (params, state, stepped); a step means a new global version."""
+    """``apply`` returns (params, state, stepped); a step means a new global version.
+
+    ``one_update_per_step``: the strategy's guarantees assume no agent has two updates in one step (central
+    DP); the server then holds an agent's second update until the next step (fedmqtt.gate). ``report`` turns
+    the state into extra metrics (central DP: ε from the accountant)."""
 
     name: str
-    wants: Literal["weights", "delta"]
-    mode: Literal["async", "sync"]
+    wants: Encoding
+    mode: Mode
     init: Callable[[Params], State]
     apply: Callable[[Params, ClientUpdate, State], tuple[Params, State, Array | bool]]
     flush: Callable[[Params, State], tuple[Params, State, Array | bool]]
+    one_update_per_step: bool = False
+    report: Callable[[State], Mapping[str, Any]] | None = None
 
 
 class EmptyState(NamedTuple):

@@ -1,15 +1,28 @@
-"""FedBuff (Nguyen et al., 2022): buffer K staleness-weighted deltas, then take one server optimizer step.
+"""FedBuff (Nguyen et al., 2022): buffer K staleness-weighted deltas, combine them, take one server step.
 
-    Δ̄ = Σ w(sᵢ)·Δᵢ / K          (or Σ nᵢ·w(sᵢ)·Δᵢ / Σ nᵢ with ``weight_by_samples``)
+    Δ̄ = combine(w(sᵢ)·Δᵢ)       mean (default): Σ w(sᵢ)·Δᵢ / K, or Σ nᵢ·w(sᵢ)·Δᵢ / Σ nᵢ with
+                                 ``weight_by_samples``; robust rules in fedmqtt.strategies.combine
     θ ← θ + optax_step(g = -Δ̄)  (sgd: θ + η·Δ̄; FedAvgM, FedAdam, FedYogi: momentum / Adam / Yogi on g)
 
-Central differential privacy (``dp_clip=C``, ``dp_noise=sigma``; see fedmqtt.privacy): each Δᵢ is clipped to
-‖Δᵢ‖ ≤ C and N(0, (sigmaC)²) noise is added to the buffered sum before dividing by K; the PRNG key and the
-count of noisy steps live in the state, so the strategy stays pure.
+The parts compose like optax transforms: ``fedbuff(10, combine=outlier(3.0), optimizer=optax.adam(0.1))``.
+Central differential privacy is one more part, ``dp=CentralDP(clip=C, noise=sigma)`` (fedmqtt.privacy): each
+Δᵢ is clipped to ‖Δᵢ‖ ≤ C and N(0, (sigma C)²) noise is added to the buffered sum before dividing by K; the
+PRNG key and the count of noisy steps live in the state, so the strategy stays pure. The noise is calibrated
+to a sum, so DP composes with the mean only, and the strategy asks the server for one update per agent per
+step (``one_update_per_step``) and reports ε from the accountant (``report``).
 
 ``flush`` takes a step with a partly filled buffer (the mean over the n < K deltas held); the aggregator
-calls it when a step is overdue (``AggregatorConfig.step_deadline``). With central DP each device still adds
-at most one clipped delta and the noise on the sum is the same, so a partial step costs no extra privacy.
+calls it when a step is overdue (``step_deadline``). With central DP each device still adds at most one
+clipped delta and the noise on the sum is the same, so a partial step costs no extra privacy. Robust rules
+need the full buffer and take no partial step.
+
+>>> import jax.numpy as jnp
+>>> s = fedbuff(2)
+>>> p = {"w": jnp.zeros(1)}
+>>> p, st, _ = s.apply(p, ClientUpdate({"w": jnp.ones(1)}, 0, 1), s.init(p))
+>>> p, st, stepped = s.apply(p, ClientUpdate({"w": jnp.full(1, 3.0)}, 0, 1), st)
+>>> bool(stepped), p["w"].tolist()  # θ + (1 + 3) / 2
+(True, [2.0])
 """
 
 from __future__ import annotations
@@ -21,14 +34,15 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
-from fedmqtt.privacy import clip_by_l2, gaussian_noise
+from fedmqtt.privacy import CentralDP, central_accountant, clip_by_l2, gaussian_noise
 from fedmqtt.strategies.base import ClientUpdate, Params, Strategy
+from fedmqtt.strategies.combine import Combine, mean
 from fedmqtt.strategies.staleness import StalenessFn, polynomial
 
 
 class FedBuffState(NamedTuple):
-    buffer: Params  # running Σ weight·Δ
-    weight_sum: Array  # Σ nᵢ (weight_by_samples) or K
+    buffer: Params  # mean: running Σ weight·Δ; other rules: each leaf stacked (K, *shape), slot i = Δᵢ as sent
+    weights: Array  # mean: Σ nᵢ (weight_by_samples) or n; other rules: (K,) staleness weights w(sᵢ)
     n: Array  # deltas buffered so far (not `count`: that would shadow tuple.count)
     opt_state: optax.OptState
     key: Array | None = None  # central DP only: raw PRNG key for the noise
@@ -53,58 +67,85 @@ def fedbuff(
     optimizer: optax.GradientTransformation | None = None,
     weighting: StalenessFn | None = None,
     weight_by_samples: bool = False,
-    name: str = "fedbuff",
-    dp_clip: float | None = None,
-    dp_noise: float = 0.0,
-    seed: int = 0,
+    name: str | None = None,
+    combine: Combine | None = None,
+    dp: CentralDP | None = None,
 ) -> Strategy:
-    """FedBuff with buffer size K, server optimizer (default SGD, lr 1) and weighting (default (1+s)^-0.5);
-    ``dp_clip``/``dp_noise`` turn on central DP (clip norm C, noise multiplier sigma, noise PRNG ``seed``)."""
+    """FedBuff with buffer size K, server optimizer (default SGD, lr 1), staleness weighting (default
+    (1+s)^-0.5), combine rule (default the mean) and optional central DP."""
     if buffer_size < 1:
         raise ValueError("FedBuff buffer size K must be >= 1")
-    dp = dp_clip is not None
-    if dp and (dp_clip is None or dp_clip <= 0 or dp_noise < 0 or weight_by_samples):
-        raise ValueError("central DP needs dp_clip > 0, dp_noise >= 0 and no weight_by_samples")
-    clip = float(dp_clip) if dp_clip is not None else 0.0
+    rule = combine or mean()
+    rule.check(buffer_size)
+    stacked = rule.fn is not None
+    if stacked and weight_by_samples:
+        raise ValueError(f"weight_by_samples weighs the mean; the {rule.name} rule takes no sample weights")
+    if dp is not None and (stacked or weight_by_samples):
+        raise ValueError("central DP noise is calibrated to a sum of clipped deltas: it needs the mean rule "
+                         "without weight_by_samples")
+    if dp is not None:
+        dp.check()
     opt = optimizer or optax.sgd(1.0)
     w = weighting or polynomial(0.5)
+    clip = dp.clip if dp is not None else 0.0
 
     def init(params: Params) -> FedBuffState:
+        if stacked:
+            slots = jax.tree.map(lambda x: jnp.zeros((buffer_size, *jnp.shape(x)), jnp.float32), params)
+            return FedBuffState(slots, jnp.zeros((buffer_size,), jnp.float32), jnp.zeros((), jnp.int32),
+                                opt.init(params))
         zeros = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), params)
-        key, steps = (jax.random.PRNGKey(seed), jnp.zeros((), jnp.int32)) if dp else (None, None)
+        key, steps = (jax.random.PRNGKey(dp.seed), jnp.zeros((), jnp.int32)) if dp is not None else (None, None)
         return FedBuffState(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), opt.init(params),
                             key, steps)
 
-    def apply(params: Params, update: ClientUpdate, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
+    def add(state: FedBuffState, update: ClientUpdate) -> FedBuffState:
+        sw = w(update.staleness)
+        if stacked:
+            buffer = jax.tree.map(lambda s, d: s.at[state.n].set(jnp.asarray(d, jnp.float32)),
+                                  state.buffer, update.params)
+            return state._replace(buffer=buffer, weights=state.weights.at[state.n].set(sw), n=state.n + 1)
         n = jnp.asarray(update.num_samples, jnp.float32)
-        weight = w(update.staleness) * (n if weight_by_samples else 1.0)
-        delta = clip_by_l2(update.params, clip) if dp else update.params
+        weight = sw * (n if weight_by_samples else 1.0)
+        delta = clip_by_l2(update.params, clip) if dp is not None else update.params
         buffer = jax.tree.map(lambda b, d: b + weight * d, state.buffer, delta)
-        state = state._replace(buffer=buffer, weight_sum=state.weight_sum + (n if weight_by_samples else 1.0),
-                               n=state.n + 1)
-        stepped = state.n >= buffer_size
-        params, state = jax.lax.cond(stepped, _step, lambda p, s: (p, s), params, state)
-        return params, state, stepped
+        return state._replace(buffer=buffer, weights=state.weights + (n if weight_by_samples else 1.0),
+                              n=state.n + 1)
 
-    def _step(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState]:
+    def combined(state: FedBuffState) -> tuple[Params, FedBuffState]:
+        if rule.fn is not None:
+            return rule.fn(state.buffer, state.weights), state
         total = state.buffer
-        if dp:
-            assert state.key is not None
-            assert state.dp_steps is not None
+        if dp is not None:
+            assert state.key is not None and state.dp_steps is not None
             key, sub = jax.random.split(state.key)
-            total = jax.tree.map(jnp.add, total, gaussian_noise(total, sub, dp_noise * clip))
+            total = jax.tree.map(jnp.add, total, gaussian_noise(total, sub, dp.noise * clip))
             state = state._replace(key=key, dp_steps=state.dp_steps + 1)
-        mean_delta = jax.tree.map(lambda b: b / jnp.maximum(state.weight_sum, 1e-12), total)
+        return jax.tree.map(lambda b: b / jnp.maximum(state.weights, 1e-12), total), state
+
+    def step(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState]:
+        mean_delta, state = combined(state)
         grads = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, params)
         updates, opt_state = opt.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
-        zeros = jax.tree.map(jnp.zeros_like, state.buffer)
-        return params, state._replace(buffer=zeros, weight_sum=jnp.zeros_like(state.weight_sum),
-                                      n=jnp.zeros_like(state.n), opt_state=opt_state)
+        if stacked:  # the slots are overwritten before they are read again
+            return params, state._replace(n=jnp.zeros_like(state.n), opt_state=opt_state)
+        return params, state._replace(buffer=jax.tree.map(jnp.zeros_like, state.buffer),
+                                      weights=jnp.zeros_like(state.weights), n=jnp.zeros_like(state.n),
+                                      opt_state=opt_state)
 
-    def flush(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
-        stepped = state.n > 0
-        params, state = jax.lax.cond(stepped, _step, lambda p, s: (p, s), params, state)
+    def apply(params: Params, update: ClientUpdate, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
+        state = add(state, update)
+        stepped = state.n >= buffer_size
+        params, state = jax.lax.cond(stepped, step, lambda p, s: (p, s), params, state)
         return params, state, stepped
 
-    return Strategy(name, "delta", "async", init, jax.jit(apply), jax.jit(flush))
+    def flush(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
+        stepped = (state.n > 0) & (not stacked)
+        params, state = jax.lax.cond(stepped, step, lambda p, s: (p, s), params, state)
+        return params, state, stepped
+
+    default_name = "fedbuff" if rule.name == "mean" else f"fedbuff-{rule.name}"
+    return Strategy(name or default_name, "delta", "async", init, jax.jit(apply), jax.jit(flush),
+                    one_update_per_step=dp is not None,
+                    report=central_accountant(dp.noise, dp.delta) if dp is not None else None)

@@ -1,0 +1,299 @@
+"""The aggregator's decisions, sans I/O: server state in, an event in, new state and effects out.
+
+No asyncio, MQTT, clocks or files here (compare h11's ``Connection``; optax's state-as-a-pytree). The service
+(aggregator.py) feeds every received update to :func:`receive`, calls :func:`flush` when a round or a step
+is due, writes the ``records`` of the returned :class:`Effects` to its journal and, once they are durable,
+sends the ``replies`` and publishes the new version. Recovery is :func:`replay` of those records on the
+last snapshot of the state (snapshot.py); tests and the benchmark simulation drive the same functions.
+
+An update, from bytes to a new version (:func:`receive`):
+
+1. the topic's agent id must be an id (else it is counted as ``bad_topic``: no reply topic exists);
+2. ``check_update`` decodes and checks it against the model's shape, the version and the de-duplication
+   window (validation.py; each failure has its own :class:`~fedmqtt.errors.Reason`);
+3. with a one-update-per-step strategy (central DP), an agent's second update in a step is held (gate.py);
+4. it becomes what the strategy wants (weights or a delta against its base; non-finite values and the
+   norm bound are checked here) and the strategy applies it;
+5. the journal record, the counters and the de-duplication window follow; a step makes a new version,
+   trims the history and the window, and lets held updates in.
+
+>>> import numpy as np
+>>> from fedmqtt import codec
+>>> from fedmqtt.strategies import fedasync
+>>> params = {"w": np.zeros(2, np.float32)}
+>>> r = rules(fedasync(alpha=0.5), params)
+>>> s = init(r, params, epoch="e1")
+>>> up = codec.encode_update({"w": np.ones(2, np.float32)}, agent="a", update_id="u1", base_version=0,
+...                          num_samples=1)
+>>> s, fx = receive(s, "a", up, r)
+>>> s.version, fx.replies[0].accepted, [e.kind for e in fx.records], s.params["w"].tolist()
+(1, True, ['update'], [0.5, 0.5])
+>>> s, fx = receive(s, "a", up, r)  # the same update again
+>>> fx.replies[0].reason, fx.records
+('duplicate', ())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from fedmqtt import codec, dedup, gate
+from fedmqtt.errors import ConfigError, InvalidUpdate, Reason, StateError
+from fedmqtt.gate import Gate, GateLimits, Held
+from fedmqtt.strategies.base import ClientUpdate, Strategy
+from fedmqtt.types import Array, is_id
+from fedmqtt.validation import Checked, Reference, check_norm, check_update
+
+Params = dict[str, Any]  # name -> jax array
+_UNBOUNDED = 1 << 62
+
+
+class Limits(NamedTuple):
+    """What the server accepts."""
+
+    max_staleness: int = 64  # async only; sync rounds accept base == version alone
+    max_update_norm: float | None = 1e3  # bound on ‖Δ‖₂; None disables
+    max_payload: int = codec.DEFAULT_MAX_PAYLOAD
+    dedup_capacity: int = 100_000
+    one_update_per_step: bool = False  # also on when the strategy asks for it (central DP)
+    held: GateLimits = GateLimits()  # bounds on updates held for the next step
+
+
+class Rules(NamedTuple):
+    """Everything fixed for a server's life: the strategy, the model's shape, the limits. Build with
+    :func:`rules`."""
+
+    strategy: Strategy
+    reference: Reference
+    limits: Limits
+    max_staleness: int  # 0 in sync mode
+    history_len: int  # past versions kept to turn deltas into weights (FedAsync, FedAvg), else 1
+    gated: bool  # one update per agent per step
+
+
+def rules(strategy: Strategy, initial: Mapping[str, Array], limits: Limits | None = None) -> Rules:
+    """The rules for ``strategy`` on a model shaped like ``initial``."""
+    lim = limits or Limits()
+    sync = strategy.mode == "sync"
+    gated = lim.one_update_per_step or strategy.one_update_per_step
+    if gated and sync:
+        raise ConfigError("one update per step is for asynchronous strategies; a sync round takes one update "
+                          "per agent already")
+    max_staleness = 0 if sync else lim.max_staleness
+    ref = Reference.of({k: np.asarray(v) for k, v in initial.items()})
+    return Rules(strategy, ref, lim, max_staleness, max_staleness + 1 if strategy.wants == "weights" else 1,
+                 gated)
+
+
+class Counters(NamedTuple):
+    accepted: int = 0
+    rejected: Mapping[str, int] = {}  # by reason; never mutated: each change builds a new mapping
+    staleness: Mapping[int, int] = {}  # histogram of accepted updates' staleness
+    since_step: int = 0  # updates applied since the last step (a sync round's size so far)
+
+
+class ServerState(NamedTuple):
+    """The whole server state: a pytree of arrays and plain immutable values. A snapshot is this, serialised."""
+
+    params: Params
+    version: int
+    epoch: str  # names this run of versions; kept across restarts with the state
+    strategy: Any  # the strategy's state pytree
+    history: Mapping[int, Params]  # versions a stale update may be based on
+    seen: dedup.Seen
+    gate: Gate
+    counters: Counters
+
+
+class Reply(NamedTuple):
+    """The acknowledgement owed to an update's sender."""
+
+    agent: str
+    update_id: str  # empty when the update was too broken to carry one
+    accepted: bool
+    version: int
+    reason: str | None = None
+    detail: str | None = None
+
+
+class Entry(NamedTuple):
+    """A journal record: an accepted update as received, or a flushed step."""
+
+    kind: Literal["update", "flush"]
+    agent: str = ""
+    payload: bytes = b""
+
+
+class Effects(NamedTuple):
+    """What the service must do, in order: make ``records`` durable, then send ``replies`` and, when
+    ``stepped``, publish the new version. Nothing here may be visible before its records are on disk."""
+
+    records: tuple[Entry, ...] = ()
+    replies: tuple[Reply, ...] = ()
+    stepped: bool = False
+
+
+def init(r: Rules, params: Mapping[str, Array], epoch: str, version: int = 0) -> ServerState:
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    return ServerState(p, version, epoch, r.strategy.init(p), {version: p}, dedup.Seen(), Gate(), Counters())
+
+
+class _Out:
+    """Effects being collected inside one call (local to the call; never part of the state)."""
+
+    def __init__(self) -> None:
+        self.records: list[Entry] = []
+        self.replies: list[Reply] = []
+        self.stepped = self.opened = False
+
+    def effects(self) -> Effects:
+        return Effects(tuple(self.records), tuple(self.replies), self.stepped)
+
+
+# ---- events ---------------------------------------------------------------------------------------------
+def receive(state: ServerState, agent: str, payload: bytes, r: Rules) -> tuple[ServerState, Effects]:
+    """One update from ``agent`` (the id in its topic). Never raises for bad input: every rejection is a
+    reply with a reason, counted in ``state.counters.rejected``."""
+    if not is_id(agent):  # e.g. "$x" or 200 characters: no ack topic can be built for it
+        return _count_rejection(state, Reason.BAD_TOPIC), Effects()
+    out = _Out()
+    state = _take(state, agent, payload, r, out)
+    return _release(state, r, out), out.effects()
+
+
+def flush(state: ServerState, r: Rules) -> tuple[ServerState, Effects]:
+    """Close a sync round, or take an overdue partial step: the strategy's ``flush``, when it holds anything."""
+    params, strategy_state, stepped = r.strategy.flush(state.params, state.strategy)
+    if not bool(stepped):
+        return state, Effects()
+    out = _Out()
+    out.records.append(Entry("flush"))
+    state = _advance(state._replace(strategy=strategy_state), params, r, out)
+    return _release(state, r, out), out.effects()
+
+
+def replay(state: ServerState, entry: Entry, r: Rules) -> ServerState:
+    """Re-apply a journal record after a restart. The structural checks run again, but not the policy bounds
+    (staleness, norm, size) that accepted it, so a changed limit cannot drop an acknowledged update; a record
+    that no longer applies (another model or strategy) raises StateError."""
+    if entry.kind == "flush":
+        return flush(state, r)[0]
+    out = _Out()
+    state = _take(state, entry.agent, entry.payload, r, out, replaying=True)
+    bad = [x for x in out.replies if not x.accepted]
+    if bad:
+        raise StateError(f"a journal record of {entry.agent!r} cannot be replayed ({bad[0].reason}: "
+                         f"{bad[0].detail}); was the aggregator's model or strategy changed?")
+    return state
+
+
+def round_target(online: int, size: int | None = None, fraction: float | None = None) -> int:
+    """Sync mode: updates that close a round: ``size``, else ``ceil(fraction × online)``, else ``online``.
+
+    >>> round_target(6, fraction=0.5), round_target(6), round_target(6, size=2)
+    (3, 6, 2)
+    """
+    online = max(online, 1)
+    if size:
+        return size
+    if fraction:
+        return max(1, -(-int(fraction * online * 1000) // 1000))  # ceil, float-safe
+    return online
+
+
+# ---- the steps of one update ----------------------------------------------------------------------------
+def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, arrived: int | None = None,
+          replaying: bool = False) -> ServerState:
+    """Check, hold or apply one update. ``arrived``: the version at which a held update arrived (its
+    staleness is judged as of then)."""
+    lim = r.limits
+    waited = state.version - arrived if arrived is not None else 0
+    checked: Checked | None = None
+    try:
+        checked = check_update(payload, agent, reference=r.reference, version=state.version,
+                               max_staleness=_UNBOUNDED if replaying else r.max_staleness + waited,
+                               seen=state.seen, max_payload=_UNBOUNDED if replaying else lim.max_payload)
+        info = checked.info
+        if r.gated and not replaying and not gate.admits(state.gate, agent):
+            held = Held(dedup.key(agent, info.update_id), agent, payload, state.version if arrived is None
+                        else arrived)
+            return state._replace(gate=gate.hold(state.gate, held, lim.held))  # replied to once applied
+        update = _client_update(checked, state.history, r.strategy, None if replaying else lim.max_update_norm)
+        params, strategy_state, stepped = r.strategy.apply(state.params, update, state.strategy)
+    except InvalidUpdate as exc:
+        update_id = exc.update_id or (checked.info.update_id if checked is not None else "")
+        out.replies.append(Reply(agent, update_id, False, state.version, exc.reason.value, exc.detail[:300]))
+        return _count_rejection(state, exc.reason)
+    out.records.append(Entry("update", agent, payload))  # write-ahead: the record comes before any effect
+    c = state.counters
+    state = state._replace(
+        strategy=strategy_state,
+        seen=dedup.add(state.seen, dedup.key(agent, info.update_id), info.base_version, lim.dedup_capacity),
+        gate=gate.admit(state.gate, agent) if r.gated else state.gate,
+        counters=c._replace(accepted=c.accepted + 1, staleness=_plus_one(c.staleness, checked.staleness),
+                            since_step=c.since_step + 1))
+    if bool(stepped):
+        state = _advance(state, params, r, out)
+    out.replies.append(Reply(agent, info.update_id, True, state.version))
+    return state
+
+
+def _client_update(checked: Checked, history: Mapping[int, Params], strategy: Strategy,
+                   max_norm: float | None) -> ClientUpdate:
+    """What the strategy wants from a checked update; raises InvalidUpdate (base_unavailable, non_finite,
+    norm). numpy on the hot path: the jitted strategy takes numpy arrays, and small element-wise work here
+    costs less than extra JAX dispatches."""
+    info = checked.info
+    base = history.get(info.base_version)
+    wants_weights = strategy.wants == "weights"
+    if base is None and (info.encoding == "weights" or wants_weights):
+        raise InvalidUpdate(Reason.BASE_UNAVAILABLE, f"base version {info.base_version} no longer held")
+    tensors = checked.tensors
+    if info.encoding == "delta":
+        check_norm(tensors, max_norm)
+        value = {k: np.add(np.asarray(base[k]), v) for k, v in tensors.items()} if wants_weights else tensors
+    else:
+        delta = {k: np.subtract(v, np.asarray(base[k])) for k, v in tensors.items()}  # type: ignore[index]
+        check_norm(delta, max_norm)
+        value = tensors if wants_weights else delta
+    return ClientUpdate(value, np.int32(checked.staleness), np.float32(info.num_samples))
+
+
+def _advance(state: ServerState, params: Params, r: Rules, out: _Out) -> ServerState:
+    """A step: a new version; older history and de-duplication entries go; held updates may go in."""
+    version = state.version + 1
+    history = {v: p for v, p in state.history.items() if v > version - r.history_len}
+    history[version] = params
+    out.stepped = out.opened = True
+    return state._replace(params=params, version=version, history=history,
+                          seen=dedup.expire(state.seen, version - r.max_staleness),
+                          gate=gate.advance(state.gate) if r.gated else state.gate,
+                          counters=state.counters._replace(since_step=0))
+
+
+def _release(state: ServerState, r: Rules, out: _Out) -> ServerState:
+    """After a step, held updates go in first, one per agent per step, oldest first."""
+    while r.gated and out.opened:
+        out.opened = False
+        g, ready = gate.take_ready(state.gate)
+        state = state._replace(gate=g)
+        for h in ready:
+            state = _take(state, h.agent, h.payload, r, out, arrived=h.version)
+    return state
+
+
+def _count_rejection(state: ServerState, reason: Reason) -> ServerState:
+    c = state.counters
+    rejected = dict(c.rejected)
+    rejected[reason.value] = rejected.get(reason.value, 0) + 1
+    return state._replace(counters=c._replace(rejected=rejected))
+
+
+def _plus_one(hist: Mapping[int, int], key: int) -> dict[int, int]:
+    out = dict(hist)
+    out[key] = out.get(key, 0) + 1
+    return out
