@@ -18,6 +18,14 @@ def _start(proc: MosquittoProcess) -> None:
     asyncio.run(proc.start())
 
 
+def _no_broker(why: str) -> None:
+    """Skip a broker test where no broker can be had; in CI (``CI`` set) that is a failure, not a skip, so
+    that the broker tests can never silently stop running."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {why}: the broker tests cannot run", pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[BrokerConfig]:
     """A running broker for the whole session (shared: tests use unique federation names)."""
@@ -26,7 +34,7 @@ def broker() -> Iterator[BrokerConfig]:
         yield BrokerConfig.from_url(url)
         return
     if not has_mosquitto():
-        pytest.skip("no mosquitto binary (install it, or set FEDMQTT_BROKER_URL)")
+        _no_broker("no mosquitto binary (install it, or set FEDMQTT_BROKER_URL)")
     proc = MosquittoProcess.prepare()
     _start(proc)
     try:
@@ -40,7 +48,7 @@ def broker() -> Iterator[BrokerConfig]:
 def mosquitto() -> Iterator[MosquittoProcess]:
     """A private Mosquitto process that the test may stop, kill and restart (fault injection)."""
     if not has_mosquitto():
-        pytest.skip("no mosquitto binary")
+        _no_broker("no mosquitto binary")
     proc = MosquittoProcess.prepare()
     _start(proc)
     try:

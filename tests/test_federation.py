@@ -20,7 +20,7 @@ from fedmqtt.schemas import Ack, Status
 from fedmqtt.strategies import fedasync
 from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import BrokerConfig, ConnectOptions, mqtt_connector
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector
 
 pytestmark = pytest.mark.broker
 
@@ -53,11 +53,12 @@ async def test_multi_agent_federation_learns(broker: BrokerConfig, federation: s
                 await a.__aexit__(None, None, None)
         final = task.evaluate_fn(task.trainer(0))(agg.numpy_params())
         assert final["accuracy"] >= 0.9
-        assert agg.accepted >= 40
-        assert sum(agg.rejected.values()) == 0
+        counters = agg.state.counters
+        assert counters.accepted >= 40
+        assert sum(counters.rejected.values()) == 0
         # Every agent contributed, and the slowest agent's updates arrived stale but were used.
         assert all(a.acks["accepted"] > 0 for a in agents)
-        assert max(agg.staleness) > 0
+        assert max(counters.staleness) > 0
 
 
 async def test_late_joiner_gets_newest_retained_model(broker: BrokerConfig, federation: str) -> None:
@@ -86,7 +87,8 @@ async def test_rejection_is_reported_to_its_sender(broker: BrokerConfig, federat
     task, topics, connect, agg = services(broker, federation, agents=1)
     async with agg:
         await agg.wait_connected()
-        async with connect(ConnectOptions(f"raw-{uuid.uuid4().hex[:6]}")) as t:
+        inbox = Inbox()
+        async with connect(ConnectOptions(f"raw-{uuid.uuid4().hex[:6]}", on_message=inbox)) as t:
             await t.subscribe(topics.acks("intruder"), qos=1)
             bad = {k: np.full_like(v, np.nan) for k, v in agg.numpy_params().items()}
             payload = codec.encode_update(bad, agent="intruder", update_id="nan-1", base_version=0, num_samples=1)
@@ -95,7 +97,7 @@ async def test_rejection_is_reported_to_its_sender(broker: BrokerConfig, federat
             await t.publish(topics.update("intruder"), spoof, qos=1)
             acks = []
             async with asyncio.timeout(10):
-                async for msg in t.messages():
+                async for msg in inbox:
                     acks.append(Ack.model_validate_json(msg.payload))
                     if len(acks) == 2:
                         break
@@ -112,10 +114,11 @@ async def test_last_will_marks_a_killed_agent_offline(broker: BrokerConfig, fede
                              federation, "--agent-id", "doomed-1"], stdout=subprocess.DEVNULL)
     seen: list[str] = []
     try:
-        async with mqtt_connector(broker)(ConnectOptions(f"w-{uuid.uuid4().hex[:6]}")) as t:
+        inbox = Inbox()
+        async with mqtt_connector(broker)(ConnectOptions(f"w-{uuid.uuid4().hex[:6]}", on_message=inbox)) as t:
             await t.subscribe(topics.status("doomed-1"), qos=1)
             async with asyncio.timeout(60):
-                async for msg in t.messages():
+                async for msg in inbox:
                     seen.append(Status.model_validate_json(msg.payload).state)
                     if seen[-1] == "online" and proc.poll() is None:
                         proc.send_signal(signal.SIGKILL)  # no goodbye: only the will can say offline
@@ -132,12 +135,10 @@ async def test_metrics_are_retained_json_with_required_keys(broker: BrokerConfig
     async with agg:
         await agg.wait_connected()
         agg.handle("x", b"junk")
-        agg._dirty.set()
-        await asyncio.sleep(0.5)
-    async with connect(ConnectOptions(f"m-{uuid.uuid4().hex[:6]}")) as t:  # after the aggregator has gone
+    inbox = Inbox()  # after the aggregator has gone: its last metrics stay retained
+    async with connect(ConnectOptions(f"m-{uuid.uuid4().hex[:6]}", on_message=inbox)) as t:
         await t.subscribe(topics.metrics, qos=1)
-        async with asyncio.timeout(10):
-            msg = await anext(aiter(t.messages()))
+        msg = await inbox.get(timeout=10)
     body = json.loads(msg.payload)
     assert msg.retain
     assert {"version", "accepted", "rejected", "rejected_by_reason"} <= body.keys()

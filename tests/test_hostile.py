@@ -17,20 +17,26 @@ import pytest
 import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from fedmqtt import codec
+from fedmqtt import codec, core, dedup
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.core import Entry, Limits
 from fedmqtt.errors import CodecError, InvalidUpdate
 from fedmqtt.schemas import Ack
 from fedmqtt.strategies import fedasync
 from fedmqtt.topics import Topics
-from fedmqtt.transport import BrokerConfig, ConnectOptions, mqtt_connector
-from fedmqtt.validation import DedupWindow, Reference, check_update
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector
+from fedmqtt.types import ID_PATTERN
+from fedmqtt.validation import Reference, check_update
 
 PARAMS = {"l1/kernel": np.zeros((8, 4), np.float32), "l1/bias": np.zeros(4, np.float32),
           "out/kernel": np.zeros((4, 3), np.float32)}
 FP = codec.fingerprint(PARAMS)
 REF = Reference.of(PARAMS)
+RULES = core.rules(fedasync(0.5), PARAMS, Limits(max_staleness=2, max_update_norm=100.0, max_payload=1 << 16))
+# version 3, so that stale and future bases both exist
+STATE = core.init(RULES, PARAMS, epoch="t", version=3)
 
 
 def good(agent: str = "good", base: int = 0, update_id: str | None = None, scale: float = 0.01,
@@ -55,10 +61,22 @@ def _decode_or_codec_error(payload: bytes) -> None:
 
 
 def _check_or_invalid(payload: bytes, agent: str = "good") -> None:
-    """Anything but InvalidUpdate escaping fails the test."""
+    """Anything but InvalidUpdate escaping check_update fails the test; the core answers every payload with
+    exactly one reply, and a rejection changes nothing but its reason's counter."""
     with contextlib.suppress(InvalidUpdate):
-        check_update(payload, agent, reference=REF, version=3, max_staleness=2, applied=DedupWindow(8),
+        check_update(payload, agent, reference=REF, version=3, max_staleness=2, seen=dedup.Seen(),
                      max_payload=1 << 16)
+    state, effects = core.receive(STATE, agent, payload, RULES)
+    assert len(effects.replies) == 1
+    reply = effects.replies[0]
+    if reply.accepted:  # a fuzzer may stumble on a valid update: then it is applied like any other
+        assert effects.records == (Entry("update", agent, payload),)
+        assert state.version == 4 and state.counters.accepted == 1
+        assert all(np.isfinite(np.asarray(v)).all() for v in state.params.values())
+    else:
+        assert reply.reason is not None and effects.records == ()
+        assert (state.version, state.counters.accepted, dict(state.counters.rejected)) == (3, 0, {reply.reason: 1})
+        assert state.params is STATE.params
 
 
 @settings(max_examples=400, deadline=None)
@@ -130,6 +148,51 @@ def test_non_string_dtype_is_a_codec_error() -> None:
         codec.decode(raw_header({"a": {"dtype": [1], "shape": [1], "data_offsets": [0, 4]}}, b"xxxx"))
 
 
+ids = st.from_regex(ID_PATTERN, fullmatch=True)
+valid_trees = st.dictionaries(
+    st.from_regex(r"[a-z][a-z0-9_]{0,7}(/[a-z][a-z0-9_]{0,7}){0,2}", fullmatch=True),
+    st.tuples(st.sampled_from([np.float32, np.float16]), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0,
+                                                                         max_side=5)),
+    min_size=1, max_size=5,
+).flatmap(lambda spec: st.fixed_dictionaries({
+    name: hnp.arrays(dtype, shape, elements=st.floats(-4, 4, width=16)) for name, (dtype, shape) in spec.items()}))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_trees, ids, ids, st.integers(0, 5), st.integers(1, 10**9), st.sampled_from(["delta", "weights"]))
+def test_a_valid_update_decodes_passes_checks_and_is_accepted(tensors: dict[str, np.ndarray], agent: str,
+                                                              update_id: str, base: int, samples: int,
+                                                              encoding: str) -> None:
+    """The positive property: whatever valid tree and metadata an honest agent encodes is decoded intact,
+    passes every check, and is applied by the core (and its re-send answered as a duplicate)."""
+    payload = codec.encode_update(tensors, agent=agent, update_id=update_id, base_version=base,
+                                  num_samples=samples, encoding=encoding)  # type: ignore[arg-type]
+    decoded = codec.decode(payload)
+    assert decoded.tensors.keys() == tensors.keys()
+    for name, arr in tensors.items():
+        got = decoded.tensors[name]
+        assert (got.dtype, got.shape) == (arr.dtype, arr.shape)
+        np.testing.assert_array_equal(got, arr)
+    initial = {k: np.zeros_like(v) for k, v in tensors.items()}  # the model the update was trained from
+    checked = check_update(payload, agent, reference=Reference.of(initial), version=base, max_staleness=0,
+                           seen=dedup.Seen())
+    assert tuple(checked.info) == (agent, update_id, base, samples, encoding, codec.fingerprint(initial))
+    assert checked.staleness == 0
+    r = core.rules(fedasync(0.5), initial, Limits(max_update_norm=None))
+    state = core.init(r, initial, epoch="t", version=base)
+    state, effects = core.receive(state, agent, payload, r)
+    assert effects.replies == (core.Reply(agent, update_id, True, base + 1),)
+    assert effects.records == (Entry("update", agent, payload),)
+    assert state.version == base + 1 and state.counters.rejected == {}
+    for name, arr in tensors.items():
+        got = np.asarray(state.params[name])
+        assert (got.dtype, got.shape) == (arr.dtype, arr.shape)
+        # FedAsync, s = 0, α = 0.5 from zeros: half the weights, or half the delta, either way
+        np.testing.assert_allclose(got.astype(np.float32), 0.5 * arr.astype(np.float32), rtol=2e-3, atol=1e-3)
+    _, again = core.receive(state, agent, payload, r)
+    assert [(x.accepted, x.reason) for x in again.replies] == [(False, "duplicate")]
+
+
 # ---- thousands of payloads against a live aggregator ------------------------------------------------
 def hostile_corpus(rng: np.random.Generator, current: Callable[[], int]) -> list[tuple[str, str, bytes]]:
     """(category, topic agent, payload) with the reason each must be rejected for (= the category)."""
@@ -178,20 +241,22 @@ def rewrite(payload: bytes, **changes: str) -> bytes:
 @pytest.mark.slow
 async def test_thousands_of_hostile_payloads(broker: BrokerConfig, federation: str, tmp_path: Path) -> None:
     topics = Topics(federation=federation)
-    cfg = AggregatorConfig(topics=topics, max_staleness=2, max_update_norm=100.0, max_payload=256 << 10,
-                           max_queued=4096, state_dir=tmp_path / "state", client_id=f"agg-{federation}")
+    limits = Limits(max_staleness=2, max_update_norm=100.0, max_payload=256 << 10)
+    cfg = AggregatorConfig(topics=topics, limits=limits, max_queued=4096, state_dir=tmp_path / "state",
+                           client_id=f"agg-{federation}")
     agg = Aggregator(mqtt_connector(broker), PARAMS, fedasync(0.5), cfg)
     rng = np.random.default_rng(0)
     acks: Counter[tuple[str, str]] = Counter()  # (topic agent, reason)
     got = asyncio.Event()
     expected = 0
 
-    async with agg, mqtt_connector(broker)(ConnectOptions(f"evil-{federation}")) as evil:
+    inbox = Inbox()
+    async with agg, mqtt_connector(broker)(ConnectOptions(f"evil-{federation}", on_message=inbox)) as evil:
         await agg.wait_connected()
         await evil.subscribe(f"{topics.base}/agents/+/acks")
 
         async def read_acks() -> None:
-            async for msg in evil.messages():
+            async for msg in inbox:
                 agent = msg.topic.split("/")[-2]
                 ack = Ack.model_validate_json(msg.payload)
                 acks[agent, ack.reason or ack.status] += 1

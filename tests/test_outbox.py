@@ -68,5 +68,5 @@ async def test_unacknowledged_updates_survive_an_agent_restart(tmp_path: Path) -
     assert not restarted._outbox_space.is_set()  # still full: no training until acks arrive
     async with Aggregator(broker.connect, trainer.initial, fedasync()) as agg, restarted:
         await restarted.wait_updates(3, 30)
-        assert agg.accepted >= 3
+        assert agg.state.counters.accepted >= 3
     assert not any(p.name[:-len(".safetensors")] in sent for p in (tmp_path / "edge-0").iterdir())

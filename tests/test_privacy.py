@@ -10,14 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmqtt import codec
+from fedmqtt import codec, core
 from fedmqtt.agent import AgentConfig, EdgeAgent
-from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.aggregator import Aggregator
+from fedmqtt.core import Limits
 from fedmqtt.errors import ConfigError
 from fedmqtt.privacy import (
+    CentralDP,
     ClientDP,
     ClientPrivacy,
-    central_accountant,
     clip_by_l2,
     epsilon,
     gaussian_noise,
@@ -25,8 +26,8 @@ from fedmqtt.privacy import (
     noise_for_epsilon,
     privatize,
 )
+from fedmqtt.strategies import constant, fedbuff
 from fedmqtt.strategies.base import ClientUpdate
-from fedmqtt.strategies.fedbuff import fedbuff
 from fedmqtt.tasks import get_task
 from fedmqtt.transport import MemoryBroker
 
@@ -104,7 +105,7 @@ def test_client_privacy_clips_then_adds_fresh_noise() -> None:
 
 # ---- central DP in FedBuff ------------------------------------------------------------------------------
 def test_fedbuff_clips_each_delta_before_buffering() -> None:
-    s = fedbuff(buffer_size=3, dp_clip=1.0, dp_noise=0.0, weighting=lambda st: jnp.float32(1.0))
+    s = fedbuff(buffer_size=3, dp=CentralDP(clip=1.0, noise=0.0), weighting=constant())
     p = {"w": jnp.zeros(4)}
     st = s.init(p)
     for d in ([100.0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, -30.0, 0]):
@@ -116,7 +117,7 @@ def test_fedbuff_clips_each_delta_before_buffering() -> None:
 
 def test_fedbuff_noise_on_the_sum_has_std_sigma_c() -> None:
     k, clip, sigma = 5, 0.5, 2.0
-    s = fedbuff(buffer_size=k, dp_clip=clip, dp_noise=sigma, seed=11)
+    s = fedbuff(buffer_size=k, dp=CentralDP(clip, sigma, seed=11))
     p0 = {"w": jnp.zeros((300, 400)), "b": jnp.zeros(500)}
     p, st = p0, s.init(p0)
     steps = 0
@@ -131,7 +132,7 @@ def test_fedbuff_noise_on_the_sum_has_std_sigma_c() -> None:
 
 
 def test_fedbuff_dp_is_pure() -> None:
-    s = fedbuff(buffer_size=1, dp_clip=1.0, dp_noise=1.0, seed=2)
+    s = fedbuff(buffer_size=1, dp=CentralDP(1.0, 1.0, seed=2))
     p = {"w": jnp.zeros(8)}
     u = ClientUpdate({"w": jnp.ones(8)}, 1, 10)
     st = s.init(p)
@@ -144,7 +145,7 @@ def test_fedbuff_dp_is_pure() -> None:
 
 def test_fedbuff_dp_refuses_sample_weighting() -> None:
     with pytest.raises(ValueError, match="weight_by_samples"):
-        fedbuff(dp_clip=1.0, dp_noise=1.0, weight_by_samples=True)
+        fedbuff(dp=CentralDP(1.0, 1.0), weight_by_samples=True)
 
 
 def test_fedbuff_without_dp_keeps_no_key() -> None:
@@ -187,23 +188,52 @@ def test_client_privacy_reports_local_epsilon() -> None:
 
 
 # ---- client DP end to end ---------------------------------------------------------------------------------
-async def test_agent_with_dp_publishes_only_clipped_noisy_deltas() -> None:
+async def test_agent_with_dp_publishes_only_clipped_noisy_deltas(monkeypatch: pytest.MonkeyPatch) -> None:
+    clip, sigma = 0.25, 0.5
     task = get_task("digits", num_clients=2, seed=0)
     trainer = task.trainer(0)
+    rounds: list[dict[str, np.ndarray]] = []  # the raw delta of each local round, before DP
+    train = trainer.train
+
+    def recording_train(flat, batches):  # type: ignore[no-untyped-def]
+        new, loss = train(flat, batches)
+        rounds.append({k: np.subtract(new[k], flat[k], dtype=flat[k].dtype) for k in new})
+        return new, loss
+
+    monkeypatch.setattr(trainer, "train", recording_train)
     broker = MemoryBroker()
     agg = Aggregator(broker.connect, trainer.initial, fedbuff(buffer_size=2))
-    cfg = AgentConfig(dp=ClientDP(clip_norm=0.25, noise_multiplier=0.0, seed=0))
+    cfg = AgentConfig(dp=ClientDP(clip_norm=clip, noise_multiplier=sigma, seed=0))
     async with agg:
         await agg.wait_connected()
-        async with EdgeAgent(broker.connect, "dp-agent", task.trainer(0), task.data_for(0), cfg) as agent:
+        async with EdgeAgent(broker.connect, "dp-agent", trainer, task.data_for(0), cfg) as agent:
             await agent.wait_updates(4, timeout=60)
-    updates = [m for m in broker.published if m.topic == agg.topics.update("dp-agent")]
-    assert len(updates) >= 4
-    for m in updates:
-        norm = np.linalg.norm(flat(codec.decode(m.payload).tensors))
-        assert norm <= 0.25 * (1 + 1e-5)
-    assert agent.privacy is not None
-    assert agent.privacy.releases >= 4
+    published: dict[str, dict[str, np.ndarray]] = {}  # by update id, in order (a re-send counts once)
+    for m in broker.published:
+        if m.topic == agg.topics.update("dp-agent"):
+            d = codec.decode(m.payload)
+            published.setdefault(d.metadata["fedmqtt.update_id"], d.tensors)
+    assert len(published) >= 4
+    assert agent.privacy is not None and agent.privacy.releases >= len(published)
+    assert agent.acks["rejected"] == 0  # noisy, but within the aggregator's bounds
+    residuals = []
+    for sent, raw in zip(published.values(), rounds, strict=False):  # local round i made update i
+        assert sent.keys() == raw.keys()
+        assert all(sent[k].dtype == raw[k].dtype for k in raw)
+        raw_flat = flat(raw)
+        norm = np.linalg.norm(raw_flat)
+        assert norm > clip + 8 * sigma * clip  # the clipping matters in this test
+        clipped = flat(jax.tree.map(np.asarray, clip_by_l2(raw, clip)))
+        # clipped, then noised: along the raw direction, C plus one N(0, (sigma C)²) draw (the raw delta's
+        # norm, were it not clipped, would be more than 8 sigma C away)
+        assert abs(float(flat(sent) @ raw_flat) / norm - clip) < 4 * sigma * clip
+        r = flat(sent) - clipped
+        assert r.std() == pytest.approx(sigma * clip, rel=0.05)  # 8970 draws per update
+        residuals.append(r)
+    noise = np.concatenate(residuals)
+    assert noise.std() == pytest.approx(sigma * clip, rel=0.02)
+    assert abs(noise.mean()) < 5 * sigma * clip / np.sqrt(noise.size)
+    assert abs(np.corrcoef(residuals[0], residuals[1])[0, 1]) < 0.05  # fresh noise for every release
 
 
 def test_agent_dp_needs_delta_encoding() -> None:
@@ -215,21 +245,56 @@ def test_agent_dp_needs_delta_encoding() -> None:
 
 
 # ---- ε in the aggregator's metrics; nothing per-sample in them ---------------------------------------------
+def _update(initial: dict[str, np.ndarray], agent: str, update_id: str, base: int) -> bytes:
+    delta = {k: np.full_like(v, 0.01) for k, v in initial.items()}
+    return codec.encode_update(delta, agent=agent, update_id=update_id, base_version=base, num_samples=10,
+                               encoding="delta", model_fingerprint=codec.fingerprint(initial))
+
+
+def test_central_dp_holds_an_agents_second_update_in_a_step_and_reports_epsilon() -> None:
+    params = {"w": np.zeros(16, np.float32)}
+    strategy = fedbuff(buffer_size=2, dp=CentralDP(clip=1.0, noise=1.5))
+    r = core.rules(strategy, params, Limits())
+    assert r.gated  # the strategy asks for it; no setting needed
+    state = core.init(r, params, epoch="t")
+    state, fx = core.receive(state, "a1", _update(params, "a1", "u1", 0), r)
+    assert [(x.update_id, x.accepted) for x in fx.replies] == [("u1", True)]
+    state, fx = core.receive(state, "a1", _update(params, "a1", "u2", 0), r)
+    assert fx == core.Effects()  # held: no reply, no record, until the next step
+    assert [h.key for h in state.gate.held] == ["a1/u2"] and state.counters.accepted == 1
+    assert strategy.report is not None and strategy.report(state.strategy)["dp_steps"] == 0
+    state, fx = core.receive(state, "a2", _update(params, "a2", "v1", 0), r)  # step 1: u1 and v1
+    assert fx.stepped and state.version == 1
+    assert [(x.agent, x.update_id, x.accepted) for x in fx.replies] == [("a2", "v1", True), ("a1", "u2", True)]
+    assert [e.agent for e in fx.records] == ["a2", "a1"]
+    assert state.gate.held == () and state.counters.accepted == 3
+    report = strategy.report(state.strategy)
+    assert report["dp_steps"] == 1
+    assert report["dp_epsilon"] == pytest.approx(epsilon(1.5, 1, 1e-5))
+
+
 def test_aggregator_metrics_report_epsilon() -> None:
     task = get_task("digits", num_clients=2, seed=0)
     initial = task.trainer(0).initial
-    cfg = AggregatorConfig(privacy=central_accountant(1.5))
-    agg = Aggregator(MemoryBroker().connect, initial, fedbuff(buffer_size=2, dp_clip=1.0, dp_noise=1.5), cfg)
-    fp = codec.fingerprint(initial)
-    for i in range(6):
-        delta = {k: np.full_like(v, 0.01) for k, v in initial.items()}
-        payload = codec.encode_update(delta, agent="a1", update_id=f"u{i}", base_version=agg.version,
-                                      num_samples=10, encoding="delta", model_fingerprint=fp)
-        assert agg.handle("a1", payload).status == "accepted"
+    agg = Aggregator(MemoryBroker().connect, initial, fedbuff(buffer_size=2, dp=CentralDP(clip=1.0, noise=1.5)))
+    for i in range(6):  # two agents take turns: one update each per step
+        agg.handle(f"a{i % 2}", _update(initial, f"a{i % 2}", f"u{i}", agg.version))
+    assert (agg.state.counters.accepted, agg.version) == (6, 3)
+    agg.handle("a0", _update(initial, "a0", "again", agg.version))
+    agg.handle("a0", _update(initial, "a0", "held", agg.version))  # a0's second update in step 4: held
     m = agg.metrics().model_dump()
+    assert (m["accepted"], m["held"], m["rejected"]) == (7, 1, 0)
     assert m["dp_steps"] == 3
     assert m["dp_epsilon"] == pytest.approx(epsilon(1.5, 3, 1e-5))
+    assert m["dp_epsilon"] > epsilon(1.5, 2, 1e-5) > 0
     assert m["dp_delta"] == 1e-5
+    assert m["dp_noise_multiplier"] == 1.5
     # Aggregates only: no field holds an array, a list of samples or an update's values.
     assert all(not isinstance(v, list | tuple) for v in m.values())
     assert len(json.dumps(m)) < 2000
+
+
+def test_metrics_without_dp_carry_no_epsilon() -> None:
+    params = {"w": np.zeros(4, np.float32)}
+    m = Aggregator(MemoryBroker().connect, params, fedbuff(buffer_size=2)).metrics().model_dump()
+    assert not any(k.startswith("dp_") for k in m)

@@ -33,7 +33,7 @@ from fedmqtt.security import (
 from fedmqtt.strategies.registry import make
 from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import BrokerConfig, Message, MqttTransport, mqtt_connector
+from fedmqtt.transport import BrokerConfig, Inbox, Message, MqttTransport, mqtt_connector
 
 pytest.importorskip("cryptography")
 
@@ -91,8 +91,13 @@ def secure_certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBro
 
 @contextlib.asynccontextmanager
 async def connected(cfg: BrokerConfig, client_id: str) -> AsyncIterator[MqttTransport]:
-    async with MqttTransport(cfg, client_id, timeout=5.0) as t:
+    inbox = Inbox()
+    async with MqttTransport(cfg, client_id, on_message=inbox, timeout=5.0) as t:
+        INBOXES[id(t)] = inbox
         yield t
+
+
+INBOXES: dict[int, Inbox] = {}
 
 
 async def collect(t: MqttTransport, until: str, seconds: float = 10.0) -> list[Message]:
@@ -100,7 +105,7 @@ async def collect(t: MqttTransport, until: str, seconds: float = 10.0) -> list[M
     out: list[Message] = []
 
     async def run() -> None:
-        async for m in t.messages():
+        async for m in INBOXES[id(t)]:
             out.append(m)
             if m.topic == until:
                 return
@@ -232,8 +237,8 @@ async def test_federation_learns_over_tls(secure: SecureBroker) -> None:
                 agents.append(await stack.enter_async_context(agent))
             await agg.wait_version(16, timeout=120)
         after = evaluate(agg.numpy_params())["accuracy"]
-    assert agg.accepted >= 16
-    assert not agg.rejected
+    assert agg.state.counters.accepted >= 16
+    assert not agg.state.counters.rejected
     assert after > max(0.6, before + 0.3)
 
 

@@ -51,7 +51,7 @@ async def test_updates_wait_in_the_broker_while_the_aggregator_is_down(mosquitto
         for _ in range(5):
             await sender.publish(topics.update("a1"), update(0), qos=1)
     async with Aggregator(connect, PARAMS, fedasync(), cfg) as agg:
-        await until(lambda: agg.accepted == 5)
+        await until(lambda: agg.state.counters.accepted == 5)
     assert agg.version == 5
 
     async with connect(ConnectOptions("sender")) as sender:  # away again, and the broker restarts cleanly
@@ -60,7 +60,7 @@ async def test_updates_wait_in_the_broker_while_the_aggregator_is_down(mosquitto
     mosquitto.stop()  # SIGTERM: Mosquitto writes sessions and queued messages to its persistence file
     await mosquitto.start()
     async with Aggregator(connect, PARAMS, fedasync(), cfg) as agg:
-        await until(lambda: agg.accepted == 8)
+        await until(lambda: agg.state.counters.accepted == 8)
         assert agg.version == 8
 
 

@@ -25,7 +25,7 @@ from fedmqtt.broker import MosquittoProcess
 from fedmqtt.schemas import Ack, Metrics, Status, dump
 from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import ConnectOptions, mqtt_connector
+from fedmqtt.transport import ConnectOptions, Inbox, mqtt_connector
 
 pytestmark = [pytest.mark.soak, pytest.mark.broker, pytest.mark.slow]
 
@@ -75,12 +75,13 @@ async def test_memory_is_flat_under_streaming_agents_and_agent_churn(mosquitto: 
         async with contextlib.AsyncExitStack() as stack:
             for a in agents:
                 await stack.enter_async_context(a)
-            crowd = await stack.enter_async_context(connect(ConnectOptions("soak-crowd")))
+            acks = Inbox()
+            crowd = await stack.enter_async_context(connect(ConnectOptions("soak-crowd", on_message=acks)))
             await crowd.subscribe(f"{topics.base}/agents/+/acks")
 
             async def versions() -> None:
                 nonlocal latest
-                async for msg in crowd.messages():
+                async for msg in acks:
                     latest = max(latest, Ack.model_validate_json(msg.payload).version)
 
             reader = asyncio.create_task(versions())
@@ -99,11 +100,10 @@ async def test_memory_is_flat_under_streaming_agents_and_agent_churn(mosquitto: 
                     samples.append((time.monotonic() - start, rss_mib(proc.pid)))
                 await asyncio.sleep(0.05)
             reader.cancel()
-            async with connect(ConnectOptions("soak-metrics")) as probe:
+            inbox = Inbox()
+            async with connect(ConnectOptions("soak-metrics", on_message=inbox)) as probe:
                 await probe.subscribe(topics.metrics)
-                async for msg in probe.messages():
-                    metrics = Metrics.model_validate_json(msg.payload)
-                    break
+                metrics = Metrics.model_validate_json((await inbox.get(timeout=30)).payload)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,12 +61,19 @@ def test_fedasync_hinge_drops_very_stale_updates_almost_entirely() -> None:
 
 
 def test_fedasync_keeps_tree_structure_dtype_and_finiteness() -> None:
-    s = fedasync()
-    x = {"a": {"k": jnp.ones((2, 2), jnp.float32)}, "b": jnp.zeros(3, jnp.float32)}
-    out, _, _ = s.apply(x, ClientUpdate({"a": {"k": jnp.zeros((2, 2))}, "b": jnp.ones(3)}, 0, 1), s.init(x))
-    assert out["a"]["k"].shape == (2, 2)
-    assert out["a"]["k"].dtype == jnp.float32
-    assert all(bool(jnp.isfinite(v).all()) for v in (out["a"]["k"], out["b"]))
+    s = fedasync()  # alpha 0.6, s = 0
+    x = {"a": {"k": jnp.ones((2, 2), jnp.bfloat16), "i": jnp.zeros((), jnp.float16)}, "b": jnp.zeros(3, jnp.float32)}
+    # every leaf of the update has another dtype than the model's
+    new = {"a": {"k": jnp.zeros((2, 2), jnp.float32), "i": jnp.ones((), jnp.float32)},
+           "b": jnp.ones(3, jnp.float16)}
+    out, _, _ = s.apply(x, ClientUpdate(new, 0, 1), s.init(x))
+    assert jax.tree.structure(out) == jax.tree.structure(x)
+    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(x), strict=True):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype)
+        assert bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(np.asarray(out["a"]["k"], np.float32), 0.4, rtol=1e-2)  # bfloat16
+    np.testing.assert_allclose(np.asarray(out["a"]["i"], np.float32), 0.6, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(out["b"]), 0.6, rtol=1e-6)
 
 
 def test_fedasync_rejects_bad_alpha() -> None:

@@ -8,8 +8,21 @@ import numpy as np
 import optax
 import pytest
 
-from fedmqtt.strategies import ClientUpdate, constant, fedavg, fedbuff, polynomial, server_optimizer
-from fedmqtt.strategies.registry import NAMES, make
+from fedmqtt.privacy import CentralDP
+from fedmqtt.strategies import (
+    ClientUpdate,
+    constant,
+    fedavg,
+    fedbuff,
+    median,
+    multi_krum,
+    norm_bound,
+    outlier,
+    polynomial,
+    server_optimizer,
+    trimmed,
+)
+from fedmqtt.strategies.registry import NAMES, make, options
 
 
 def _p(*values: float) -> dict[str, jax.Array]:
@@ -98,17 +111,74 @@ def test_fedbuff_adam_first_step_moves_by_lr() -> None:
 # ---- contracts for every registered strategy ------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_every_strategy_keeps_tree_and_finite(name: str) -> None:
-    s = make(name, buffer_size=3)  # Multi-Krum needs K >= 3
+    s = make(name, buffer_size=3) if "buffer_size" in options(name) else make(name)  # Multi-Krum needs K >= 3
     params = {"a": jnp.ones((2, 3), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
     st = s.init(params)
     value = jax.tree.map(lambda x: x + 0.1, params) if s.wants == "weights" else jax.tree.map(
         lambda x: jnp.full_like(x, 0.1), params)
     out = params
+    steps = 0
     for _ in range(3):
-        out, st, _ = s.apply(out, ClientUpdate(value, 1, 10), st)
-    out, st, _ = s.flush(out, st)
+        out, st, stepped = s.apply(out, ClientUpdate(value, 1, 10), st)
+        steps += int(bool(stepped))
+    out, st, stepped = s.flush(out, st)
+    steps += int(bool(stepped))
+    assert steps >= 1
     assert jax.tree.structure(out) == jax.tree.structure(params)
     for k in params:
         assert out[k].shape == params[k].shape and out[k].dtype == params[k].dtype
         assert bool(jnp.all(jnp.isfinite(out[k])))
-    assert not np.allclose(np.asarray(out["b"]), 0.0)  # every strategy moved towards the update
+        moved = np.asarray(out[k]) - np.asarray(params[k])
+        # every update is +0.1 on every coordinate: every strategy moves every coordinate up, by at most the
+        # sum of the three updates (FedAsync mixes each one in at most once, FedBuff and FedAvg average them)
+        assert np.all(moved > 0) and np.all(moved <= 0.3 + 1e-6), (k, moved)
+
+
+# ---- the registry -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "opts"), [
+    ("fedasync", {"buffer_size": 3}), ("fedasync-constant", {"staleness_a": 0.5}), ("fedbuff", {"trim": 0.1}),
+    ("fedbuff", {"spread": 2.0}), ("fedbuff-median", {"trim": 0.1}), ("fedbuff-trimmed", {"spread": 2.0}),
+    ("fedbuff-median", {"weight_by_samples": True}), ("fedavg", {"server_lr": 0.5}), ("fedavg", {"alpha": 0.5}),
+    ("fedbuff", {"buffer_sise": 3}),
+])
+def test_make_refuses_options_a_strategy_does_not_take(name: str, opts: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=f"{name} takes no option {next(iter(opts))}"):
+        make(name, **opts)
+
+
+def test_make_refuses_unknown_names_and_dp_outside_fedbuff() -> None:
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make("fedprox")
+    for name in ("fedasync", "fedavg", "fedbuff-median", "fedbuff-krum"):
+        with pytest.raises(ValueError, match="fedbuff only"):
+            make(name, dp_clip=1.0)
+
+
+def test_make_passes_its_options_on() -> None:
+    assert make("fedasync", buffer_size=None).name == "fedasync"  # None means "the default"
+    assert make("fedbuff-trimmed", trim=0.4).name == "fedbuff-trimmed"
+    with pytest.raises(ValueError, match="trim"):
+        make("fedbuff-trimmed", buffer_size=4, trim=0.5)  # reached the rule's check: nothing left of K = 4
+    plain = make("fedbuff")
+    assert (plain.one_update_per_step, plain.report) == (False, None)
+    dp = make("fedbuff", buffer_size=2, dp_clip=1.0, dp_noise=1.5, seed=3)
+    assert dp.one_update_per_step
+    assert dp.report is not None
+    assert dp.report(dp.init({"w": jnp.zeros(2)}))["dp_noise_multiplier"] == 1.5
+
+
+@pytest.mark.parametrize("rule", [median(), trimmed(0.2), norm_bound(1.0), multi_krum(0.2), outlier()],
+                         ids=lambda r: r.name)
+def test_central_dp_refuses_a_robust_combine_rule(rule: object) -> None:
+    with pytest.raises(ValueError, match="mean rule"):
+        fedbuff(10, combine=rule, dp=CentralDP(1.0, 1.0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mean rule"):
+        fedbuff(10, dp=CentralDP(1.0, 1.0), weight_by_samples=True)
+    s = fedbuff(10, dp=CentralDP(1.0, 1.0))  # the mean is fine
+    assert s.one_update_per_step and s.report is not None
+
+
+def test_central_dp_refuses_bad_settings() -> None:
+    for bad in (CentralDP(0.0, 1.0), CentralDP(-1.0), CentralDP(1.0, -0.5)):
+        with pytest.raises(ValueError, match="clip > 0 and noise >= 0"):
+            fedbuff(2, dp=bad)

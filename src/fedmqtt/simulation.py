@@ -5,7 +5,9 @@ Each agent i has a speed factor fᵢ ~ lognormal(0, sigma_speed); a local round 
 units, all drawn from ``seed``, so the arrival order is the same in every run. When a round ends, the agent's
 update is encoded as on the wire (codec.encode_update) and handed to ``core.receive`` exactly as the
 aggregator service would (validation, staleness bound, de-duplication, one update per step, the strategy);
-then the agent takes the newest model and starts again. No MQTT, no threads, no clocks.
+then the agent takes the newest model and starts again. In sync mode (FedAvg) an agent trains once per
+version, as the real agent does, and a round is flushed after ``round_size`` updates (default: every agent).
+No MQTT, no threads, no clocks.
 
 >>> from fedmqtt.strategies import fedbuff
 >>> from fedmqtt.tasks import get_task
@@ -54,7 +56,8 @@ class Result:
 
 def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sigma_speed: float = 0.75,
              attackers: frozenset[int] = frozenset(), attack: Attack | None = None,
-             client_dp: ClientDP | None = None, limits: Limits | None = None, eval_points: int = 0) -> Result:
+             client_dp: ClientDP | None = None, limits: Limits | None = None, eval_points: int = 0,
+             round_size: int | None = None) -> Result:
     """Run ``updates`` arrivals through the core; returns the final test accuracy and counts."""
     n = task.num_clients
     rng = np.random.default_rng(seed)
@@ -72,11 +75,15 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
     applied = deferred = attacked = 0
     curve: list[tuple[int, float]] = []
     every = max(updates // eval_points, 1) if eval_points else 0
+    sync = strategy.mode == "sync"
+    round_size = round_size or n
+    waiting: list[int] = []  # sync: agents that sent for this version, waiting for the next
 
     def accuracy() -> float:
         return float(evaluate({k: np.asarray(v) for k, v in state.params.items()})["accuracy"])
 
-    for arrival in range(updates):
+    arrival = 0
+    while arrival < updates:
         now, i = heapq.heappop(queue)
         base_version, base_params = base[i]
         new, _ = trainer.train(base_params, asyncio.run(data[i].take(task.local_steps)))
@@ -94,10 +101,21 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
         state, effects = core.receive(state, agent, payload, rules)
         applied += sum(r.accepted for r in effects.replies)
         deferred += not any(r.update_id == update_id for r in effects.replies)
-        base[i] = (state.version, {k: np.asarray(v) for k, v in state.params.items()})
-        heapq.heappush(queue, (now + float(speeds[i] * rng.uniform(1.0, 1.1)), i))
-        if every and (arrival + 1) % every == 0:
-            curve.append((arrival + 1, accuracy()))
+        if sync and (state.counters.since_step >= round_size or not queue):  # full, or everyone waits
+            state, _ = core.flush(state, rules)
+            params = {k: np.asarray(v) for k, v in state.params.items()}
+            for j in [*waiting, i]:  # the new version is out: everyone starts a round on it
+                base[j] = (state.version, params)
+                heapq.heappush(queue, (now + float(speeds[j] * rng.uniform(1.0, 1.1)), j))
+            waiting.clear()
+        elif sync:
+            waiting.append(i)  # trains once per version
+        else:
+            base[i] = (state.version, {k: np.asarray(v) for k, v in state.params.items()})
+            heapq.heappush(queue, (now + float(speeds[i] * rng.uniform(1.0, 1.1)), i))
+        arrival += 1
+        if every and arrival % every == 0:
+            curve.append((arrival, accuracy()))
     rejected = dict(state.counters.rejected)
     return Result(accuracy(), state.version, applied, sum(rejected.values()), deferred,
                   statistics.median(norms) if norms else 0.0, attacked / updates, rejected, curve)
