@@ -114,7 +114,7 @@ def main() -> None:
             accs, eps, steps, norms = [], [], [], []
             started = time.monotonic()
             for seed in range(args.seeds):
-                strategy = make("fedbuff", buffer_size=args.buffer, seed=seed, **kw)  # type: ignore[arg-type]
+                strategy = make("fedbuff", buffer_size=args.buffer, seed=seed if kw else None, **kw)  # type: ignore[arg-type]
                 if args.engine == "mqtt":
                     r2 = asyncio.run(run_mqtt(task, strategy, sigma if target != "inf" else None,
                                               steps=planned_steps, seed=seed,

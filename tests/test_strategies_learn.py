@@ -8,9 +8,6 @@ close on the first arrivals, agents that leave and come back).
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import pytest
 
 from fedmqtt.agent import AgentConfig
@@ -101,11 +98,8 @@ async def test_sync_round_fraction_closes_on_first_arrivals(broker: BrokerConfig
 @pytest.mark.broker
 @pytest.mark.slow
 async def test_churn_agents_leave_and_return(broker: BrokerConfig, federation: str) -> None:
-    started = time.monotonic()
     after, agg, fleet = await _run(broker, federation, "fedasync-polynomial", 12 * AGENTS, mean_online=1.0)
     assert fleet.departures > 0
     returned = [a for a in fleet.agents if a.acks["accepted"] > 0]  # incarnations made after a departure ...
     assert fleet.retired_acks["accepted"] > 0 and returned  # ... and before: both contributed
     assert after > 0.8
-    assert time.monotonic() - started < 600
-    await asyncio.sleep(0)

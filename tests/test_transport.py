@@ -1,11 +1,14 @@
-"""BrokerConfig from URLs and the environment; MQTT topic matching (no broker needed)."""
+"""BrokerConfig from URLs and the environment; MQTT topic matching; receiving through the one handler."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from fedmqtt.errors import ConfigError
-from fedmqtt.transport import BrokerConfig, topic_matches
+from fedmqtt.broker import MosquittoProcess
+from fedmqtt.errors import ConfigError, TransportError
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, MemoryBroker, mqtt_connector, topic_matches
 
 
 def test_url_and_environment() -> None:
@@ -31,3 +34,45 @@ def test_bad_urls_are_refused(url: str) -> None:
 )
 def test_topic_matching(pattern: str, topic: str, expected: bool) -> None:
     assert topic_matches(pattern, topic) is expected
+
+
+# ---- receiving: the one place fedmqtt relies on how aiomqtt receives (transport._delivery) --------------
+@pytest.mark.broker
+async def test_messages_reach_the_handler_in_order_through_aiomqtt(mosquitto: MosquittoProcess) -> None:
+    """If aiomqtt stops handing each message to its queue's ``put_nowait`` (its ``queue_type`` option), this
+    fails: no message would reach fedmqtt's handler, and every service would go deaf."""
+    got = Inbox()
+    connect = mqtt_connector(mosquitto.config)
+    async with connect(ConnectOptions("rx", on_message=got)) as rx, connect(ConnectOptions("tx")) as tx:
+        await rx.subscribe("t/#", qos=1)
+        for i in range(50):
+            await tx.publish(f"t/{i % 3}", str(i).encode(), qos=1)
+        received = [await got.get(timeout=10) for _ in range(50)]
+    assert [int(m.payload) for m in received] == list(range(50))
+    assert [m.topic for m in received[:3]] == ["t/0", "t/1", "t/2"]
+    assert got.dropped == 0
+
+
+@pytest.mark.broker
+async def test_closed_reports_a_lost_connection(mosquitto: MosquittoProcess) -> None:
+    async with mqtt_connector(mosquitto.config)(ConnectOptions("lost")) as t:
+        waiting = asyncio.create_task(t.closed())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # open while the broker is up
+        mosquitto.kill()
+        with pytest.raises(TransportError, match="connection lost"):
+            await asyncio.wait_for(waiting, 30)
+
+
+async def test_memory_broker_queues_at_most_max_queued_per_client() -> None:
+    broker = MemoryBroker(max_queued=3)
+    got = Inbox()
+    async with broker.connect(ConnectOptions("rx", on_message=got)) as rx, \
+            broker.connect(ConnectOptions("tx")) as tx:
+        await rx.subscribe("t")
+        for i in range(5):
+            await tx.publish("t", bytes([i]))
+        assert got.queue.qsize() == 0  # delivered later on the loop, never inside the publisher's call
+        await asyncio.sleep(0)
+        assert [m.payload for m in [got.queue.get_nowait() for _ in range(3)]] == [b"\x00", b"\x01", b"\x02"]
+        assert rx.dropped == 2  # type: ignore[attr-defined]

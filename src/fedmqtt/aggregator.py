@@ -128,7 +128,7 @@ class Aggregator(Service):
         now = time.monotonic()
         recent = [t for t in self._rate if now - t < 10.0]
         span = now - recent[0] if len(recent) > 1 else 0.0
-        report = self.strategy.report(self.state.strategy) if self.strategy.report is not None else {}
+        report = self.strategy.report(self.committed.strategy) if self.strategy.report is not None else {}
         return Metrics(
             version=self.committed_version, accepted=c.accepted, rejected=sum(c.rejected.values()),
             rejected_by_reason=dict(c.rejected), strategy=self.strategy.name, accuracy=self.eval.get("accuracy"),

@@ -85,6 +85,10 @@ def rules(strategy: Strategy, initial: Mapping[str, Array], limits: Limits | Non
                           "per agent already")
     max_staleness = 0 if sync else lim.max_staleness
     ref = Reference.of({k: np.asarray(v) for k, v in initial.items()})
+    changed = [k for k, (_, dtype) in ref.spec.items() if jnp.asarray(np.zeros((), dtype)).dtype != dtype]
+    if changed:  # e.g. float64 without jax_enable_x64: the published model would not match its fingerprint
+        raise ConfigError(f"JAX cannot hold parameters {changed[:3]} in their dtype "
+                          f"({ref.spec[changed[0]][1]}); convert the model (e.g. to float32) first")
     return Rules(strategy, ref, lim, max_staleness, max_staleness + 1 if strategy.wants == "weights" else 1,
                  gated)
 

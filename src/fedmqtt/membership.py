@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmqtt.errors import ConfigError
+from fedmqtt.files import atomic_write
 from fedmqtt.security import (
     AGGREGATOR,
     Identity,

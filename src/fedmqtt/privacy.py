@@ -125,7 +125,7 @@ class CentralDP(NamedTuple):
     delta: float = DELTA
 
     def check(self) -> CentralDP:
-        if not self.clip > 0 or self.noise < 0:
+        if not (self.clip > 0 and self.noise >= 0):  # also refuses NaN
             raise ValueError("central DP needs clip > 0 and noise >= 0")
         return self
 

@@ -39,8 +39,10 @@ def _fedbuff(name: str, rule: Callable[..., rules.Combine] | None, rule_options:
              ) -> tuple[Callable[..., Strategy], tuple[str, ...]]:
     def build(buffer_size: int = 10, server_opt: str = "sgd", server_lr: float = 1.0,
               staleness_a: float | None = None, weight_by_samples: bool = False, dp_clip: float | None = None,
-              dp_noise: float = 0.0, seed: int = 0, **rule_args: Any) -> Strategy:
-        dp = CentralDP(dp_clip, dp_noise, seed) if dp_clip is not None else None
+              dp_noise: float | None = None, seed: int | None = None, **rule_args: Any) -> Strategy:
+        if dp_clip is None and (dp_noise is not None or seed is not None):
+            raise ValueError("dp_noise and seed are central DP options: give dp_clip as well")
+        dp = CentralDP(dp_clip, dp_noise or 0.0, seed or 0) if dp_clip is not None else None
         return fedbuff(buffer_size, server_optimizer(server_opt, server_lr),
                        weighting_by_name("polynomial", staleness_a), weight_by_samples, name=name,
                        combine=rule(**rule_args) if rule is not None else None, dp=dp)
@@ -87,6 +89,7 @@ def make(name: str, **opts: Any) -> Strategy:
     unknown = sorted(set(given) - set(accepted))
     if unknown:
         if "dp_clip" in unknown:
-            raise ValueError("central DP (dp_clip) is implemented for fedbuff only")
+            raise ValueError("central DP (dp_clip) is implemented for fedbuff only: its noise is calibrated to "
+                             "the mean of the buffer, not to a robust rule or a single update")
         raise ValueError(f"{name} takes no option {', '.join(unknown)}; it takes {', '.join(accepted) or 'none'}")
     return build(**given)
