@@ -15,6 +15,7 @@ import numpy as np
 
 from fedmqtt import codec
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.core import Limits
 from fedmqtt.strategies.registry import make
 from fedmqtt.transport import MemoryBroker
 
@@ -30,7 +31,7 @@ def main() -> None:
     delta = {k: (rng.standard_normal(v.shape) * 1e-3).astype(np.float32) for k, v in params.items()}
     fp = codec.fingerprint(params)
     for name in ("fedbuff", "fedasync"):
-        agg = Aggregator(MemoryBroker().connect, params, make(name), AggregatorConfig(max_staleness=10**9))
+        agg = Aggregator(MemoryBroker().connect, params, make(name), AggregatorConfig(limits=Limits(max_staleness=10**9)))
         payloads = [codec.encode_update(delta, agent="a", update_id=uuid.uuid4().hex, base_version=0,
                                         num_samples=10, model_fingerprint=fp) for _ in range(args.updates)]
         for payload in payloads[:100]:
@@ -39,7 +40,7 @@ def main() -> None:
         for payload in payloads[100:]:
             agg.handle("a", payload)
         per = (time.perf_counter() - started) / (len(payloads) - 100)
-        print(f"{name:10s} {args.params} params: {per * 1e3:.3f} ms per update ({agg.accepted} accepted)")
+        print(f"{name:10s} {args.params} params: {per * 1e3:.3f} ms per update ({agg.state.counters.accepted} accepted)")
 
 
 if __name__ == "__main__":

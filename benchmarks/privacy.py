@@ -9,7 +9,7 @@ buffered sum; sigma is the smallest noise multiplier whose ε after the run's se
 ``sim`` (default) runs the event-driven asynchronous simulation in ``fedmqtt.simulation`` (no MQTT), 30 agents by
 default, and holds a second update from the same agent until the buffer has been emptied, so that each
 agent contributes at most one delta per noisy step (the sensitivity the accountant assumes). ``mqtt`` runs
-a Mosquitto of its own, the real ``Aggregator`` (``one_update_per_step``, ``central_accountant``) and a
+a Mosquitto of its own, the real ``Aggregator`` (the DP strategy holds a second update per step and reports ε) and a
 ``Fleet`` of 30 agents until the planned number of noisy steps is taken, then reads ε from the aggregator's
 retained metrics. ε is from dp-accounting's RDP accountant over the steps actually taken, with no
 amplification by sampling (see fedmqtt.privacy).
@@ -28,17 +28,17 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from fedmqtt.simulation import simulate
-
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker
+from fedmqtt.core import Limits
 from fedmqtt.fleet import Fleet, FleetConfig
-from fedmqtt.privacy import DELTA, central_accountant, epsilon, noise_for_epsilon
+from fedmqtt.privacy import DELTA, epsilon, noise_for_epsilon
+from fedmqtt.simulation import simulate
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.strategies.registry import make
 from fedmqtt.tasks import Task, get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import ConnectOptions, mqtt_connector
+from fedmqtt.transport import ConnectOptions, Inbox, mqtt_connector
 
 CLIP = {"digits": 1.0, "hapt6": 0.5}  # about the median honest delta norm of each task (printed below)
 
@@ -50,8 +50,7 @@ async def run_mqtt(task: Task, strategy: Strategy, sigma: float | None, *, steps
     fleet_cfg = FleetConfig(agents=task.num_clients, base_seconds=base_seconds, sigma=1.0, seed=seed)
     fleet_cfg = replace(fleet_cfg, agent=replace(fleet_cfg.agent, topics=topics))
     evaluator = task.trainer(seed)
-    cfg = AggregatorConfig(topics=topics, max_staleness=500, one_update_per_step=sigma is not None,
-                           privacy=central_accountant(sigma) if sigma is not None else None)
+    cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=500))  # DP FedBuff gates itself
     async with local_broker("mosquitto") as broker:
         connect = mqtt_connector(broker.config)
         async with Aggregator(connect, evaluator.initial, strategy, cfg) as agg:
@@ -67,11 +66,10 @@ async def run_mqtt(task: Task, strategy: Strategy, sigma: float | None, *, steps
                         seen, last_step = agg.version, time.monotonic()
             accuracy = float(task.evaluate_fn(evaluator)(agg.numpy_params())["accuracy"])
             held = agg.metrics().held
-        async with connect(ConnectOptions(f"privacy-reader-{seed}")) as reader:  # what anyone reads
+        inbox = Inbox()
+        async with connect(ConnectOptions(f"privacy-reader-{seed}", on_message=inbox)) as reader:  # anyone reads
             await reader.subscribe(topics.metrics)
-            async for m in reader.messages():
-                metrics = json.loads(m.payload)
-                break
+            metrics = json.loads((await inbox.get(timeout=30)).payload)
     return {"accuracy": accuracy, "steps": metrics["version"], "epsilon": metrics.get("dp_epsilon", math.inf),
             "dp_steps": metrics.get("dp_steps"), "accepted": metrics["accepted"], "held_at_end": held,
             "rejected_by_reason": metrics["rejected_by_reason"],

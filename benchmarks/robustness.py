@@ -29,11 +29,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedmqtt.simulation import Attack, sign_flip, simulate
-
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker
+from fedmqtt.core import Limits
 from fedmqtt.fleet import Fleet, FleetConfig
+from fedmqtt.simulation import Attack, sign_flip, simulate
 from fedmqtt.strategies.registry import make
 from fedmqtt.tasks import Task, get_task
 from fedmqtt.topics import Topics
@@ -70,7 +70,7 @@ async def run_mqtt(task: Task, strategy_name: str, options: dict[str, float], *,
     evaluate = task.evaluate_fn(evaluator)
     async with local_broker("mosquitto") as broker:
         connect = mqtt_connector(broker.config)
-        cfg = AggregatorConfig(topics=topics, max_staleness=500)
+        cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=500))
         async with Aggregator(connect, evaluator.initial, strategy, cfg) as agg:
             await agg.wait_connected()
             fleet = Fleet(connect, task, fleet_cfg)
@@ -82,8 +82,8 @@ async def run_mqtt(task: Task, strategy_name: str, options: dict[str, float], *,
                 await asyncio.sleep(seconds)
                 sent, acks = fleet.updates_sent, fleet.acks
             final = evaluate(agg.numpy_params())
-            return {"accuracy": float(final["accuracy"]), "version": agg.version, "accepted": agg.accepted,
-                    "rejected": dict(agg.rejected), "sent": sent, "acks": acks,
+            return {"accuracy": float(final["accuracy"]), "version": agg.version, "accepted": agg.state.counters.accepted,
+                    "rejected": dict(agg.state.counters.rejected), "sent": sent, "acks": acks,
                     "attacker_share": _attacker_share(fleet, attackers)}
 
 

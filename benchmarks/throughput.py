@@ -165,29 +165,31 @@ def run_raw(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
 
 
 async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
+    from fedmqtt import codec
     from fedmqtt.aggregator import Aggregator, AggregatorConfig
+    from fedmqtt.core import Limits
     from fedmqtt.strategies.registry import make
     from fedmqtt.topics import Topics
     from fedmqtt.transport import BrokerConfig, mqtt_connector
 
     topics = Topics(federation=f"tp{n_params}")
     strategy = make(args.strategy, buffer_size=args.buffer_size)
-    cfg = AggregatorConfig(topics=topics, max_staleness=args.max_staleness, max_queued=args.max_queued)
+    cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=args.max_staleness), max_queued=args.max_queued)
     agg = Aggregator(mqtt_connector(BrokerConfig(port=port)), make_params(n_params), strategy, cfg)
     handled: list[float] = []  # completion times of accepted updates
     handle_wall: list[float] = []
     included: dict[str, int] = {}  # update_id -> first version that includes it
     inner = agg.handle
 
-    def timed(topic_agent: str, payload: bytes) -> Any:
-        before = agg.version
+    def timed(topic_agent: str, payload: bytes) -> None:
+        before, accepted = agg.version, agg.state.counters.accepted
         t = time.perf_counter()
-        ack = inner(topic_agent, payload)
+        inner(topic_agent, payload)
         handle_wall.append(time.perf_counter() - t)
-        if ack.status == "accepted":
+        if agg.state.counters.accepted > accepted:
             handled.append(time.monotonic())
-            included[ack.update_id] = before + 1
-        return ack
+            meta = codec.read_header(payload)[0]["__metadata__"]
+            included[meta["fedmqtt.update_id"]] = before + 1  # type: ignore[index]
 
     agg.handle = timed  # type: ignore[method-assign]
     out, ready, stop = ctx.Queue(), ctx.Event(), ctx.Event()
@@ -229,7 +231,7 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
                 latencies.append(models[versions[i]] - sent[uid])
     applied = n1 - n0
     return {
-        "sent": len(sent), "accepted": agg.accepted, "rejected_by_reason": dict(agg.rejected),
+        "sent": len(sent), "accepted": agg.state.counters.accepted, "rejected_by_reason": dict(agg.state.counters.rejected),
         "rate": applied / (wall1 - wall0), "window_seconds": wall1 - wall0,
         "cpu_ms_per_update": 1000 * (cpu1 - cpu0) / applied if applied else None,
         "cpu_utilisation": (cpu1 - cpu0) / (wall1 - wall0),

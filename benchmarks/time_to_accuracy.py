@@ -33,11 +33,12 @@ from typing import Any, Self
 
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker
+from fedmqtt.core import Limits
 from fedmqtt.fleet import Fleet, FleetConfig, speed_factors
 from fedmqtt.strategies.registry import make
 from fedmqtt.tasks import Task, get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import ConnectOptions, Connector, Transport, mqtt_connector
+from fedmqtt.transport import ConnectOptions, Connector, Message, Transport, mqtt_connector
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("fedavg", "fedasync-constant", "fedasync-polynomial", "fedasync-hinge", "fedbuff")
@@ -48,8 +49,9 @@ STRATEGIES = ("fedavg", "fedasync-constant", "fedasync-polynomial", "fedasync-hi
 class ByteCounter:
     published: int = 0
     published_msgs: int = 0
-    delivered: int = 0
+    delivered: int = 0  # to the agents (models, acks): what devices download
     delivered_msgs: int = 0
+    delivered_to_aggregator: int = 0  # updates and presence
     by_role: dict[str, int] = field(default_factory=dict)
 
 
@@ -76,21 +78,25 @@ class CountingTransport:
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         await self._inner.subscribe(topic, qos)
 
-    async def messages(self) -> Any:
-        async for m in self._inner.messages():
-            self._c.delivered += len(m.payload)
-            self._c.delivered_msgs += 1
-            yield m
-
-    @property
-    def dropped(self) -> int:
-        return self._inner.dropped
+    async def closed(self) -> None:
+        await self._inner.closed()
 
 
 def counting(connect: Connector, counter: ByteCounter) -> Connector:
     def wrapped(opts: ConnectOptions) -> Transport:
         role = "aggregator" if "aggregator" in opts.client_id else "agents"
-        return CountingTransport(connect(opts), counter, role)  # type: ignore[return-value]
+        handler = opts.on_message
+
+        def count(m: Message) -> None:
+            if role == "agents":
+                counter.delivered += len(m.payload)
+                counter.delivered_msgs += 1
+            else:
+                counter.delivered_to_aggregator += len(m.payload)
+            if handler is not None:
+                handler(m)
+
+        return CountingTransport(connect(opts._replace(on_message=count)), counter, role)  # type: ignore[return-value]
     return wrapped
 
 
@@ -125,7 +131,7 @@ async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict
     fleet_cfg = replace(spec.fleet, agent=replace(spec.fleet.agent, topics=topics))
     evaluator = task.trainer(spec.seed)
     evaluate = task.evaluate_fn(evaluator)
-    agg_cfg = AggregatorConfig(topics=topics, max_staleness=spec.max_staleness,
+    agg_cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=spec.max_staleness),
                                eval_interval=spec.eval_interval,
                                round_fraction=spec.round_fraction, round_deadline=spec.round_deadline)
     curve: list[dict[str, Any]] = []
@@ -143,10 +149,10 @@ async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict
                 last_log = 0.0
                 while (now := time.monotonic() - t0) < spec.seconds:
                     await asyncio.sleep(0.05)
-                    born.setdefault(agg.version, (now, agg.accepted))
+                    born.setdefault(agg.version, (now, agg.state.counters.accepted))
                     if agg.evaluated_version is not None and agg.evaluated_version != seen_eval:
                         seen_eval = agg.evaluated_version
-                        t_v, n_v = born.get(seen_eval, (now, agg.accepted))
+                        t_v, n_v = born.get(seen_eval, (now, agg.state.counters.accepted))
                         curve.append({"t": round(t_v, 3), "t_eval": round(now, 3), "version": seen_eval,
                                       "accepted": n_v, "accuracy": agg.eval.get("accuracy"),
                                       "loss": agg.eval.get("loss")})
@@ -154,13 +160,13 @@ async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict
                         last_log = now
                         acc = curve[-1]["accuracy"] if curve else float("nan")
                         log(f"  [{spec.strategy} seed {spec.seed}] {now:5.0f}s version {agg.version} "
-                            f"accepted {agg.accepted} accuracy {acc:.4f}")
+                            f"accepted {agg.state.counters.accepted} accuracy {acc:.4f}")
                 sent, acks = fleet.updates_sent, fleet.acks
                 departures, offline_s = fleet.departures, fleet.offline_seconds
             final_params = agg.numpy_params()
             final = evaluate(final_params)
             m = agg.metrics()
-    stal = sorted(k for k, v in agg.staleness.items() for _ in range(v))
+    stal = sorted(k for k, v in agg.state.counters.staleness.items() for _ in range(v))
 
     def pct(q: float) -> int | None:
         return stal[min(len(stal) - 1, int(q * len(stal)))] if stal else None
@@ -169,13 +175,13 @@ async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict
         "strategy": spec.strategy, "seed": spec.seed, "mode": strategy.mode,
         "curve": curve, "final_accuracy": float(final["accuracy"]), "final_loss": float(final["loss"]),
         "best_accuracy": max((c["accuracy"] for c in curve if c["accuracy"] is not None), default=None),
-        "version": agg.version, "accepted": agg.accepted, "rejected_by_reason": dict(agg.rejected),
+        "version": agg.version, "accepted": agg.state.counters.accepted, "rejected_by_reason": dict(agg.state.counters.rejected),
         "updates_sent": sent, "acks": acks, "churn_departures": departures,
         "churn_offline_seconds": round(offline_s, 1),
         "bytes_published": counter.published, "messages_published": counter.published_msgs,
         "bytes_published_by_role": counter.by_role,
-        "bytes_delivered": counter.delivered, "messages_delivered": counter.delivered_msgs,
-        "staleness_hist": {str(k): v for k, v in sorted(agg.staleness.items())},
+        "bytes_delivered": counter.delivered, "bytes_delivered_to_aggregator": counter.delivered_to_aggregator, "messages_delivered": counter.delivered_msgs,
+        "staleness_hist": {str(k): v for k, v in sorted(agg.state.counters.staleness.items())},
         "staleness_mean": m.staleness_mean, "staleness_p50": pct(0.5), "staleness_p90": pct(0.9),
         "staleness_max": m.staleness_max, "dropped": m.dropped,
     }

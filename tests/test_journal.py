@@ -330,8 +330,8 @@ async def test_acks_and_model_wait_for_their_own_fsync_and_fsyncs_are_grouped(tm
             assert (ack.update_id, ack.status, ack.version) == ("u0", "accepted", 1)
             await hook.wait_entered(2)  # the next fsync (records 2..n) has begun, and hangs
             await wait_for(metrics, lambda m: Metrics.model_validate_json(m.payload).version >= 1)
-            assert journal_.synced_seq == 1 and agg.committed_version == 1 and model_version() == 1
             assert published_acks() == ["u0"] and acks.queue.empty()  # 2..n wait for THEIR fsync
+            assert journal_.synced_seq == 1 and agg.committed_version == 1 and model_version() == 1
 
             hook.release(2)
             got = [Ack.model_validate_json((await acks.get(timeout=10)).payload) for _ in range(1, n)]

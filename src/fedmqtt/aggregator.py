@@ -47,7 +47,7 @@ Evaluate = Callable[[dict[str, Array]], Mapping[str, float]]
 @dataclass(frozen=True)
 class AggregatorConfig:
     topics: Topics = field(default_factory=Topics)
-    limits: Limits = Limits()  # what the core accepts (staleness, norm, size, de-duplication, held updates)
+    limits: Limits = field(default_factory=Limits)  # what the core accepts: staleness, norm, size, held updates
     round_size: int | None = None  # sync: updates per round (None: agents online)
     round_fraction: float | None = None  # sync: round = the first ceil(fraction × agents online) updates
     round_deadline: float | None = None  # sync: close a round after this many seconds with >= 1 update

@@ -259,9 +259,13 @@ def _client_update(checked: Checked, history: Mapping[int, Params], strategy: St
     tensors = checked.tensors
     if info.encoding == "delta":
         check_norm(tensors, max_norm)
-        value = {k: np.add(np.asarray(base[k]), v) for k, v in tensors.items()} if wants_weights else tensors
+        value = tensors
+        if wants_weights:
+            assert base is not None
+            value = {k: np.add(np.asarray(base[k]), v) for k, v in tensors.items()}
     else:
-        delta = {k: np.subtract(v, np.asarray(base[k])) for k, v in tensors.items()}  # type: ignore[index]
+        assert base is not None
+        delta = {k: np.subtract(v, np.asarray(base[k])) for k, v in tensors.items()}
         check_norm(delta, max_norm)
         value = tensors if wants_weights else delta
     return ClientUpdate(value, np.int32(checked.staleness), np.float32(info.num_samples))

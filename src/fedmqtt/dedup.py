@@ -27,7 +27,7 @@ class Seen(NamedTuple):
     size: int = 0
     floor: int = -1  # updates on a base <= floor are refused as stale
 
-    def __len__(self) -> int:  # type: ignore[override]  # entries, not tuple fields
+    def __len__(self) -> int:  # entries, not tuple fields
         return self.size
 
     def items(self) -> list[tuple[str, int]]:

@@ -200,7 +200,8 @@ class Durability:
         await asyncio.to_thread(self._write, state, seq)
 
     def _write(self, state: ServerState, seq: int) -> None:
-        assert self._rules is not None and self.journal is not None
+        assert self._rules is not None
+        assert self.journal is not None
         snapshot.write(self.directory, state, self._rules, seq, self.fsync)
         self.journal.prune(seq)
 

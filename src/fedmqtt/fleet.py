@@ -77,6 +77,7 @@ class Fleet(Service):
                  on_ack: Callable[[str, Ack], None] | None = None) -> None:
         self.config = cfg = config or FleetConfig()
         super().__init__("fleet")
+        self._agents_connect = connect
         self.task = task
         self._connect = connect
         self._on_ack = on_ack
@@ -99,7 +100,7 @@ class Fleet(Service):
         agent_id = f"{self.config.id_prefix}{i}"
         on_ack = self._on_ack
         callback = (lambda ack, a=agent_id: on_ack(a, ack)) if on_ack else None
-        return EdgeAgent(self._connect, agent_id, self._trainers[i], self._data[i], self._agent_cfgs[i],
+        return EdgeAgent(self._agents_connect, agent_id, self._trainers[i], self._data[i], self._agent_cfgs[i],
                          on_ack=callback)
 
     def warm_up(self) -> None:

@@ -132,8 +132,8 @@ class CentralDP(NamedTuple):
 
 def central_accountant(noise_multiplier: float, delta: float = DELTA, sampling_rate: float = 1.0
                        ) -> Callable[[Any], Mapping[str, Any]]:
-    """A DP FedBuff strategy's ``report`` (set by ``fedbuff(dp=...)``): reads the number of noisy steps from a DP FedBuff state and
-    returns the metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_steps``."""
+    """A DP FedBuff strategy's ``report`` (set by ``fedbuff(dp=...)``): reads the number of noisy steps from
+    its state and returns the metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_steps``."""
 
     def report(state: Any) -> Mapping[str, Any]:
         steps = int(getattr(state, "dp_steps", 0) or 0)

@@ -33,7 +33,7 @@ Loop = Coroutine[Any, Any, None]
 def backoff(attempt: int, maximum: float) -> float:
     """Seconds before reconnect attempt ``attempt`` (1, 2, ...): 0.2·2^attempt capped at ``maximum``, times a
     random factor in [0.5, 1] so that a fleet does not reconnect in lock-step after a broker restart."""
-    return min(maximum, 0.2 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+    return float(min(maximum, 0.2 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0))
 
 
 async def cancel_all(tasks: Sequence[asyncio.Task[None]], interval: float = 0.5) -> None:
@@ -169,6 +169,9 @@ class Service:
             await asyncio.wait_for(self._stop.wait(), seconds)
         return self._stop.is_set()
 
+    async def _until_closed(self) -> None:
+        await self._closed.wait()
+
     # ---- the broker connection --------------------------------------------------------------------------
     async def connection(self, opts: ConnectOptions, on_connect: Callable[[Transport], Awaitable[None]]) -> None:
         """Keep one connection: connect, ``on_connect``, serve until lost or closing; reconnect with backoff."""
@@ -182,7 +185,7 @@ class Service:
                     self.connected.set()
                     self.changed()
                     attempt = 0
-                    await first(t.closed(), self._closed.wait())
+                    await first(t.closed(), self._until_closed())
             except TransportError as exc:
                 log.warning("%s: connection: %s", self.name, exc)
             finally:

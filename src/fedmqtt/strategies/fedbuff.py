@@ -117,7 +117,8 @@ def fedbuff(
             return rule.fn(state.buffer, state.weights), state
         total = state.buffer
         if dp is not None:
-            assert state.key is not None and state.dp_steps is not None
+            assert state.key is not None
+            assert state.dp_steps is not None
             key, sub = jax.random.split(state.key)
             total = jax.tree.map(jnp.add, total, gaussian_noise(total, sub, dp.noise * clip))
             state = state._replace(key=key, dp_steps=state.dp_steps + 1)

@@ -28,7 +28,8 @@ _FEDBUFF = ("buffer_size", "server_opt", "server_lr", "staleness_a")
 _DP = ("dp_clip", "dp_noise", "seed")
 
 
-def _fedasync(name: str, weighting: str, extra: tuple[str, ...] = ()) -> tuple[Callable[..., Strategy], tuple[str, ...]]:
+def _fedasync(name: str, weighting: str, extra: tuple[str, ...] = ()
+              ) -> tuple[Callable[..., Strategy], tuple[str, ...]]:
     def build(alpha: float = 0.6, staleness_a: float | None = None, staleness_b: int | None = None) -> Strategy:
         return fedasync(alpha, weighting_by_name(weighting, staleness_a, staleness_b), name=name)
 
