@@ -7,8 +7,8 @@ published as the retained model. Timers call ``core.flush`` when a sync round or
 
 Lifecycle (service.py): ``async with Aggregator(...) as agg: ...`` or ``await agg.run()``. Named loops:
 ``connection`` (subscribe to updates and presence; reconnects with jittered backoff), ``publisher`` (model +
-metrics), ``acks``, ``committer`` and ``snapshotter`` (the store), ``evaluator``, ``rounds`` (sync) and
-``step deadline`` (one update per agent per step). Republishes coalesce: at most one model publish is in
+metrics), ``acks``, ``committer`` and ``snapshotter`` (the store), ``evaluator`` and ``steps`` (sync rounds,
+overdue partial steps). Republishes coalesce: at most one model publish is in
 flight; updates applied meanwhile fold into the next, which always carries the newest committed version;
 ``publish_interval`` (50 ms) and ``metrics_interval`` (0.5 s) cap how often the model and the metrics go out.
 """
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from fedmqtt import codec, core
-from fedmqtt.core import Limits, Reply, ServerState
+from fedmqtt.core import Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability, Store, Volatile
-from fedmqtt.errors import TransportError
+from fedmqtt.errors import StateError, TransportError
 from fedmqtt.files import Fsync
 from fedmqtt.schemas import Ack, Metrics, Status, dump
 from fedmqtt.service import Loop, Service
@@ -48,10 +48,7 @@ Evaluate = Callable[[dict[str, Array]], Mapping[str, float]]
 class AggregatorConfig:
     topics: Topics = field(default_factory=Topics)
     limits: Limits = field(default_factory=Limits)  # what the core accepts: staleness, norm, size, held updates
-    round_size: int | None = None  # sync: updates per round (None: agents online)
-    round_fraction: float | None = None  # sync: round = the first ceil(fraction × agents online) updates
-    round_deadline: float | None = None  # sync: close a round after this many seconds with >= 1 update
-    step_deadline: float | None = 30.0  # one update per step: with updates held, take a partial step after this
+    timing: Timing = field(default_factory=Timing)  # sync rounds and partial steps
     state_dir: str | Path | None = None  # durable state (journal + snapshots); None: memory only
     snapshot_every: int = 500  # journal records between snapshots ...
     snapshot_interval: float = 60.0  # ... or seconds since the last one (if any record was written)
@@ -166,8 +163,14 @@ class Aggregator(Service):
         return effects.stepped
 
     def _take(self, state: ServerState, effects: core.Effects) -> None:
+        if self.failure is not None:
+            return  # stopping: nothing more is applied or acknowledged
+        try:
+            self.store.append(effects.records)  # write-ahead: before the state moves on, before any effect
+        except OSError as exc:
+            self.fail(StateError(f"cannot write the journal ({exc}); stopping, nothing further is acknowledged"))
+            return
         self.state = state
-        self.store.append(effects.records)  # write-ahead: before any effect leaves the process
         now = time.monotonic()
         self._rate.extend(now for r in effects.replies if r.accepted)
         if effects.stepped:
@@ -218,10 +221,8 @@ class Aggregator(Service):
                                   "snapshotter": self.store.snapshotter(lambda: self.state)}
         if self._evaluate is not None:
             loops["evaluator"] = self._evaluator(self._evaluate)
-        if self.strategy.mode == "sync":
-            loops["rounds"] = self._rounds()
-        elif self.rules.gated and cfg.step_deadline is not None:
-            loops["step deadline"] = self._step_deadline(cfg.step_deadline)
+        if self.strategy.mode == "sync" or self.rules.gated:
+            loops["steps"] = self._steps(0.02 if self.strategy.mode == "sync" else 0.5)
         return loops
 
     async def closing(self) -> None:
@@ -296,23 +297,12 @@ class Aggregator(Service):
                 self._dirty.set()
             await asyncio.sleep(self.config.eval_interval)
 
-    async def _step_deadline(self, seconds: float) -> None:
-        """One update per agent per step: fewer than K active agents could never fill a step. When updates
-        are held and no step was taken for ``seconds``, take a partial one (the strategy's ``flush``)."""
+    async def _steps(self, tick: float) -> None:
+        """Sync rounds and overdue partial steps: the core says when (core.flush_due)."""
         while True:
-            await asyncio.sleep(min(1.0, seconds / 4))
-            overdue = time.monotonic() - self._step_started > seconds
-            if self.state.gate.held and overdue and self.close_round():
-                log.info("took a partial step after %.0f s (updates held, too few agents)", seconds)
-
-    async def _rounds(self) -> None:
-        cfg = self.config
-        while True:
-            await asyncio.sleep(0.02)
-            target = core.round_target(len(self.online), cfg.round_size, cfg.round_fraction)
-            count = self.state.counters.since_step
+            await asyncio.sleep(tick)
             waited = time.monotonic() - self._step_started
-            if count >= target or (cfg.round_deadline and waited > cfg.round_deadline and count):
+            if core.flush_due(self.state, self.rules, self.config.timing, len(self.online), waited):
                 self.close_round()
 
 

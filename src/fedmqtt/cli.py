@@ -133,7 +133,7 @@ def aggregator(
 ) -> None:
     """Run the aggregator for a built-in task until interrupted; it resumes where it stopped."""
     from fedmqtt.aggregator import Aggregator, AggregatorConfig
-    from fedmqtt.core import Limits
+    from fedmqtt.core import Limits, Timing
     from fedmqtt.durability import default_directory
     from fedmqtt.strategies.registry import make
     from fedmqtt.tasks import get_task
@@ -154,7 +154,8 @@ def aggregator(
     trainer = t.trainer(seed)
     limits = Limits(max_staleness=max_staleness, max_update_norm=max_update_norm,
                     one_update_per_step=one_update_per_step)
-    cfg = AggregatorConfig(topics=topics, limits=limits, round_size=round_size, round_deadline=round_deadline,
+    cfg = AggregatorConfig(topics=topics, limits=limits, timing=Timing(round_size=round_size,
+                                                                     round_deadline=round_deadline),
                            state_dir=directory, snapshot_every=snapshot_every, keep_journal=keep_journal)
     agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
                      evaluate=t.evaluate_fn(trainer))

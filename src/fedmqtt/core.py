@@ -195,6 +195,33 @@ def replay(state: ServerState, entry: Entry, r: Rules) -> ServerState:
     return state
 
 
+class Timing(NamedTuple):
+    """When a step is due before a full buffer: sync rounds, and partial steps while updates are held."""
+
+    round_size: int | None = None  # sync: updates per round (None: agents online)
+    round_fraction: float | None = None  # sync: round = the first ceil(fraction × agents online) updates
+    round_deadline: float | None = None  # sync: close a round after this many seconds with >= 1 update
+    step_deadline: float | None = 30.0  # one update per step: with updates held, a partial step after this
+
+
+def flush_due(state: ServerState, r: Rules, timing: Timing, online: int, waited: float) -> bool:
+    """Whether :func:`flush` is due, ``waited`` seconds after the last step with ``online`` agents present.
+
+    >>> from fedmqtt.strategies import fedavg
+    >>> r = rules(fedavg(), {"w": np.zeros(1, np.float32)})
+    >>> s = init(r, {"w": np.zeros(1, np.float32)}, "e")
+    >>> flush_due(s._replace(counters=Counters(since_step=3)), r, Timing(round_fraction=0.5), online=6, waited=0)
+    True
+    """
+    count = state.counters.since_step
+    if r.strategy.mode == "sync":
+        if count >= round_target(online, timing.round_size, timing.round_fraction):
+            return True
+        return bool(timing.round_deadline is not None and waited > timing.round_deadline and count)
+    deadline = timing.step_deadline
+    return bool(r.gated and deadline is not None and state.gate.held and waited > deadline)
+
+
 def round_target(online: int, size: int | None = None, fraction: float | None = None) -> int:
     """Sync mode: updates that close a round: ``size``, else ``ceil(fraction × online)``, else ``online``.
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker
+from fedmqtt.core import Timing
 from fedmqtt.fleet import Fleet, FleetConfig
 from fedmqtt.schemas import Metrics
 from fedmqtt.strategies.registry import make
@@ -69,7 +70,8 @@ async def _run(cfg: BrokerConfig, kind: str, task: Any, strategy: Any, agents: i
     connect = mqtt_connector(cfg)
     evaluator = task.trainer(seed)
     evaluate = task.evaluate_fn(evaluator)
-    agg_cfg = AggregatorConfig(round_size=agents if strategy.mode == "sync" else None, round_deadline=30.0)
+    agg_cfg = AggregatorConfig(timing=Timing(round_size=agents if strategy.mode == "sync" else None,
+                                             round_deadline=30.0))
     async with Aggregator(connect, evaluator.initial, strategy, agg_cfg, evaluate=evaluate) as agg:
         await agg.wait_connected()
         fleet_cfg = FleetConfig(agents=agents, base_seconds=base_seconds, sigma=sigma, seed=seed)

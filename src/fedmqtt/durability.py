@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 from collections import deque
@@ -114,6 +115,7 @@ class Durability:
         self.snapshot_seq = 0
         self.dropped = 0  # replies not kept (more than max_waiting waited): the agents re-send
         self._rules: Rules | None = None
+        self._lock_fd: int | None = None
         self._waiting: deque[_Waiting] = deque()
         self._commit_wanted = asyncio.Event()
         self._snapshot_due = asyncio.Event()
@@ -123,6 +125,14 @@ class Durability:
         """The state after the newest snapshot and every record after it (``fresh`` on a first start, whose
         epoch is then kept); opens the journal for appending. Returns the state and the records replayed."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            return self._recover(r, fresh)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _recover(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]:
         self._rules = r
         epoch_file = self.directory / "epoch"
         if epoch_file.is_file():
@@ -132,6 +142,9 @@ class Durability:
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink()  # a snapshot the crash interrupted
         found = snapshot.read(self.directory, r, fresh.epoch)
+        if found is None and not journal.segments(self.directory):
+            # the first start: a snapshot at record 0 names the model and strategy, checked at every later start
+            snapshot.write(self.directory, fresh, r, 0, self.fsync)
         last, state = found if found is not None else (0, fresh)
         self.snapshot_seq = last
         replayed = 0
@@ -142,6 +155,17 @@ class Durability:
         self.journal = journal.Journal(self.directory, last + 1, keep=self.keep_journal, fsync=self.fsync)
         self.journal.sync()
         return state, replayed
+
+    def _lock(self) -> None:
+        """One aggregator per state directory: a second one would interleave two journals."""
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(f"{self.directory} is in use by another aggregator (one per federation and state "
+                             "directory)") from None
+        self._lock_fd = fd
 
     # ---- the write-ahead rule ---------------------------------------------------------------------------
     def append(self, records: Sequence[Entry]) -> None:
@@ -210,8 +234,18 @@ class Durability:
         j = self.journal
         if j is None:
             return
-        if j.written_seq != self.snapshot_seq:
-            j.rotate()
-            self._write(current(), j.written_seq)
-        j.close()
-        self.journal = None
+        try:
+            if j.written_seq != self.snapshot_seq:
+                j.rotate()
+                self._write(current(), j.written_seq)
+            j.close()
+        except OSError as exc:
+            raise StateError(f"cannot write the final snapshot in {self.directory}: {exc}") from exc
+        finally:
+            self.journal = None
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmqtt.errors import ConfigError
+from fedmqtt.files import atomic_write
 from fedmqtt.topics import Topics, check_segment
 
 AGGREGATOR = "aggregator"
@@ -211,11 +212,9 @@ def load_env_file(path: Path) -> dict[str, str]:
 
 
 def _write_private(path: Path, data: bytes | str) -> None:
-    """Write a file readable by its owner only (keys, passwords)."""
+    """Write a file readable by its owner only (keys, passwords), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
+    atomic_write(path, data.encode() if isinstance(data, str) else data, 0o600)
     os.chmod(path, 0o600)
 
 

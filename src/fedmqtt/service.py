@@ -110,7 +110,12 @@ class Service:
         assert self._tasks is not None
         with contextlib.suppress(asyncio.CancelledError):
             await self._tasks.__aexit__(None, None, None)
-        await self.closed()
+        try:
+            await self.closed()
+        except Exception as exc:  # after a failure, the failure is what the user needs to see
+            if self.failure is None:
+                raise
+            log.error("%s: while closing after a failure: %s", self.name, exc)
         if self.failure is not None and et is None:
             raise self.failure
 
@@ -129,17 +134,21 @@ class Service:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def fail(self, exc: BaseException) -> None:
+        """Stop the service because of ``exc``, which is raised to its user."""
+        log.error("%s: %s", self.name, exc)
+        if self.failure is None:
+            self.failure = exc
+        self._stop.set()
+        self.changed()
+
     async def _guard(self, name: str, coro: Loop) -> None:
         try:
             await coro
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any loop's failure stops the whole service, and is raised to its user
-            log.error("%s: %s failed: %s", self.name, name, exc)
-            if self.failure is None:
-                self.failure = exc
-            self._stop.set()
-            self.changed()
+            self.fail(exc)
 
     # ---- waiting ----------------------------------------------------------------------------------------
     def changed(self) -> None:
