@@ -33,7 +33,7 @@ from typing import Any, Self
 
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker
-from fedmqtt.core import Limits
+from fedmqtt.core import Limits, Timing
 from fedmqtt.fleet import Fleet, FleetConfig, speed_factors
 from fedmqtt.strategies.registry import make
 from fedmqtt.tasks import Task, get_task
@@ -133,7 +133,7 @@ async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict
     evaluate = task.evaluate_fn(evaluator)
     agg_cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=spec.max_staleness),
                                eval_interval=spec.eval_interval,
-                               round_fraction=spec.round_fraction, round_deadline=spec.round_deadline)
+                               timing=Timing(round_fraction=spec.round_fraction, round_deadline=spec.round_deadline))
     curve: list[dict[str, Any]] = []
     born: dict[int, tuple[float, int]] = {}  # version -> (seconds since start when first seen, accepted then)
     async with local_broker("mosquitto") as broker:

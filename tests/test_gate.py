@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from fedmqtt import codec, core, gate
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
-from fedmqtt.core import Entry, Limits, Reply, ServerState
+from fedmqtt.core import Entry, Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability
 from fedmqtt.errors import ConfigError
 from fedmqtt.gate import Gate, GateLimits, Held
@@ -167,19 +168,19 @@ def test_without_the_gate_both_updates_of_one_agent_share_a_step() -> None:
 # ---- in the service -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("snapshot", [True, False], ids=["from-snapshot", "from-journal"])
 async def test_the_current_step_survives_a_restart(tmp_path: Path, snapshot: bool) -> None:
-    def service() -> Aggregator:
-        return Aggregator(MemoryBroker().connect, PARAMS, dp_fedbuff(), AggregatorConfig(state_dir=tmp_path))
+    def service(state_dir: Path) -> Aggregator:
+        return Aggregator(MemoryBroker().connect, PARAMS, dp_fedbuff(), AggregatorConfig(state_dir=state_dir))
 
-    first = service()
+    first = service(tmp_path / "state")
     first.recover()
     first.handle("a", update("a", "u1", 0.1))
     assert first.state.gate.in_step == {"a"} and first.state.counters.accepted == 1
     store = first.store
-    assert isinstance(store, Durability) and store.journal is not None
+    assert isinstance(store, Durability)
     if snapshot:
         await store.snapshot(lambda: first.state)
-    store.journal.close()
-    second = service()
+    # a crash: the directory as it is on disk now (a copy: the live service keeps the directory's lock)
+    second = service(Path(shutil.copytree(tmp_path / "state", tmp_path / "crashed")))
     assert second.recover() == (0 if snapshot else 1)  # all from the snapshot, or the record replayed
     assert second.state.gate.in_step == {"a"}
     second.handle("a", update("a", "u2", 0.2))
@@ -192,7 +193,7 @@ async def test_fewer_agents_than_k_still_make_progress_with_partial_steps() -> N
     task = get_task("digits", num_clients=2, seed=0)
     broker = MemoryBroker()
     agg = Aggregator(broker.connect, task.trainer(0).initial, make("fedbuff", buffer_size=5, dp_clip=1.0,
-                                                                     dp_noise=1.0), AggregatorConfig(step_deadline=0.3))
+                                                                     dp_noise=1.0), AggregatorConfig(timing=Timing(step_deadline=0.3)))
     async with agg:
         await agg.wait_connected()
         agents = [EdgeAgent(broker.connect, f"few-{i}", task.trainer(0), task.data_for(i)) for i in range(2)]
@@ -230,7 +231,7 @@ async def test_central_dp_federation_over_mosquitto_keeps_one_update_per_agent_p
     names = [f"dp-{i}" for i in range(4)]
     # no partial steps (step_deadline=None): every step takes exactly K updates
     agg = HeldCounting(connect, task.trainer(0).initial, make("fedbuff", buffer_size=k, dp_clip=1.0, dp_noise=1.0),
-                       AggregatorConfig(topics=topics, step_deadline=None))
+                       AggregatorConfig(topics=topics, timing=Timing(step_deadline=None)))
     acks = Inbox()  # every agent's acks, in the order the aggregator sent them
     async with agg, connect(ConnectOptions(f"{federation}-acks", on_message=acks)) as watcher:
         for name in names:

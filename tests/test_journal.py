@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import pytest
 
 from fedmqtt import codec, core, dedup, journal, snapshot
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
-from fedmqtt.core import ServerState
+from fedmqtt.core import ServerState, Timing
 from fedmqtt.durability import Durability
 from fedmqtt.errors import StateError
 from fedmqtt.schemas import Ack, Metrics
@@ -47,6 +48,14 @@ def aggregator(state_dir: Path, name: str, broker: MemoryBroker | None = None, *
     return Aggregator((broker or MemoryBroker()).connect, PARAMS, make(strategy, **options), config)
 
 
+def crash(agg: Aggregator, to: Path) -> Path:
+    """What a crash of ``agg`` would leave: its state directory as it is on disk now, never closed (no final
+    snapshot). A copy, because the live ``agg`` keeps the directory's lock, as a dead process would not."""
+    assert agg.config.state_dir is not None
+    shutil.copytree(agg.config.state_dir, to)
+    return to
+
+
 def durability(agg: Aggregator) -> Durability:
     assert isinstance(agg.store, Durability)
     return agg.store
@@ -72,7 +81,7 @@ def assert_same_state(a: ServerState, b: ServerState) -> None:
 @pytest.mark.parametrize("name", list(STRATEGIES))
 async def test_crash_and_recover_gives_the_same_state(tmp_path: Path, name: str) -> None:
     rng = np.random.default_rng(0)
-    a = aggregator(tmp_path, name, snapshot_every=1000)
+    a = aggregator(tmp_path / "state", name, snapshot_every=1000)
     a.recover()
     sync = name == "fedavg"
     sent = []
@@ -89,15 +98,15 @@ async def test_crash_and_recover_gives_the_same_state(tmp_path: Path, name: str)
             await durability(a).snapshot(lambda: a.state)  # half from the snapshot, half replayed
     assert a.state.counters.rejected == {"duplicate": 1}
     assert a.version >= 5 and (sync or len(a.state.counters.staleness) > 1)
-    # a "crash": the object is abandoned without closing; a new one recovers from disk
-    b = aggregator(tmp_path, name)
+    crashed = crash(a, tmp_path / "crashed")
+    b = aggregator(crashed, name)
     assert b.recover() == (13 if sync else 10)  # fedavg: 10 updates + 3 closed rounds
     assert_same_state(a.state, b.state)
     _, fx = core.receive(b.state, "a3", sent[-1], b.rules)
     # a re-send of an update applied before the crash is refused; a sync round forgets ids once its round
     # closed, and refuses the re-send as stale instead
     assert [(r.accepted, r.reason) for r in fx.replies] == [(False, "stale" if sync else "duplicate")]
-    assert len(journal.applied_updates(tmp_path)) == 10  # the first ten are covered by the snapshot
+    assert len(journal.applied_updates(crashed)) == 10  # the first ten are covered by the snapshot
     nxt = update(rng, a.version, agent="a1")  # both go on identically (the DP noise key included)
     for agg in (a, b):
         agg.handle("a1", nxt)
@@ -108,75 +117,89 @@ async def test_crash_and_recover_gives_the_same_state(tmp_path: Path, name: str)
 
 def test_replay_count_and_journal_ledger(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    a = aggregator(tmp_path, "fedasync", keep_journal=True)
+    a = aggregator(tmp_path / "state", "fedasync", keep_journal=True)
     a.recover()
     ids = [uuid.uuid4().hex for _ in range(5)]
     for i, uid in enumerate(ids):
         a.handle(f"a{i % 2}", update(rng, a.version, agent=f"a{i % 2}", update_id=uid))
-    b = aggregator(tmp_path, "fedasync", keep_journal=True)
+    crashed = crash(a, tmp_path / "crashed")
+    b = aggregator(crashed, "fedasync", keep_journal=True)
     assert b.recover() == 5
+    assert_same_state(a.state, b.state)
     ledger = [(seq, agent, codec.decode(p).metadata["fedmqtt.update_id"])
-              for seq, agent, p in journal.applied_updates(tmp_path)]
+              for seq, agent, p in journal.applied_updates(crashed)]
     assert ledger == [(i + 1, f"a{i % 2}", uid) for i, uid in enumerate(ids)]
 
 
 def test_torn_tail_is_cut_and_replay_continues(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
-    a = aggregator(tmp_path, "fedasync")
+    a = aggregator(tmp_path / "state", "fedasync")
     a.recover()
     for _ in range(3):
         a.handle("a1", update(rng, a.version))
-    (_, seg), = journal.segments(tmp_path)
+    crashed = crash(a, tmp_path / "crashed")
+    (_, seg), = journal.segments(crashed)
     size = seg.stat().st_size
     with open(seg, "ab") as f:  # half a record: what a crash in the middle of a write leaves
         f.write(seg.read_bytes()[: size // 5])
-    b = aggregator(tmp_path, "fedasync")
+    b = aggregator(crashed, "fedasync")
     assert b.recover() == 3
     assert_same_state(a.state, b.state)
     assert seg.stat().st_size == size  # repaired
-    b.handle("a1", update(rng, b.version))
-    c = aggregator(tmp_path, "fedasync")
+    b.handle("a1", update(rng, b.version))  # appended after the cut: readable on the next start
+    c = aggregator(crash(b, tmp_path / "crashed-again"), "fedasync")
     assert c.recover() == 4
-    assert c.version == 4
+    assert_same_state(b.state, c.state)
 
 
 async def test_corruption_before_the_last_segment_is_an_error(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    a = aggregator(tmp_path, "fedasync", keep_journal=True)
+    a = aggregator(tmp_path / "state", "fedasync", keep_journal=True)
     a.recover()
     a.handle("a1", update(rng, 0))
     await durability(a).snapshot(lambda: a.state)
     a.handle("a1", update(rng, a.version))
-    (_, first), _ = journal.segments(tmp_path)
+    crashed = crash(a, tmp_path / "crashed")
+    (_, first), _ = journal.segments(crashed)
     data = bytearray(first.read_bytes())
     data[40] ^= 0xFF  # inside the first record's body
     first.write_bytes(bytes(data))
-    (tmp_path / snapshot.FILE).unlink()  # force a replay from the start
+    (crashed / snapshot.FILE).unlink()  # force a replay from the start
     with pytest.raises(StateError, match="corrupt"):
-        aggregator(tmp_path, "fedasync").recover()
+        aggregator(crashed, "fedasync").recover()
 
 
-async def test_snapshot_of_another_model_or_strategy_is_refused(tmp_path: Path) -> None:
-    a = aggregator(tmp_path, "fedasync")
+@pytest.mark.parametrize("snapshot_taken", [True, False], ids=["after-a-snapshot", "first-start-snapshot"])
+async def test_state_of_another_model_or_strategy_is_refused(tmp_path: Path, snapshot_taken: bool) -> None:
+    a = aggregator(tmp_path / "state", "fedasync")
     a.recover()
     a.handle("a1", update(np.random.default_rng(4), 0))
-    await durability(a).snapshot(lambda: a.state)
+    if snapshot_taken:
+        await durability(a).snapshot(lambda: a.state)
+    crashed = crash(a, tmp_path / "crashed")  # else only the snapshot of the first start names model and strategy
     with pytest.raises(StateError, match="strategy"):
-        aggregator(tmp_path, "fedbuff-adam").recover()
+        aggregator(crashed, "fedbuff-adam").recover()
     other = {"x": np.zeros(2, np.float32)}
-    foreign = Aggregator(MemoryBroker().connect, other, make("fedasync"), AggregatorConfig(state_dir=tmp_path))
+    foreign = Aggregator(MemoryBroker().connect, other, make("fedasync"), AggregatorConfig(state_dir=crashed))
     with pytest.raises(StateError, match="fingerprint"):
         foreign.recover()
+    b = aggregator(crashed, "fedasync")  # the refusals changed nothing, and let go of the directory
+    assert b.recover() == (0 if snapshot_taken else 1)
+    assert_same_state(a.state, b.state)
 
 
-def test_a_journal_record_of_another_model_is_refused_on_replay(tmp_path: Path) -> None:
-    a = aggregator(tmp_path, "fedasync")
-    a.recover()
-    a.handle("a1", update(np.random.default_rng(5), 0))  # journaled, no snapshot yet
+def test_replay_refuses_a_record_of_another_model_but_not_one_a_changed_limit_would() -> None:
+    payload = update(np.random.default_rng(5), 0)
+    entry = core.Entry("update", "a1", payload)
+    strict = core.rules(make("fedasync"), PARAMS, core.Limits(max_update_norm=1e-6, max_payload=16))
+    _, fx = core.receive(core.init(strict, PARAMS, "e"), "a1", payload, strict)
+    assert not fx.replies[0].accepted  # the limits now refuse it as a new arrival ...
+    applied = core.replay(core.init(strict, PARAMS, "e"), entry, strict)
+    assert applied.version == 1 and applied.counters.accepted == 1  # ... but an acknowledged record replays
     other = {"x": np.zeros(2, np.float32)}
-    foreign = Aggregator(MemoryBroker().connect, other, make("fedasync"), AggregatorConfig(state_dir=tmp_path))
+    foreign = core.rules(make("fedasync"), other)
     with pytest.raises(StateError, match="cannot be replayed"):
-        foreign.recover()
+        core.replay(core.init(foreign, other, "e"), entry, foreign)
 
 
 def test_rebuild_state_checks_leaves() -> None:
@@ -348,12 +371,7 @@ async def test_acks_and_model_wait_for_their_own_fsync_and_fsyncs_are_grouped(tm
     assert b.version == n
 
 
-@pytest.mark.parametrize("disk", [
-    "fails-once",
-    pytest.param("fails-for-good", marks=pytest.mark.xfail(
-        strict=True, raises=OSError, reason="src bug: Aggregator.closed -> Durability.close writes the clean-stop "
-        "snapshot with the failing fsync, and its OSError replaces the StateError")),
-])
+@pytest.mark.parametrize("disk", ["fails-once", "fails-for-good"])
 async def test_a_failed_fsync_stops_the_aggregator_and_nothing_unsynced_is_acknowledged(tmp_path: Path,
                                                                                         disk: str) -> None:
     broker, hook = MemoryBroker(), FsyncHook()
@@ -379,3 +397,24 @@ async def test_a_failed_fsync_stops_the_aggregator_and_nothing_unsynced_is_ackno
     assert agg.committed_version == 0 and isinstance(agg.failure, StateError)
     assert [m for m in broker.published if m.topic == topics.acks("a1")] == [] and acks.queue.empty()
     assert version_of(broker.retained[topics.model]) == 0
+
+
+async def test_sync_round_with_state_dir_is_committed_and_published(tmp_path: Path) -> None:
+    """The cohort's last update closes the round; nothing follows it, yet the new version must go out."""
+    broker = MemoryBroker()
+    params = {"w": np.zeros(3, np.float32)}
+    cfg = AggregatorConfig(timing=Timing(round_size=2), state_dir=tmp_path)
+    async with Aggregator(broker.connect, params, make("fedavg"), cfg) as agg:
+        await agg.wait_connected()
+        async with broker.connect(ConnectOptions("client")) as t:
+            for i, value in enumerate((1.0, 3.0)):
+                payload = codec.encode_update({"w": np.full(3, value, np.float32)}, agent=f"a{i}", update_id=f"u{i}",
+                                              base_version=0, num_samples=1, encoding="weights")
+                await t.publish(Topics().update(f"a{i}"), payload)
+            await agg.wait_version(1, timeout=5)
+        store = durability(agg)
+        assert store.journal is not None and store.journal.synced_seq == 3  # two updates and the round's flush
+    model = codec.decode(broker.retained[Topics().model])
+    assert model.metadata["fedmqtt.version"] == "1"
+    np.testing.assert_allclose(model.tensors["w"], 2.0)
+    assert snapshot.read_seq(tmp_path) == 3 and list(journal.read_records(tmp_path)) == []  # clean stop: all in it

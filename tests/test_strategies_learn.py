@@ -12,7 +12,7 @@ import pytest
 
 from fedmqtt.agent import AgentConfig
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
-from fedmqtt.core import Limits
+from fedmqtt.core import Limits, Timing
 from fedmqtt.fleet import Fleet, FleetConfig
 from fedmqtt.simulation import simulate
 from fedmqtt.strategies.registry import make
@@ -68,7 +68,7 @@ async def _run(broker: BrokerConfig, federation: str, strategy_name: str, want: 
     topics = Topics(federation=federation)
     strategy = make(strategy_name)
     connect = mqtt_connector(broker)
-    cfg = AggregatorConfig(topics=topics, limits=LIMITS, eval_interval=10.0, round_fraction=fraction,
+    cfg = AggregatorConfig(topics=topics, limits=LIMITS, eval_interval=10.0, timing=Timing(round_fraction=fraction),
                            client_id=f"agg-{federation}"[:60])
     async with Aggregator(connect, evaluator.initial, strategy, cfg) as agg:
         await agg.wait_connected()

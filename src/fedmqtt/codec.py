@@ -118,15 +118,17 @@ def encode_update(
     return safetensors.numpy.save(_contiguous(tensors), metadata=metadata)
 
 
-def read_header(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[dict[str, object], int]:
-    """Parse and bound-check the safetensors JSON header; returns it and its length."""
+def read_header(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD, max_header: int = MAX_HEADER_BYTES
+                ) -> tuple[dict[str, object], int]:
+    """Parse and bound-check the safetensors JSON header; returns it and its length. ``max_header`` bounds
+    the header's length before it is parsed (a receiver that knows its model passes a bound near its size)."""
     if len(payload) > max_payload:
         raise CodecError(Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes > limit {max_payload}")
     if len(payload) < 8:
         raise CodecError(Reason.MALFORMED, f"{len(payload)} bytes is shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", payload[:8])
-    if n > MAX_HEADER_BYTES:
-        raise CodecError(Reason.MALFORMED, f"header length {n} exceeds {MAX_HEADER_BYTES}")
+    if n > min(max_header, MAX_HEADER_BYTES):
+        raise CodecError(Reason.MALFORMED, f"header length {n} exceeds {min(max_header, MAX_HEADER_BYTES)}")
     if n > len(payload) - 8:
         raise CodecError(Reason.MALFORMED, f"header length {n} runs past the {len(payload)}-byte payload")
     try:
@@ -138,9 +140,8 @@ def read_header(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple
     return header, n
 
 
-def decode(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Decoded:
-    """Parse a fedmqtt payload. Raises :class:`CodecError` with a specific reason on any defect."""
-    header, _ = read_header(payload, max_payload)
+def header_metadata(header: Mapping[str, object]) -> dict[str, str]:
+    """The string metadata of a parsed header, after checking that every tensor names an allowed dtype."""
     raw_meta = header.get("__metadata__", {})
     if not isinstance(raw_meta, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
@@ -152,6 +153,63 @@ def decode(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Decoded:
         dtype = info.get("dtype") if isinstance(info, dict) else None
         if not isinstance(dtype, str) or dtype not in _ALLOWED_CODES:  # a list or dict would be unhashable
             raise CodecError(Reason.DTYPE, f"tensor {name!r} has unsupported dtype {dtype!r}")
+    return dict(raw_meta)
+
+
+class Layout(NamedTuple):
+    """Where each tensor of a payload lies, read from its header alone."""
+
+    dtype: str  # safetensors code, e.g. F32
+    shape: tuple[int, ...]
+    start: int  # byte offsets into the payload
+    end: int
+
+
+_ITEMSIZE = {"F16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "U16": 2, "U32": 4,
+             "U64": 8, "BOOL": 1}
+_NUMPY = {code: np.dtype(name).newbyteorder("<") for name, code in _DTYPE_CODES.items()}
+
+
+def layout(header: Mapping[str, object], header_len: int, payload_len: int) -> dict[str, Layout]:
+    """Each tensor's dtype, shape and byte range, checked against the payload's size (contiguous, in
+    bounds, the size its shape says) without reading any tensor data; raises CodecError(malformed)."""
+    base = 8 + header_len
+    out: dict[str, Layout] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise CodecError(Reason.MALFORMED, f"tensor {name!r}: entry is not an object")
+        shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and o >= 0 for o in offsets) or dtype not in _ITEMSIZE):
+            raise CodecError(Reason.MALFORMED, f"tensor {name!r}: bad shape, dtype or data_offsets")
+        start, end = offsets
+        if end - start != _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64)) or base + end > payload_len:
+            raise CodecError(Reason.MALFORMED, f"tensor {name!r}: data_offsets do not fit its shape or the payload")
+        out[name] = Layout(dtype, tuple(shape), base + start, base + end)
+    spans = sorted((t.start, t.end) for t in out.values())
+    at = base
+    for start, end in spans:
+        if start != at:
+            raise CodecError(Reason.MALFORMED, "tensor data overlaps or leaves gaps")
+        at = end
+    if at != payload_len:
+        raise CodecError(Reason.MALFORMED, f"{payload_len - at} bytes after the last tensor")
+    return out
+
+
+def tensors_of(payload: bytes, where: Mapping[str, Layout]) -> dict[str, Array]:
+    """Read-only numpy views of the tensors (no copy), once :func:`layout` has checked where they lie."""
+    return {name: np.frombuffer(payload, _NUMPY[t.dtype], int(np.prod(t.shape, dtype=np.int64)), t.start
+                                ).reshape(t.shape) for name, t in where.items()}
+
+
+def decode(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Decoded:
+    """Parse a fedmqtt payload. Raises :class:`CodecError` with a specific reason on any defect."""
+    header, _ = read_header(payload, max_payload)
+    raw_meta = header_metadata(header)
     try:
         tensors = safetensors.numpy.load(bytes(payload))
     except Exception as exc:  # safetensors raises its own SafetensorError, or ValueError/TypeError

@@ -12,7 +12,7 @@ A re-send is the same payload, so it carries the same base: the lookup is by bas
 >>> contains(s, "a/u1", 3), contains(s, "a/u2", 3)
 (True, False)
 >>> s = add(add(s, "b/u1", 4, capacity=2), "c/u1", 5, capacity=2)  # over capacity: base 3 goes
->>> s.floor, len(s)
+>>> s.floor, s.size
 (3, 2)
 """
 
@@ -26,9 +26,6 @@ class Seen(NamedTuple):
     by_base: Mapping[int, frozenset[str]] = {}  # never mutated: every change builds a new mapping
     size: int = 0
     floor: int = -1  # updates on a base <= floor are refused as stale
-
-    def __len__(self) -> int:  # entries, not tuple fields
-        return self.size
 
     def items(self) -> list[tuple[str, int]]:
         """``(key, base)`` pairs, oldest base first (for snapshots)."""

@@ -114,6 +114,7 @@ class Durability:
         self.journal: journal.Journal | None = None
         self.snapshot_seq = 0
         self.dropped = 0  # replies not kept (more than max_waiting waited): the agents re-send
+        self.failed = False  # an fsync failed: no snapshot is written at close
         self._rules: Rules | None = None
         self._lock_fd: int | None = None
         self._waiting: deque[_Waiting] = deque()
@@ -199,6 +200,7 @@ class Durability:
                 try:
                     await asyncio.to_thread(j.sync)  # the loop keeps handling updates meanwhile
                 except OSError as exc:
+                    self.failed = True
                     raise StateError(f"fsync of the journal in {self.directory} failed ({exc}); stopping: "
                                      "nothing written since the last good fsync can be promised") from exc
             while self._waiting and self._waiting[0].seq <= j.synced_seq:
@@ -233,6 +235,11 @@ class Durability:
         """A clean stop leaves a snapshot, so the next start replays nothing."""
         j = self.journal
         if j is None:
+            return
+        if self.failed:
+            j.abandon()
+            self.journal = None
+            self._unlock()
             return
         try:
             if j.written_seq != self.snapshot_seq:

@@ -192,6 +192,15 @@ class Journal:
             if nxt <= upto_seq + 1:
                 path.unlink(missing_ok=True)
 
+    def abandon(self) -> None:
+        """Close without syncing (after a failed fsync: nothing more can be promised)."""
+        with self._lock:
+            if not self.closed:
+                for fd in [*self._retired, self._fd]:
+                    os.close(fd)
+                self._retired = []
+                self.closed = True
+
     def close(self) -> None:
         self.sync()
         with self._lock:

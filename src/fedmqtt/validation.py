@@ -1,8 +1,11 @@
 """Checks on every arriving update, in a fixed order, each failing with its own :class:`Reason`.
 
-Order (cheapest first, and so that a reason is never masked by a later one): size and parse → schema →
-kind → metadata → agent matches topic → duplicate → base version not in the future → not stale →
-fingerprint → tensor names → shapes → dtypes → finite values → delta norm bound.
+Order (cheapest first, and so that a reason is never masked by a later one): size → header length (bounded
+by the model's own header size before it is parsed) and parse, byte ranges included → schema → kind → metadata → agent matches
+topic → duplicate → base version not in the future → not stale → fingerprint → tensor names → shapes →
+dtypes → finite values → delta norm bound. Everything up to the dtypes (the parse includes each tensor's
+byte range) is read from the header alone; tensor data is touched only after all of it passed, so refusing a
+hostile payload costs about as much as reading its header.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ class Reference(NamedTuple):
 
     fingerprint: str
     spec: Mapping[str, tuple[tuple[int, ...], np.dtype[np.generic]]]
+    max_header: int  # bytes: an honest update's header is shorter (its tensors, fedmqtt's metadata, 16 KiB more)
 
     @classmethod
     def of(cls, params: Mapping[str, Array]) -> Reference:
         spec = {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in params.items()}
-        return cls(codec.fingerprint(params), spec)
+        max_header = sum(len(k.encode()) + 128 for k in spec) + (16 << 10)
+        return cls(codec.fingerprint(params), spec, max_header)
 
 
 class Checked(NamedTuple):
@@ -48,13 +53,15 @@ def check_update(
 ) -> Checked:
     """Everything that can be checked without the model's values; raises InvalidUpdate."""
     try:
-        decoded = codec.decode(payload, max_payload)
+        header, header_len = codec.read_header(payload, max_payload, reference.max_header)
+        metadata = codec.header_metadata(header)
+        where = codec.layout(header, header_len, len(payload))  # from the header: no tensor is read yet
     except CodecError as exc:
         raise InvalidUpdate(exc.reason, exc.detail) from exc
     try:
-        info = parse_update_metadata(decoded.metadata)
+        info = parse_update_metadata(metadata)
     except InvalidUpdate as exc:  # name the update in the ack when its id at least is well-formed
-        claimed = decoded.metadata.get("fedmqtt.update_id", "")
+        claimed = metadata.get("fedmqtt.update_id", "")
         exc.update_id = claimed if is_id(claimed) else None
         raise
     try:
@@ -72,18 +79,20 @@ def check_update(
             raise InvalidUpdate(Reason.STALE, f"staleness {staleness} > max_staleness {max_staleness}")
         if info.fingerprint != reference.fingerprint:
             raise InvalidUpdate(Reason.FINGERPRINT, "fingerprint differs from the global model's")
-        tensors = decoded.tensors
-        if tensors.keys() != reference.spec.keys():
-            missing = sorted(reference.spec.keys() - tensors.keys())[:3]
-            extra = sorted(tensors.keys() - reference.spec.keys())[:3]
+        names = header.keys() - {"__metadata__"}
+        if names != reference.spec.keys():
+            missing = sorted(reference.spec.keys() - names)[:3]
+            extra = sorted(names - reference.spec.keys())[:3]
             raise InvalidUpdate(Reason.TENSOR_NAMES, f"missing {missing}, unexpected {extra}")
-        for name, arr in tensors.items():
+        for name in names:
+            entry = header[name]
+            assert isinstance(entry, dict)  # header_metadata checked each entry's dtype
             shape, dtype = reference.spec[name]
-            if arr.shape != shape:
-                raise InvalidUpdate(Reason.SHAPE, f"{name}: shape {arr.shape} != {shape}")
-            if arr.dtype != dtype:
-                raise InvalidUpdate(Reason.DTYPE, f"{name}: dtype {arr.dtype} != {dtype}")
-        return Checked(info, tensors, staleness)
+            if entry.get("shape") != list(shape):
+                raise InvalidUpdate(Reason.SHAPE, f"{name}: shape {entry.get('shape')} != {shape}")
+            if entry["dtype"] != codec.dtype_code(dtype):
+                raise InvalidUpdate(Reason.DTYPE, f"{name}: dtype {entry['dtype']} != {codec.dtype_code(dtype)}")
+        return Checked(info, codec.tensors_of(payload, where), staleness)
     except InvalidUpdate as exc:
         exc.update_id = info.update_id
         raise
