@@ -1,11 +1,11 @@
 """Checks on every arriving update, in a fixed order, each failing with its own :class:`Reason`.
 
 Order (cheapest first, and so that a reason is never masked by a later one): size → header length (bounded
-by the model's own header size before it is parsed) and parse, byte ranges included → schema → kind → metadata → agent matches
-topic → duplicate → base version not in the future → not stale → fingerprint → tensor names → shapes →
-dtypes → finite values → delta norm bound. Everything up to the dtypes (the parse includes each tensor's
-byte range) is read from the header alone; tensor data is touched only after all of it passed, so refusing a
-hostile payload costs about as much as reading its header.
+by the model's own header size before it is parsed) and parse, each tensor's byte range included → schema →
+kind → metadata → agent matches topic → duplicate → base version not in the future → not stale →
+fingerprint → tensor names → shapes → dtypes → finite values → delta norm bound. Everything up to the dtypes
+is read from the header alone; tensor data is touched only after all of it passed, so refusing a hostile
+payload costs about as much as reading its header.
 """
 
 from __future__ import annotations
