@@ -233,7 +233,7 @@ def test_dedup_window_evicts_the_oldest_base_and_raises_the_floor_only_to_it() -
     assert not dedup.contains(w, "a/2", 3) and dedup.contains(w, "a/1", 5) and dedup.contains(w, "a/3", 7)
     assert w.floor == 3  # updates on bases 4 and 5 are still accepted; a replay of a/2 is stale
     w = dedup.expire(w, 6)
-    assert w.items() == [("a/3", 7)] and len(w) == 1 and w.floor == 3  # expiry does not raise the floor
+    assert w.items() == [("a/3", 7)] and w.size == 1 and w.floor == 3  # expiry does not raise the floor
     w = dedup.add(w, "b/0", 8, capacity=2)
     w = dedup.add(w, "b/1", 8, capacity=2)  # over capacity: base 7 goes, floor 7
     w = dedup.add(w, "b/2", 9, capacity=2)  # base 8 goes as a whole
