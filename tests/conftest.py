@@ -58,6 +58,13 @@ def mosquitto() -> Iterator[MosquittoProcess]:
         shutil.rmtree(proc.data_dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _data_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aggregators started by tests keep their default state in a temporary data directory, never in the
+    user's own (the CLI aggregator is durable by default)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
+
+
 _counter = iter(range(1_000_000))
 
 
