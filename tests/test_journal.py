@@ -418,3 +418,41 @@ async def test_sync_round_with_state_dir_is_committed_and_published(tmp_path: Pa
     assert model.metadata["fedmqtt.version"] == "1"
     np.testing.assert_allclose(model.tensors["w"], 2.0)
     assert snapshot.read_seq(tmp_path) == 3 and list(journal.read_records(tmp_path)) == []  # clean stop: all in it
+
+
+def test_one_aggregator_per_state_directory(tmp_path: Path) -> None:
+    first = aggregator(tmp_path, "fedasync")
+    first.recover()
+    second = aggregator(tmp_path, "fedasync")
+    with pytest.raises(StateError, match="in use by another aggregator"):
+        second.recover()
+    first.handle("a1", update(np.random.default_rng(0), 0))
+    asyncio.run(first.closed())  # a clean stop releases the directory
+    third = aggregator(tmp_path, "fedasync")
+    assert third.recover() == 0 and third.version == 1  # from the final snapshot
+
+
+async def test_a_failed_journal_write_stops_the_aggregator_before_the_update_is_applied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker = MemoryBroker()
+    acks = Inbox()
+    agg = aggregator(tmp_path, "fedasync", broker)
+    rng = np.random.default_rng(1)
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    async with broker.connect(ConnectOptions("watch", on_message=acks)) as watch:
+        await watch.subscribe(Topics().acks("a1"))
+        with pytest.raises(StateError, match="cannot write the journal"):
+            async with agg:
+                await agg.wait_connected()
+                agg.handle("a1", update(rng, 0, update_id="ok"))
+                await agg.wait_until(lambda: acks.queue.qsize() == 1, 10, lambda: "no ack for the first update")
+                monkeypatch.setattr(journal, "write_all", disk_full)
+                agg.handle("a1", update(rng, 1, update_id="lost"))
+                assert await agg.sleep(10)  # it is stopping; leaving the block raises the failure
+        assert agg.version == 1 and agg.state.counters.accepted == 1  # the second update was not applied
+        await asyncio.sleep(0.05)
+        assert [Ack.model_validate_json(m.payload).update_id for m in [acks.queue.get_nowait()]] == ["ok"]
+        assert acks.queue.empty()
