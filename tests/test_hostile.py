@@ -299,3 +299,37 @@ async def test_thousands_of_hostile_payloads(broker: BrokerConfig, federation: s
     assert acks == per_sender + Counter({("good", "accepted"): 5}), "each sender was told its reason"
     assert all(np.isfinite(v).all() for v in model.values())
     print(f"\nhostile payloads: {len(corpus)} sent, {m.rejected} rejected, 0 crashes; {dict(want)}")
+
+
+def test_a_header_listing_thousands_of_tensors_is_refused_before_it_is_parsed() -> None:
+    """About 1 MB of header for 15,500 tensors: refused on its length alone (the model's own header is far
+    shorter), before any JSON is parsed or any tensor loaded; benchmarks/hostile_cost.py measures the cost."""
+    tensors = {f"t{i:05d}": np.zeros(1, np.float32) for i in range(15_500)}
+    payload = codec.encode_update(tensors, agent="h", update_id="u", base_version=0, num_samples=1,
+                                  model_fingerprint=FP)
+    ref = Reference.of(PARAMS)
+    with pytest.raises(InvalidUpdate, match="header length") as err:
+        check_update(payload, "h", reference=ref, version=0, max_staleness=1, seen=dedup.Seen())
+    assert err.value.reason.value == "malformed" and len(payload) > 20 * ref.max_header
+
+
+@pytest.mark.broker
+async def test_retained_messages_on_update_topics_are_ignored_and_cleared(broker: BrokerConfig,
+                                                                          federation: str) -> None:
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    async with connect(ConnectOptions(f"planter-{federation}"[:60])) as t:  # left behind on the update topic
+        await t.publish(topics.update("good"), good(update_id="retained-1"), qos=1, retain=True)
+    agg = Aggregator(connect, PARAMS, fedasync(), AggregatorConfig(topics=topics, client_id=f"agg-{federation}"))
+    async with agg:
+        await agg.wait_connected()
+        await agg.wait_until(lambda: agg.retained_cleared == 1, 10, lambda: "the retained update was not cleared")
+        assert agg.state.counters.accepted == 0 and not agg.state.counters.rejected  # never taken as an update
+        assert agg.metrics().retained_cleared == 1
+    inbox = Inbox()
+    async with connect(ConnectOptions(f"probe-{federation}"[:60], on_message=inbox)) as probe:
+        await probe.subscribe(topics.update("good"))
+        await probe.publish(topics.update("marker"), b"", qos=1)  # not retained: a marker of "later"
+        await probe.subscribe(topics.update("marker"))
+        await asyncio.sleep(0.3)
+    assert inbox.queue.empty(), "a retained message is still on the update topic"

@@ -89,6 +89,9 @@ class Aggregator(Service):
         self._published_version = -1
         self._rate: deque[float] = deque(maxlen=256)
         self._step_started = time.monotonic()
+        self._to_clear: set[str] = set()  # update topics holding a retained message, to be cleared
+        self._clearing: set[str] = set()  # cleared, their empty message not yet seen
+        self.retained_cleared = 0
 
     # ---- reading the state ------------------------------------------------------------------------------
     @property
@@ -134,7 +137,8 @@ class Aggregator(Service):
             staleness_max=max(c.staleness) if n else None,
             staleness_hist={str(k): v for k, v in sorted(c.staleness.items())}, agents_online=len(self.online),
             updates_per_s=(len(recent) - 1) / span if span > 0 else 0.0, ts=time.time(),
-            dropped=self.acks_dropped + self.store.dropped + gate.dropped, held=len(gate.held), **report)
+            dropped=self.acks_dropped + self.store.dropped + gate.dropped, held=len(gate.held),
+            retained_cleared=self.retained_cleared, **report)
 
     # ---- feeding the core -------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -192,6 +196,14 @@ class Aggregator(Service):
 
     def _on_message(self, msg: Message) -> None:
         agent = self.topics.agent_of_update(msg.topic)
+        if agent is not None and msg.retain:  # a stored copy, replayed at every connect: never an update
+            if msg.payload:
+                self._to_clear.add(msg.topic)
+                self._dirty.set()
+            return
+        if agent is not None and not msg.payload and msg.topic in self._clearing:
+            self._clearing.discard(msg.topic)  # our own clearing of a retained copy, coming back to us
+            return
         if agent is not None:
             self.handle(agent, msg.payload)
             return
@@ -260,6 +272,11 @@ class Aggregator(Service):
                 self._dirty.set()
                 continue
             try:
+                while self._to_clear:
+                    topic = self._to_clear.pop()
+                    self._clearing.add(topic)
+                    await t.publish(topic, b"", qos=1, retain=True)
+                    self.retained_cleared += 1
                 if self._published_version != self.committed_version:
                     version, payload = self.committed_version, self.model_payload()
                     await t.publish(self.topics.model, payload, qos=1, retain=True)

@@ -131,6 +131,7 @@ class Metrics(BaseModel):
     updates_per_s: float = 0.0
     dropped: int = 0  # incoming messages or acks that did not fit a bounded queue
     held: int = 0  # updates waiting for the next step (one update per agent per step, central DP)
+    retained_cleared: int = 0  # retained messages found on update topics (ignored, then cleared)
     ts: float = 0.0
 
 
