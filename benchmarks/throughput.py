@@ -168,12 +168,12 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
     from fedmqtt import codec
     from fedmqtt.aggregator import Aggregator, AggregatorConfig
     from fedmqtt.core import Limits
-    from fedmqtt.strategies.registry import make
+    from fedmqtt.strategies.registry import applicable, make
     from fedmqtt.topics import Topics
     from fedmqtt.transport import BrokerConfig, mqtt_connector
 
     topics = Topics(federation=f"tp{n_params}")
-    strategy = make(args.strategy, buffer_size=args.buffer_size)
+    strategy = make(args.strategy, **applicable(args.strategy, buffer_size=args.buffer_size))
     cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=args.max_staleness), max_queued=args.max_queued)
     agg = Aggregator(mqtt_connector(BrokerConfig(port=port)), make_params(n_params), strategy, cfg)
     handled: list[float] = []  # completion times of accepted updates

@@ -35,7 +35,7 @@ from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker
 from fedmqtt.core import Limits, Timing
 from fedmqtt.fleet import Fleet, FleetConfig, speed_factors
-from fedmqtt.strategies.registry import make
+from fedmqtt.strategies.registry import applicable, make
 from fedmqtt.tasks import Task, get_task
 from fedmqtt.topics import Topics
 from fedmqtt.transport import ConnectOptions, Connector, Message, Transport, mqtt_connector
@@ -125,7 +125,8 @@ def build_task(name: str, agents: int, seed: int) -> Task:
 
 
 async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict[str, Any]:
-    strategy = make(spec.strategy, alpha=spec.alpha, buffer_size=spec.buffer_size, server_lr=spec.server_lr)
+    strategy = make(spec.strategy, **applicable(spec.strategy, alpha=spec.alpha, buffer_size=spec.buffer_size,
+                                                server_lr=spec.server_lr))
     counter = ByteCounter()
     topics = Topics(federation=f"tta-{spec.strategy}-{spec.seed}")
     fleet_cfg = replace(spec.fleet, agent=replace(spec.fleet.agent, topics=topics))

@@ -75,6 +75,17 @@ def options(name: str) -> tuple[str, ...]:
     return _lookup(name)[1]
 
 
+def applicable(name: str, **opts: Any) -> dict[str, Any]:
+    """The options among ``opts`` that strategy ``name`` takes: for sweeps that share knobs across
+    strategies (``make(name, **applicable(name, alpha=0.6, buffer_size=10))``).
+
+    >>> applicable("fedavg-delta", alpha=0.6, server_lr=0.5)
+    {'server_lr': 0.5}
+    """
+    accepted = set(options(name))
+    return {k: v for k, v in opts.items() if k in accepted}
+
+
 def _lookup(name: str) -> tuple[Callable[..., Strategy], tuple[str, ...]]:
     try:
         return REGISTRY[name]
