@@ -143,3 +143,15 @@ async def test_metrics_are_retained_json_with_required_keys(broker: BrokerConfig
     assert msg.retain
     assert {"version", "accepted", "rejected", "rejected_by_reason"} <= body.keys()
     assert body["rejected_by_reason"] == {"malformed": 1}
+
+
+async def test_the_aggregator_comes_back_after_its_session_is_taken_over(broker: BrokerConfig,
+                                                                        federation: str) -> None:
+    """On an open broker anyone may connect with the aggregator's client id (the secure profile binds ids to
+    usernames, tests/test_security.py); the aggregator cannot prevent it there, but it reconnects and serves."""
+    task, topics, connect, agg = services(broker, federation, agents=1)
+    async with agg:
+        await agg.wait_connected()
+        async with connect(ConnectOptions(f"agg-{federation}")):  # the aggregator's own client id
+            await agg.wait_until(lambda: agg.connects >= 2, 30, lambda: "the aggregator did not come back")
+        assert agg.connects >= 2  # it was disconnected, and reconnected (taking its session back)

@@ -444,7 +444,7 @@ async def test_a_failed_journal_write_stops_the_aggregator_before_the_update_is_
 
     async with broker.connect(ConnectOptions("watch", on_message=acks)) as watch:
         await watch.subscribe(Topics().acks("a1"))
-        with pytest.raises(StateError, match="cannot write the journal"):
+        async def serve() -> None:
             async with agg:
                 await agg.wait_connected()
                 agg.handle("a1", update(rng, 0, update_id="ok"))
@@ -452,6 +452,9 @@ async def test_a_failed_journal_write_stops_the_aggregator_before_the_update_is_
                 monkeypatch.setattr(journal, "write_all", disk_full)
                 agg.handle("a1", update(rng, 1, update_id="lost"))
                 assert await agg.sleep(10)  # it is stopping; leaving the block raises the failure
+
+        with pytest.raises(StateError, match="cannot write the journal"):
+            await serve()
         assert agg.version == 1 and agg.state.counters.accepted == 1  # the second update was not applied
         await asyncio.sleep(0.05)
         assert [Ack.model_validate_json(m.payload).update_id for m in [acks.queue.get_nowait()]] == ["ok"]

@@ -70,7 +70,8 @@ class SecureBroker:
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     if not has_mosquitto():
-        pytest.skip("no mosquitto binary")
+        pytest.fail("CI is set but there is no mosquitto binary") if os.environ.get("CI") else pytest.skip(
+            "no mosquitto binary")
     b = SecureBroker(tmp_path_factory.mktemp("secure"), client_certs=False)
     try:
         yield b
@@ -81,7 +82,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
 @pytest.fixture(scope="module")
 def secure_certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     if not has_mosquitto():
-        pytest.skip("no mosquitto binary")
+        pytest.fail("CI is set but there is no mosquitto binary") if os.environ.get("CI") else pytest.skip(
+            "no mosquitto binary")
     b = SecureBroker(tmp_path_factory.mktemp("secure-certs"), client_certs=True)
     try:
         yield b
@@ -243,6 +245,28 @@ async def test_federation_learns_over_tls(secure: SecureBroker) -> None:
 
 
 # ---- offline helpers ------------------------------------------------------------------------------------
+async def test_a_device_using_the_aggregators_client_id_cannot_take_its_session(secure: SecureBroker) -> None:
+    """The profile binds client ids to usernames: a device asking for the aggregator's client id gets its
+    own, so the aggregator is neither disconnected nor robbed of its queued updates."""
+    import numpy as np
+
+    from fedmqtt import codec
+
+    params = {"w": np.zeros(4, np.float32)}
+    cfg = AggregatorConfig(topics=TOPICS, client_id="fedmqtt-secure-aggregator")
+    agg = Aggregator(mqtt_connector(secure.config("aggregator")), params, make("fedasync"), cfg)
+    update = codec.encode_update({"w": np.full(4, 0.1, np.float32)}, agent="a1", update_id="takeover-1",
+                                 base_version=0, num_samples=1)
+    async with agg:
+        await agg.wait_connected()
+        async with connected(secure.config("a1"), "fedmqtt-secure-aggregator") as thief:
+            await thief.publish(TOPICS.update("a1"), update, qos=1)  # its own topic: allowed
+            await agg.wait_until(lambda: agg.state.counters.accepted == 1, 10, lambda: "the update was lost")
+            await asyncio.sleep(0.5)  # a takeover would have closed the aggregator's connection by now
+        assert (agg.connects, agg.takeovers) == (1, 0)
+        assert agg.connected.is_set()
+
+
 def test_password_hash_is_mosquitto_pbkdf2() -> None:
     line = mosquitto_password_hash("s3cret", rounds=101, salt=b"0123456789ab")
     _, kind, rounds, salt, digest = line.split("$")

@@ -136,6 +136,9 @@ tls_version tlsv1.2
 
 # Every client authenticates; the password file holds PBKDF2-SHA512 hashes, never the passwords.
 allow_anonymous false
+# A client's id is its username, whatever id it asks for: a device cannot take over the aggregator's (or
+# another device's) session and queued messages by connecting with its client id.
+use_username_as_clientid true
 password_file {d}/passwd
 # Who may publish and receive what (deny by default).
 acl_file {d}/acl

@@ -72,6 +72,8 @@ class Service:
         self.transport: Transport | None = None
         self.connected = asyncio.Event()
         self.failure: BaseException | None = None
+        self.connects = 0  # connections made (1 + reconnects)
+        self.takeovers = 0  # connections the broker closed because another client took this client id
         self._stop = asyncio.Event()  # stop() was asked for, or a loop failed
         self._closed = asyncio.Event()  # the loops are being stopped
         self._changed = asyncio.Event()
@@ -192,11 +194,18 @@ class Service:
                     self.transport = t
                     await on_connect(t)
                     self.connected.set()
+                    self.connects += 1
                     self.changed()
                     attempt = 0
                     await first(t.closed(), self._until_closed())
             except TransportError as exc:
-                log.warning("%s: connection: %s", self.name, exc)
+                if "taken over" in str(exc).lower():  # MQTT 5 DISCONNECT reason 142
+                    self.takeovers += 1
+                    log.error("%s: another client connected with this client id (%s) and took the session: is "
+                              "a second copy of this service running? (%d times so far)", self.name,
+                              opts.client_id, self.takeovers)
+                else:
+                    log.warning("%s: connection: %s", self.name, exc)
             finally:
                 self.transport = None
                 self.connected.clear()
