@@ -13,6 +13,7 @@ Lifecycle (service.py): ``async with EdgeAgent(...) as agent: await agent.wait_u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -85,6 +86,8 @@ class EdgeAgent(Service):
         if len(self.outbox) < self.config.max_outbox:
             self._outbox_space.set()
         self.updates_sent = 0
+        self._future_base = 0  # consecutive future_base rejections
+        self._resubscribe: asyncio.Task[None] | None = None
         self.acks: dict[str, int] = {"accepted": 0, "rejected": 0}
         self.last_rejection: Ack | None = None
         self.last_loss: float | None = None
@@ -151,6 +154,8 @@ class EdgeAgent(Service):
             # the tensors themselves, not only the fingerprint the payload claims
             if info.fingerprint != self.fingerprint or codec.fingerprint(decoded.tensors) != self.fingerprint:
                 raise IncompatibleModel("the global model's parameter tree differs from this agent's model")
+            if not all(np.isfinite(t).all() for t in decoded.tensors.values() if t.dtype.kind == "f"):
+                raise IncompatibleModel("the global model holds NaN or Inf")
         except (CodecError, InvalidUpdate, IncompatibleModel) as exc:
             self.error = f"global model refused: {exc}"
             log.error("%s: %s", self.agent_id, self.error)
@@ -167,6 +172,7 @@ class EdgeAgent(Service):
             ack = Ack.model_validate_json(payload)
         except ValueError:
             return
+        self._watch_base(ack)
         settled = self.outbox.pop(ack.update_id, None) is not None
         if not settled and ack.update_id:
             return  # an ack for an update already settled (a duplicate delivery)
@@ -179,6 +185,26 @@ class EdgeAgent(Service):
             log.warning("%s: update %s rejected: %s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
         if self._on_ack:
             self._on_ack(ack)
+
+    def _watch_base(self, ack: Ack) -> None:
+        """Updates refused as ``future_base`` again and again mean the model held is not the aggregator's
+        (a forged retained model, or an aggregator that went back): drop it, take the retained one again."""
+        if ack.reason != "future_base":
+            self._future_base = 0 if ack.status == "accepted" else self._future_base
+            return
+        self._future_base += 1
+        t = self.transport
+        if self._future_base >= 3 and t is not None:
+            log.warning("%s: %d updates refused as future_base: dropping model version %s, taking the retained "
+                        "model again", self.agent_id, self._future_base,
+                        self.model.info.version if self.model else None)
+            self._future_base = 0
+            self.model = None
+            self._resubscribe = asyncio.get_running_loop().create_task(self._retake(t))
+
+    async def _retake(self, t: Transport) -> None:
+        with contextlib.suppress(TransportError):  # lost with the connection: the next connect subscribes anew
+            await t.subscribe(self.topics.model, qos=1)
 
     # ---- training and sending -------------------------------------------------------------------
     async def _next_model(self) -> GlobalModel:
@@ -195,10 +221,10 @@ class EdgeAgent(Service):
     async def _training_loop(self) -> None:
         cfg = self.config
         while True:
-            await self._next_model()
+            fallback = await self._next_model()
             await self._outbox_space.wait()
             batches = await self.data.take(cfg.local_steps)
-            model, new, self.last_loss, started = await asyncio.to_thread(self._local_round, batches)
+            model, new, self.last_loss, started = await asyncio.to_thread(self._local_round, batches, fallback)
             tensors = delta_of(new, model.params) if cfg.encoding == "delta" else new
             if self.privacy is not None:
                 tensors = self.privacy(tensors)
@@ -216,13 +242,12 @@ class EdgeAgent(Service):
                 self._outbox_space.clear()
             await self._send(update_id, payload)
 
-    def _local_round(self, batches: Any) -> tuple[GlobalModel, dict[str, Array], float, float]:
+    def _local_round(self, batches: Any, fallback: GlobalModel) -> tuple[GlobalModel, dict[str, Array], float, float]:
         """Train on the newest model held when the computation starts (in a worker thread). Where many
         agents share a few cores (the fleet simulation), an agent may wait for a thread; taking the model
         and the round's start time only then keeps that wait out of its staleness and its device time."""
         started = time.monotonic()
-        model = self.model
-        assert model is not None
+        model = self.model or fallback  # None only just after dropping a model the aggregator refuses
         new, loss = self.trainer.train(model.params, batches)
         return model, new, loss, started
 

@@ -31,14 +31,14 @@ import numpy as np
 from fedmqtt import codec, core
 from fedmqtt.core import Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability, Store, Volatile
-from fedmqtt.errors import StateError, TransportError
+from fedmqtt.errors import CodecError, InvalidUpdate, StateError, TransportError
 from fedmqtt.files import Fsync
-from fedmqtt.schemas import Ack, Metrics, Status, dump
+from fedmqtt.schemas import Ack, Metrics, Status, dump, parse_model_metadata
 from fedmqtt.service import Loop, Service
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.topics import Topics
 from fedmqtt.transport import ConnectOptions, Connector, Message, Transport
-from fedmqtt.types import Array
+from fedmqtt.types import Array, ModelInfo
 
 log = logging.getLogger("fedmqtt.aggregator")
 Evaluate = Callable[[dict[str, Array]], Mapping[str, float]]
@@ -89,6 +89,8 @@ class Aggregator(Service):
         self._published_version = -1
         self._rate: deque[float] = deque(maxlen=256)
         self._step_started = time.monotonic()
+        self._own: deque[tuple[int, str]] = deque(maxlen=32)  # (version, epoch) of recent model publishes
+        self.models_restored = 0  # foreign models found on the model topic and replaced by ours
         self._to_clear: set[str] = set()  # update topics holding a retained message, to be cleared
         self._clearing: set[str] = set()  # cleared, their empty message not yet seen
         self.retained_cleared = 0
@@ -138,7 +140,7 @@ class Aggregator(Service):
             staleness_hist={str(k): v for k, v in sorted(c.staleness.items())}, agents_online=len(self.online),
             updates_per_s=(len(recent) - 1) / span if span > 0 else 0.0, ts=time.time(),
             dropped=self.acks_dropped + self.store.dropped + gate.dropped, held=len(gate.held),
-            retained_cleared=self.retained_cleared, **report)
+            retained_cleared=self.retained_cleared, models_restored=self.models_restored, **report)
 
     # ---- feeding the core -------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -194,7 +196,35 @@ class Aggregator(Service):
         self._dirty.set()
         self.changed()
 
+    def _on_model(self, msg: Message) -> None:
+        """The model topic is ours alone: anything else found there is replaced by our newest model. A model
+        of our epoch with a version above ours means our state is older than what was published: new epoch."""
+        try:
+            header, _ = codec.read_header(msg.payload, max_header=self.rules.reference.max_header)
+            info: ModelInfo | None = parse_model_metadata(codec.header_metadata(header))
+        except (CodecError, InvalidUpdate):
+            info = None  # cleared, or not a model at all
+        c = self.committed
+        if info is not None and ((info.version, info.epoch) in self._own or (info.version, info.epoch) == (
+                c.version, c.epoch)):
+            return  # ours
+        if info is not None and core.behind(c, info.version, info.epoch):
+            epoch = uuid.uuid4().hex[:16]
+            log.warning("the model topic holds version %d of this aggregator's epoch, which is at %d (a restored "
+                        "backup, or a forged model): starting epoch %s", info.version, c.version, epoch)
+            self.store.set_epoch(epoch)
+            self.state = self.state._replace(epoch=epoch)
+            self.committed = self.committed._replace(epoch=epoch)
+        else:
+            log.warning("a model this aggregator did not publish was on %s: replacing it", msg.topic)
+        self.models_restored += 1
+        self._published_version = -1
+        self._dirty.set()
+
     def _on_message(self, msg: Message) -> None:
+        if msg.topic == self.topics.model:
+            self._on_model(msg)
+            return
         agent = self.topics.agent_of_update(msg.topic)
         if agent is not None and msg.retain:  # a stored copy, replayed at every connect: never an update
             if msg.payload:
@@ -255,6 +285,7 @@ class Aggregator(Service):
     async def _subscribe(self, t: Transport) -> None:
         await t.subscribe(self.topics.updates_wildcard, qos=1)
         await t.subscribe(self.topics.status_wildcard, qos=1)
+        await t.subscribe(self.topics.model, qos=1)  # to notice a model that is not ours
         self._published_version = -1  # republish after (re)connecting
         self._dirty.set()
 
@@ -279,6 +310,7 @@ class Aggregator(Service):
                     self.retained_cleared += 1
                 if self._published_version != self.committed_version:
                     version, payload = self.committed_version, self.model_payload()
+                    self._own.append((version, self.committed.epoch))
                     await t.publish(self.topics.model, payload, qos=1, retain=True)
                     self._published_version = version
                     self.changed()

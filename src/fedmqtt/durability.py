@@ -65,6 +65,7 @@ class Store(Protocol):
     dropped: int
 
     def open(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]: ...
+    def set_epoch(self, epoch: str) -> None: ...
     def append(self, records: Sequence[Entry]) -> None: ...
     def hold(self, replies: Sequence[Reply], state: ServerState | None) -> None: ...
     async def committer(self) -> None: ...
@@ -81,6 +82,9 @@ class Volatile:
 
     def open(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]:
         return fresh, 0
+
+    def set_epoch(self, epoch: str) -> None:
+        del epoch
 
     def append(self, records: Sequence[Entry]) -> None:
         del records
@@ -167,6 +171,10 @@ class Durability:
             raise StateError(f"{self.directory} is in use by another aggregator (one per federation and state "
                              "directory)") from None
         self._lock_fd = fd
+
+    def set_epoch(self, epoch: str) -> None:
+        """Start a new epoch (kept across restarts from now on)."""
+        atomic_write(self.directory / "epoch", epoch.encode(), fsync=self.fsync)
 
     # ---- the write-ahead rule ---------------------------------------------------------------------------
     def append(self, records: Sequence[Entry]) -> None:

@@ -132,6 +132,7 @@ class Metrics(BaseModel):
     dropped: int = 0  # incoming messages or acks that did not fit a bounded queue
     held: int = 0  # updates waiting for the next step (one update per agent per step, central DP)
     retained_cleared: int = 0  # retained messages found on update topics (ignored, then cleared)
+    models_restored: int = 0  # models the aggregator did not publish, found on its model topic and replaced
     ts: float = 0.0
 
 

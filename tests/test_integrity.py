@@ -1,0 +1,99 @@
+"""A device with valid credentials, or an operator's restore, must not freeze or steer the federation:
+the model topic heals, and versions recover. Against a real Mosquitto, with the services."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmqtt import codec
+from fedmqtt.agent import AgentConfig, EdgeAgent
+from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.schemas import Ack
+from fedmqtt.strategies import fedasync
+from fedmqtt.tasks import get_task
+from fedmqtt.topics import Topics
+from fedmqtt.transport import BrokerConfig, ConnectOptions, mqtt_connector
+
+pytestmark = pytest.mark.broker
+
+TASK = get_task("digits", num_clients=2, seed=0)
+
+
+def forged(agg: Aggregator, version: int, epoch: str, nan: bool = False) -> bytes:
+    """The aggregator's own model, re-labelled: another version, epoch or values."""
+    decoded = codec.decode(agg.model_payload())
+    tensors = {k: (np.full_like(v, np.nan) if nan else v) for k, v in decoded.tensors.items()}
+    return codec.encode_model(tensors, version, extra={"fedmqtt.epoch": epoch})
+
+
+@contextlib.asynccontextmanager
+async def fleet(connect, topics: Topics, accepted: list[Ack]):  # type: ignore[no-untyped-def]
+    agents = [EdgeAgent(connect, f"i-{i}", TASK.trainer(0), TASK.data_for(i, 0),
+                        AgentConfig(topics=topics, local_steps=5, round_seconds=0.05, ack_timeout=2.0,
+                                    backoff_max=0.5),
+                        on_ack=lambda ack: accepted.append(ack) if ack.status == "accepted" else None)
+              for i in range(2)]
+    async with contextlib.AsyncExitStack() as stack:
+        for a in agents:
+            await stack.enter_async_context(a)
+        yield agents
+
+
+async def learning_goes_on(agg: Aggregator, accepted: list[Ack], more: int = 10, within: float = 30.0) -> None:
+    count = len(accepted)
+    await agg.wait_until(lambda: len(accepted) >= count + more, within,
+                         lambda: f"only {len(accepted) - count} accepted updates since")
+
+
+@pytest.mark.parametrize("kind", ["same-epoch-far-future", "nan-weights-other-epoch"])
+async def test_a_forged_retained_model_is_replaced_and_learning_goes_on(broker: BrokerConfig, federation: str,
+                                                                         kind: str) -> None:
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    accepted: list[Ack] = []
+    agg = Aggregator(connect, TASK.trainer(0).initial, fedasync(),
+                     AggregatorConfig(topics=topics, client_id=f"agg-{federation}"))
+    async with agg, fleet(connect, topics, accepted):
+        await learning_goes_on(agg, accepted)
+        epoch = agg.committed.epoch
+        payload = (forged(agg, agg.version + 1000, epoch) if kind == "same-epoch-far-future"
+                   else forged(agg, 10**17, "forged", nan=True))
+        async with connect(ConnectOptions(f"forger-{federation}"[:60])) as forger:
+            await forger.publish(topics.model, payload, qos=1, retain=True)
+        await learning_goes_on(agg, accepted)  # within 30 s of the forgery
+        assert agg.metrics().models_restored >= 1
+        if kind == "same-epoch-far-future":
+            assert agg.committed.epoch != epoch  # versions of the old epoch can no longer be trusted
+        else:
+            assert agg.committed.epoch == epoch
+    assert all(np.isfinite(v).all() for v in agg.numpy_params().values())
+
+
+async def test_an_aggregator_restored_from_an_older_backup_starts_a_new_epoch(
+        broker: BrokerConfig, federation: str, tmp_path: Path) -> None:
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    state, backup = tmp_path / "state", tmp_path / "backup"
+    cfg = AggregatorConfig(topics=topics, client_id=f"agg-{federation}", state_dir=state)
+    accepted: list[Ack] = []
+    initial = TASK.trainer(0).initial
+    async with fleet(connect, topics, accepted):
+        async with Aggregator(connect, initial, fedasync(), cfg) as agg:
+            await learning_goes_on(agg, accepted)
+        shutil.copytree(state, backup)  # the operator's backup, at this version
+        backed_up, epoch = agg.version, agg.committed.epoch
+        async with Aggregator(connect, initial, fedasync(), cfg) as agg:
+            await learning_goes_on(agg, accepted, more=20)
+            assert agg.committed_version > backed_up
+        shutil.rmtree(state)
+        shutil.copytree(backup, state)  # ... restored later
+        async with Aggregator(connect, initial, fedasync(), cfg) as agg:
+            assert agg.version == backed_up
+            await learning_goes_on(agg, accepted)  # within 30 s of the restore
+            assert agg.committed.epoch != epoch
+            assert accepted[-1].version > 0
