@@ -13,11 +13,12 @@ import pytest
 from fedmqtt import codec
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.core import Timing
 from fedmqtt.schemas import Ack
-from fedmqtt.strategies import fedasync
+from fedmqtt.strategies import fedasync, fedavg
 from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import BrokerConfig, ConnectOptions, mqtt_connector
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector
 
 pytestmark = pytest.mark.broker
 
@@ -97,3 +98,30 @@ async def test_an_aggregator_restored_from_an_older_backup_starts_a_new_epoch(
             await learning_goes_on(agg, accepted)  # within 30 s of the restore
             assert agg.committed.epoch != epoch
             assert accepted[-1].version > 0
+
+
+async def test_one_device_has_one_vote_per_sync_round(broker: BrokerConfig, federation: str) -> None:
+    """Two updates with different ids from one device cannot fill a synchronous round between them."""
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    params = {"w": np.zeros(4, np.float32)}
+    agg = Aggregator(connect, params, fedavg(), AggregatorConfig(topics=topics, client_id=f"agg-{federation}",
+                                                                 timing=Timing(round_size=2)))
+
+    def update(agent: str, uid: str, value: float) -> bytes:
+        return codec.encode_update({"w": np.full(4, value, np.float32)}, agent=agent, update_id=uid,
+                                   base_version=0, num_samples=10)
+
+    acks = Inbox()
+    async with agg, connect(ConnectOptions(f"voters-{federation}"[:60], on_message=acks)) as t:
+        await agg.wait_connected()
+        await t.subscribe(f"{topics.base}/agents/+/acks")
+        await t.publish(topics.update("liar"), update("liar", "v1", 1.0))
+        await t.publish(topics.update("liar"), update("liar", "v2", 1.0))
+        got = [Ack.model_validate_json((await acks.get(timeout=10)).payload) for _ in range(2)]
+        assert [(a.update_id, a.status, a.reason) for a in got] == [("v1", "accepted", None),
+                                                                    ("v2", "rejected", "one_per_round")]
+        assert agg.version == 0  # the round of 2 is not full
+        await t.publish(topics.update("honest"), update("honest", "h1", 3.0))
+        await agg.wait_version(1, 10)
+    np.testing.assert_allclose(agg.numpy_params()["w"], 2.0)  # (1 + 3) / 2: one vote each

@@ -12,6 +12,7 @@ An update, from bytes to a new version (:func:`receive`):
 2. ``check_update`` decodes and checks it against the model's shape, the version and the de-duplication
    window (validation.py; each failure has its own :class:`~fedmqtt.errors.Reason`);
 3. with a one-update-per-step strategy (central DP), an agent's second update in a step is held (gate.py);
+   In a sync round, an agent's second update is refused (``one_per_round``): one device, one vote.
 4. it becomes what the strategy wants (weights or a delta against its base; non-finite values and the
    norm bound are checked here) and the strategy applies it;
 5. the journal record, the counters and the de-duplication window follow; a step makes a new version,
@@ -200,7 +201,7 @@ class Timing(NamedTuple):
 
     round_size: int | None = None  # sync: updates per round (None: agents online)
     round_fraction: float | None = None  # sync: round = the first ceil(fraction × agents online) updates
-    round_deadline: float | None = None  # sync: close a round after this many seconds with >= 1 update
+    round_deadline: float | None = 30.0  # sync: close a round after this many seconds with >= 1 update
     step_deadline: float | None = 30.0  # one update per step: with updates held, a partial step after this
 
 
@@ -261,6 +262,9 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
                                max_staleness=_UNBOUNDED if replaying else r.max_staleness + waited,
                                seen=state.seen, max_payload=_UNBOUNDED if replaying else lim.max_payload)
         info = checked.info
+        sync = r.strategy.mode == "sync"
+        if sync and not replaying and not gate.admits(state.gate, agent):  # one device, one vote per round
+            raise InvalidUpdate(Reason.ONE_PER_ROUND, f"{agent!r} already has an update in round {state.version}")
         if r.gated and not replaying and not gate.admits(state.gate, agent):
             held = Held(dedup.key(agent, info.update_id), agent, payload, state.version if arrived is None
                         else arrived)
@@ -276,7 +280,7 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
     state = state._replace(
         strategy=strategy_state,
         seen=dedup.add(state.seen, dedup.key(agent, info.update_id), info.base_version, lim.dedup_capacity),
-        gate=gate.admit(state.gate, agent) if r.gated else state.gate,
+        gate=gate.admit(state.gate, agent) if r.gated or sync else state.gate,
         counters=c._replace(accepted=c.accepted + 1, staleness=_plus_one(c.staleness, checked.staleness),
                             since_step=c.since_step + 1))
     if bool(stepped):
@@ -318,7 +322,7 @@ def _advance(state: ServerState, params: Params, r: Rules, out: _Out) -> ServerS
     out.stepped = out.opened = True
     return state._replace(params=params, version=version, history=history,
                           seen=dedup.expire(state.seen, version - r.max_staleness),
-                          gate=gate.advance(state.gate) if r.gated else state.gate,
+                          gate=gate.advance(state.gate),
                           counters=state.counters._replace(since_step=0))
 
 

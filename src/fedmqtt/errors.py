@@ -37,6 +37,7 @@ class Reason(StrEnum):
     DUPLICATE = "duplicate"
     BASE_UNAVAILABLE = "base_unavailable"
     BAD_TOPIC = "bad_topic"  # the update topic's agent id is not a valid id (no ack can be sent)
+    ONE_PER_ROUND = "one_per_round"  # sync: the agent already has an update in this round
 
 
 class FedMQTTError(Exception):
