@@ -14,6 +14,7 @@ import uuid
 import numpy as np
 
 from fedmqtt import codec
+from fedmqtt.admission import AdmissionLimits
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.core import Limits
 from fedmqtt.strategies.registry import make
@@ -31,7 +32,8 @@ def main() -> None:
     delta = {k: (rng.standard_normal(v.shape) * 1e-3).astype(np.float32) for k, v in params.items()}
     fp = codec.fingerprint(params)
     for name in ("fedbuff", "fedasync"):
-        agg = Aggregator(MemoryBroker().connect, params, make(name), AggregatorConfig(limits=Limits(max_staleness=10**9)))
+        agg = Aggregator(MemoryBroker().connect, params, make(name), AggregatorConfig(
+            limits=Limits(max_staleness=10**9, admission=AdmissionLimits(max_rate=None, max_share=None))))
         payloads = [codec.encode_update(delta, agent="a", update_id=uuid.uuid4().hex, base_version=0,
                                         num_samples=10, model_fingerprint=fp) for _ in range(args.updates)]
         for payload in payloads[:100]:

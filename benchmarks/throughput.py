@@ -166,6 +166,7 @@ def run_raw(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
 
 async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
     from fedmqtt import codec
+    from fedmqtt.admission import AdmissionLimits
     from fedmqtt.aggregator import Aggregator, AggregatorConfig
     from fedmqtt.core import Limits
     from fedmqtt.strategies.registry import applicable, make
@@ -174,7 +175,10 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
 
     topics = Topics(federation=f"tp{n_params}")
     strategy = make(args.strategy, **applicable(args.strategy, buffer_size=args.buffer_size))
-    cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=args.max_staleness), max_queued=args.max_queued)
+    # a capacity test: a few publishers stand in for a fleet, so the per-device bounds are off
+    unbounded = AdmissionLimits(max_rate=None, max_share=None)
+    cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=args.max_staleness, admission=unbounded),
+                           max_queued=args.max_queued)
     agg = Aggregator(mqtt_connector(BrokerConfig(port=port)), make_params(n_params), strategy, cfg)
     handled: list[float] = []  # completion times of accepted updates
     handle_wall: list[float] = []

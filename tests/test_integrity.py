@@ -3,8 +3,10 @@ the model topic heals, and versions recover. Against a real Mosquitto, with the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +127,63 @@ async def test_one_device_has_one_vote_per_sync_round(broker: BrokerConfig, fede
         await t.publish(topics.update("honest"), update("honest", "h1", 3.0))
         await agg.wait_version(1, 10)
     np.testing.assert_allclose(agg.numpy_params()["w"], 2.0)  # (1 + 3) / 2: one vote each
+
+
+async def test_a_flooding_device_cannot_push_the_version_alone(broker: BrokerConfig, federation: str) -> None:
+    """Valid zero-change updates as fast as the link allows, from one device with valid credentials: its
+    rate and its share of the accepted updates are bounded, each under its own reason, and the honest
+    devices' updates keep being accepted."""
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    accepted: list[Ack] = []
+    agg = Aggregator(connect, TASK.trainer(0).initial, fedasync(),
+                     AggregatorConfig(topics=topics, client_id=f"agg-{federation}"))
+    zero = {k: np.zeros_like(v) for k, v in TASK.trainer(0).initial.items()}
+    fp = codec.fingerprint(zero)
+    flood_acks = Inbox()
+    async with agg, fleet(connect, topics, accepted), connect(
+            ConnectOptions(f"flood-{federation}"[:60], on_message=flood_acks)) as flood:
+        await learning_goes_on(agg, accepted, more=4)
+        await flood.subscribe(topics.acks("flooder"))
+        before = len(accepted)
+        started = time.monotonic()
+        for i in range(400):  # as fast as QoS 1 publishes go, in bursts
+            payload = codec.encode_update(zero, agent="flooder", update_id=f"f{i}", base_version=agg.version,
+                                          num_samples=1, model_fingerprint=fp)
+            await flood.publish(topics.update("flooder"), payload, qos=1)
+            if i % 20 == 19:
+                await asyncio.sleep(0.1)
+        flood_reasons = [Ack.model_validate_json((await flood_acks.get(timeout=30)).payload).reason
+                         for _ in range(400)]
+        seconds = time.monotonic() - started
+        await learning_goes_on(agg, accepted, more=4)
+    c = agg.state.counters.rejected
+    assert c.get("rate_limited", 0) == flood_reasons.count("rate_limited") > 0
+    assert flood_reasons.count(None) <= 20 + 20 * seconds  # the burst, then 20 a second
+    assert len(accepted) > before  # the honest devices were never refused
+    assert not [a for a in accepted if a.reason]
+
+
+def test_one_device_holds_at_most_ten_times_its_fair_share_of_recent_updates() -> None:
+    from fedmqtt import core
+
+    params = {"w": np.zeros(2, np.float32)}
+    r = core.rules(fedasync(), params, core.Limits(max_staleness=10**6))
+    state = core.init(r, params, "e")
+    n = 0
+
+    def send(agent: str) -> str | None:
+        nonlocal state, n
+        n += 1
+        payload = codec.encode_update({"w": np.zeros(2, np.float32)}, agent=agent, update_id=f"u{n}",
+                                      base_version=state.version, num_samples=1)
+        state, fx = core.receive(state, agent, payload, r)  # no clock: the rate is not checked
+        return fx.replies[0].reason
+
+    honest = [send(f"d{i % 30}") for i in range(300)]  # 30 devices take turns: the window is warm
+    flood = [send("flooder") for _ in range(200)]
+    assert honest == [None] * 300  # 10 each in a window of 200 from 30 devices: far from the bound
+    bound = 10 * 200 / 30  # at most 10x its fair share of the window
+    assert bound / 2 <= flood.count(None) <= bound + 1  # about a third of the window, never more
+    assert set(flood) == {None, "share_exceeded"}
+    assert [send(f"d{i}") for i in range(30)] == [None] * 30  # everyone else still gets in

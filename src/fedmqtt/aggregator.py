@@ -159,7 +159,7 @@ class Aggregator(Service):
         """One update from ``agent``'s topic, through the core; its ack and any new version are released
         once its journal record is durable."""
         self.recover()
-        self._take(*core.receive(self.state, agent, payload, self.rules))
+        self._take(*core.receive(self.state, agent, payload, self.rules, time.monotonic()))
 
     def close_round(self) -> bool:
         """Sync mode, or an overdue step: the strategy's flush; True when it made a new version."""

@@ -12,7 +12,8 @@ An update, from bytes to a new version (:func:`receive`):
 2. ``check_update`` decodes and checks it against the model's shape, the version and the de-duplication
    window (validation.py; each failure has its own :class:`~fedmqtt.errors.Reason`);
 3. with a one-update-per-step strategy (central DP), an agent's second update in a step is held (gate.py);
-   In a sync round, an agent's second update is refused (``one_per_round``): one device, one vote.
+   In a sync round, an agent's second update is refused (``one_per_round``): one device, one vote. A device
+   over its rate or its share of the recent accepted updates is refused (admission.py).
 4. it becomes what the strategy wants (weights or a delta against its base; non-finite values and the
    norm bound are checked here) and the strategy applies it;
 5. the journal record, the counters and the de-duplication window follow; a step makes a new version,
@@ -42,7 +43,8 @@ from typing import Any, Literal, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from fedmqtt import codec, dedup, gate
+from fedmqtt import admission, codec, dedup, gate
+from fedmqtt.admission import Admission, AdmissionLimits
 from fedmqtt.errors import ConfigError, InvalidUpdate, Reason, StateError
 from fedmqtt.gate import Gate, GateLimits, Held
 from fedmqtt.strategies.base import ClientUpdate, Strategy
@@ -62,6 +64,7 @@ class Limits(NamedTuple):
     dedup_capacity: int = 100_000
     one_update_per_step: bool = False  # also on when the strategy asks for it (central DP)
     held: GateLimits = GateLimits()  # bounds on updates held for the next step
+    admission: AdmissionLimits = AdmissionLimits()  # per device: rate and share of accepted updates
 
 
 class Rules(NamedTuple):
@@ -112,6 +115,7 @@ class ServerState(NamedTuple):
     seen: dedup.Seen
     gate: Gate
     counters: Counters
+    admission: Admission = Admission()  # recent devices (policy only: not kept across restarts)
 
 
 class Reply(NamedTuple):
@@ -160,13 +164,15 @@ class _Out:
 
 
 # ---- events ---------------------------------------------------------------------------------------------
-def receive(state: ServerState, agent: str, payload: bytes, r: Rules) -> tuple[ServerState, Effects]:
-    """One update from ``agent`` (the id in its topic). Never raises for bad input: every rejection is a
-    reply with a reason, counted in ``state.counters.rejected``."""
+def receive(state: ServerState, agent: str, payload: bytes, r: Rules, now: float | None = None
+            ) -> tuple[ServerState, Effects]:
+    """One update from ``agent`` (the id in its topic), arrived at ``now`` (seconds on any monotonic clock;
+    None: the rate is not checked). Never raises for bad input: every rejection is a reply with a reason,
+    counted in ``state.counters.rejected``."""
     if not is_id(agent):  # e.g. "$x" or 200 characters: no ack topic can be built for it
         return _count_rejection(state, Reason.BAD_TOPIC), Effects()
     out = _Out()
-    state = _take(state, agent, payload, r, out)
+    state = _take(state, agent, payload, r, out, now=now)
     return _release(state, r, out), out.effects()
 
 
@@ -251,7 +257,7 @@ def round_target(online: int, size: int | None = None, fraction: float | None = 
 
 # ---- the steps of one update ----------------------------------------------------------------------------
 def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, arrived: int | None = None,
-          replaying: bool = False) -> ServerState:
+          replaying: bool = False, now: float | None = None) -> ServerState:
     """Check, hold or apply one update. ``arrived``: the version at which a held update arrived (its
     staleness is judged as of then)."""
     lim = r.limits
@@ -265,6 +271,10 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
         sync = r.strategy.mode == "sync"
         if sync and not replaying and not gate.admits(state.gate, agent):  # one device, one vote per round
             raise InvalidUpdate(Reason.ONE_PER_ROUND, f"{agent!r} already has an update in round {state.version}")
+        refused = None if replaying or arrived is not None else admission.check(state.admission, agent, now,
+                                                                                   lim.admission)
+        if refused is not None:
+            raise InvalidUpdate(Reason(refused), f"{agent!r} is over its {refused.split('_')[0]} bound")
         if r.gated and not replaying and not gate.admits(state.gate, agent):
             held = Held(dedup.key(agent, info.update_id), agent, payload, state.version if arrived is None
                         else arrived)
@@ -281,6 +291,7 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
         strategy=strategy_state,
         seen=dedup.add(state.seen, dedup.key(agent, info.update_id), info.base_version, lim.dedup_capacity),
         gate=gate.admit(state.gate, agent) if r.gated or sync else state.gate,
+        admission=admission.record(state.admission, agent, now, lim.admission),
         counters=c._replace(accepted=c.accepted + 1, staleness=_plus_one(c.staleness, checked.staleness),
                             since_step=c.since_step + 1))
     if bool(stepped):

@@ -38,6 +38,8 @@ class Reason(StrEnum):
     BASE_UNAVAILABLE = "base_unavailable"
     BAD_TOPIC = "bad_topic"  # the update topic's agent id is not a valid id (no ack can be sent)
     ONE_PER_ROUND = "one_per_round"  # sync: the agent already has an update in this round
+    RATE_LIMITED = "rate_limited"  # the device sends faster than Limits.admission.max_rate
+    SHARE_EXCEEDED = "share_exceeded"  # the device holds too many of the recent accepted updates
 
 
 class FedMQTTError(Exception):

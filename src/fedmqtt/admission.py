@@ -1,0 +1,74 @@
+"""Per-device admission: how much of the federation one device may take, an immutable value in the server
+state, and pure functions on it.
+
+Two bounds, each counted under its own rejection reason, with defaults that an honest device does not meet:
+
+- **rate** (``rate_limited``): a token bucket per device, ``max_rate`` accepted updates per second
+  sustained, ``max_burst`` at once. Time is the event's (``now``, given by the service); without it the rate
+  is not checked (the simulation, replay).
+- **share** (``share_exceeded``): among the last ``window`` accepted updates, one device may hold at most
+  ``max_share`` times its fair share (``window / devices seen in it``), and never fewer than ``min_count``.
+  Valid but worthless updates sent as fast as the link allows cannot push the version forward alone or
+  crowd a buffer: with 30 devices, one holds at most a third of the versions.
+
+Only updates that would be accepted count. Memory is bounded by ``window`` (buckets are kept for the
+devices in the window only; a device that left it starts again with a full bucket).
+
+>>> lim = AdmissionLimits(max_rate=None, max_share=2.0, window=8, min_count=2)
+>>> a = Admission()
+>>> for agent in "aaab":
+...     a = record(a, agent, None, lim)
+>>> check(a, "a", None, lim), check(a, "b", None, lim)  # 2 devices: fair share 4, bound 8
+(None, None)
+>>> for agent in "cdefg":
+...     a = record(a, agent, None, lim)
+>>> check(a, "a", None, lim)  # 7 devices in the window of 8: bound max(2, 2 x 8 / 7) = 2; "a" holds 2
+'share_exceeded'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+
+class AdmissionLimits(NamedTuple):
+    max_rate: float | None = 20.0  # accepted updates per second per device, sustained (None: no limit)
+    max_burst: float = 20.0  # ... at once, after a pause
+    max_share: float | None = 10.0  # times a device's fair share of the window (None: no limit)
+    window: int = 200  # the last accepted updates the share is counted over
+    min_count: int = 8  # a device may always hold this many of the window
+
+
+class Admission(NamedTuple):
+    recent: tuple[str, ...] = ()  # devices of the last ``window`` accepted updates, oldest first
+    buckets: Mapping[str, tuple[float, float]] = {}  # device -> (tokens, time), for devices in ``recent``
+
+
+def check(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits) -> str | None:
+    """The reason ``agent``'s next update must be refused (``rate_limited``, ``share_exceeded``), or None."""
+    if lim.max_rate is not None and now is not None and _tokens(adm, agent, now, lim) < 1.0:
+        return "rate_limited"
+    if lim.max_share is not None and len(adm.recent) >= lim.window // 2:
+        devices = len(set(adm.recent))
+        bound = max(lim.min_count, lim.max_share * len(adm.recent) / max(devices, 1))
+        if adm.recent.count(agent) >= bound:
+            return "share_exceeded"
+    return None
+
+
+def record(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits) -> Admission:
+    """``adm`` after an accepted update from ``agent``."""
+    recent = (*adm.recent, agent)[-lim.window :]
+    buckets = dict(adm.buckets)
+    if len(adm.recent) == lim.window and adm.recent[0] not in recent:  # the oldest left the window for good
+        buckets.pop(adm.recent[0], None)
+    if now is not None and lim.max_rate is not None:
+        buckets[agent] = (_tokens(adm, agent, now, lim) - 1.0, now)
+    return Admission(recent, buckets)
+
+
+def _tokens(adm: Admission, agent: str, now: float, lim: AdmissionLimits) -> float:
+    assert lim.max_rate is not None
+    tokens, at = adm.buckets.get(agent, (lim.max_burst, now))
+    return min(lim.max_burst, tokens + (now - at) * lim.max_rate)
