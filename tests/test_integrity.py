@@ -187,3 +187,33 @@ def test_one_device_holds_at_most_ten_times_its_fair_share_of_recent_updates() -
     assert bound / 2 <= flood.count(None) <= bound + 1  # about a third of the window, never more
     assert set(flood) == {None, "share_exceeded"}
     assert [send(f"d{i}") for i in range(30)] == [None] * 30  # everyone else still gets in
+
+
+async def test_a_liars_sample_count_weighs_no_more_than_twice_the_typical_device(
+        broker: BrokerConfig, federation: str) -> None:
+    """Sync FedAvg weighs updates by their claimed sample counts, which cannot be checked: a claim is capped
+    at twice the median of recent claims, so 10^17 samples buy a liar the weight of a device with twice the
+    typical data, not the round."""
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    params = {"w": np.zeros(4, np.float32)}
+    agg = Aggregator(connect, params, fedavg(), AggregatorConfig(topics=topics, client_id=f"agg-{federation}",
+                                                                 timing=Timing(round_size=3)))
+    acks = Inbox()
+
+    def update(agent: str, uid: str, value: float, samples: int, base: int) -> bytes:
+        return codec.encode_update({"w": np.full(4, value, np.float32)}, agent=agent, update_id=uid,
+                                   base_version=base, num_samples=samples)
+
+    async with agg, connect(ConnectOptions(f"voters-{federation}"[:60], on_message=acks)) as t:
+        await agg.wait_connected()
+        for version in range(3):  # honest rounds: 9 claims of 10 samples, all at value 0
+            for agent in ("h1", "h2", "h3"):
+                await t.publish(topics.update(agent), update(agent, f"{agent}-{version}", 0.0, 10, version))
+            await agg.wait_version(version + 1, 10)
+        await t.publish(topics.update("h1"), update("h1", "h1-3", 0.0, 10, 3))
+        await t.publish(topics.update("h2"), update("h2", "h2-3", 0.0, 10, 3))
+        await t.publish(topics.update("liar"), update("liar", "lie", 10.0, 10**17, 3))
+        await agg.wait_version(4, 10)
+    # capped at 2 x 10 samples: 20 x 10 / (10 + 10 + 20) = 5; uncapped it would be 10 (the whole round)
+    np.testing.assert_allclose(agg.numpy_params()["w"], 5.0, rtol=1e-6)

@@ -11,6 +11,13 @@ Two bounds, each counted under its own rejection reason, with defaults that an h
   Valid but worthless updates sent as fast as the link allows cannot push the version forward alone or
   crowd a buffer: with 30 devices, one holds at most a third of the versions.
 
+A device's claimed sample count (``fedmqtt.num_samples``, the weight of its update in sample-weighted
+averages: synchronous FedAvg, FedBuff with ``weight_by_samples``) cannot be checked, so it is capped at
+``sample_cap`` times the median of the last ``window`` accepted claims (once ``min_count`` are known): one
+liar claiming 10^18 weighs no more than a device with twice the typical data set. The cost is that a
+device that truly holds more than ``sample_cap`` times the median is under-weighted; raise the cap where
+data sets are that uneven.
+
 Only updates that would be accepted count. Memory is bounded by ``window`` (buckets are kept for the
 devices in the window only; a device that left it starts again with a full bucket).
 
@@ -38,11 +45,26 @@ class AdmissionLimits(NamedTuple):
     max_share: float | None = 10.0  # times a device's fair share of the window (None: no limit)
     window: int = 200  # the last accepted updates the share is counted over
     min_count: int = 8  # a device may always hold this many of the window
+    sample_cap: float | None = 2.0  # times the median recent claim: the most samples an update may claim
 
 
 class Admission(NamedTuple):
     recent: tuple[str, ...] = ()  # devices of the last ``window`` accepted updates, oldest first
     buckets: Mapping[str, tuple[float, float]] = {}  # device -> (tokens, time), for devices in ``recent``
+    claims: tuple[int, ...] = ()  # sample counts claimed by the last ``window`` accepted updates
+
+
+def samples(adm: Admission, claimed: int, lim: AdmissionLimits) -> int:
+    """The sample count an update may weigh: its claim, capped at ``sample_cap`` x the median recent claim.
+
+    >>> lim = AdmissionLimits(min_count=3)
+    >>> samples(Admission(claims=(100, 120, 90)), 10**18, lim), samples(Admission(claims=(100, 120, 90)), 150, lim)
+    (200, 150)
+    """
+    if lim.sample_cap is None or len(adm.claims) < lim.min_count:
+        return claimed
+    ordered = sorted(adm.claims)
+    return min(claimed, max(1, int(lim.sample_cap * ordered[len(ordered) // 2])))
 
 
 def check(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits) -> str | None:
@@ -57,15 +79,15 @@ def check(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits) -
     return None
 
 
-def record(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits) -> Admission:
-    """``adm`` after an accepted update from ``agent``."""
+def record(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits, claimed: int = 1) -> Admission:
+    """``adm`` after an accepted update from ``agent`` that claimed ``claimed`` samples."""
     recent = (*adm.recent, agent)[-lim.window :]
     buckets = dict(adm.buckets)
     if len(adm.recent) == lim.window and adm.recent[0] not in recent:  # the oldest left the window for good
         buckets.pop(adm.recent[0], None)
     if now is not None and lim.max_rate is not None:
         buckets[agent] = (_tokens(adm, agent, now, lim) - 1.0, now)
-    return Admission(recent, buckets)
+    return Admission(recent, buckets, (*adm.claims, claimed)[-lim.window :])
 
 
 def _tokens(adm: Admission, agent: str, now: float, lim: AdmissionLimits) -> float:

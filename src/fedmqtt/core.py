@@ -115,7 +115,7 @@ class ServerState(NamedTuple):
     seen: dedup.Seen
     gate: Gate
     counters: Counters
-    admission: Admission = Admission()  # recent devices (policy only: not kept across restarts)
+    admission: Admission = Admission()  # recent devices and claims (only the claims are kept in snapshots)
 
 
 class Reply(NamedTuple):
@@ -279,7 +279,10 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
             held = Held(dedup.key(agent, info.update_id), agent, payload, state.version if arrived is None
                         else arrived)
             return state._replace(gate=gate.hold(state.gate, held, lim.held))  # replied to once applied
-        update = _client_update(checked, state.history, r.strategy, None if replaying else lim.max_update_norm)
+        # the maths of the update, so replayed exactly too (the recent claims are part of the snapshot)
+        weight = admission.samples(state.admission, info.num_samples, lim.admission)
+        update = _client_update(checked, state.history, r.strategy, None if replaying else lim.max_update_norm,
+                                weight)
         params, strategy_state, stepped = r.strategy.apply(state.params, update, state.strategy)
     except InvalidUpdate as exc:
         update_id = exc.update_id or (checked.info.update_id if checked is not None else "")
@@ -291,7 +294,7 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
         strategy=strategy_state,
         seen=dedup.add(state.seen, dedup.key(agent, info.update_id), info.base_version, lim.dedup_capacity),
         gate=gate.admit(state.gate, agent) if r.gated or sync else state.gate,
-        admission=admission.record(state.admission, agent, now, lim.admission),
+        admission=admission.record(state.admission, agent, now, lim.admission, info.num_samples),
         counters=c._replace(accepted=c.accepted + 1, staleness=_plus_one(c.staleness, checked.staleness),
                             since_step=c.since_step + 1))
     if bool(stepped):
@@ -301,7 +304,7 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
 
 
 def _client_update(checked: Checked, history: Mapping[int, Params], strategy: Strategy,
-                   max_norm: float | None) -> ClientUpdate:
+                   max_norm: float | None, num_samples: int) -> ClientUpdate:
     """What the strategy wants from a checked update; raises InvalidUpdate (base_unavailable, non_finite,
     norm). numpy on the hot path: the jitted strategy takes numpy arrays, and small element-wise work here
     costs less than extra JAX dispatches."""
@@ -322,7 +325,7 @@ def _client_update(checked: Checked, history: Mapping[int, Params], strategy: St
         delta = {k: np.subtract(v, np.asarray(base[k])) for k, v in tensors.items()}
         check_norm(delta, max_norm)
         value = tensors if wants_weights else delta
-    return ClientUpdate(value, np.int32(checked.staleness), np.float32(info.num_samples))
+    return ClientUpdate(value, np.int32(checked.staleness), np.float32(num_samples))
 
 
 def _advance(state: ServerState, params: Params, r: Rules, out: _Out) -> ServerState:

@@ -23,6 +23,7 @@ import safetensors
 import safetensors.numpy
 
 from fedmqtt import dedup
+from fedmqtt.admission import Admission
 from fedmqtt.core import Counters, Rules, ServerState
 from fedmqtt.errors import StateError
 from fedmqtt.files import Fsync, atomic_write
@@ -57,7 +58,7 @@ def encode(state: ServerState, r: Rules, seq: int) -> bytes:
     c = state.counters
     counters = {"accepted": c.accepted, "rejected": dict(c.rejected),
                 "staleness": {str(k): v for k, v in c.staleness.items()}, "round_count": c.since_step,
-                "in_step": sorted(state.gate.in_step)}
+                "in_step": sorted(state.gate.in_step), "claims": list(state.admission.claims)}
     meta = {
         "fedmqtt.snapshot": FORMAT, "seq": str(seq), "version": str(state.version),
         "fingerprint": r.reference.fingerprint, "strategy": r.strategy.name, "state_leaves": str(len(leaves)),
@@ -118,7 +119,8 @@ def read(directory: Path, r: Rules, epoch: str) -> tuple[int, ServerState] | Non
                             {int(k): int(v) for k, v in c.get("staleness", {}).items()}, int(c.get("round_count", 0)))
         seen = dedup.of([(str(k), int(b)) for k, b in json.loads(meta["dedup"])], int(meta["dedup_floor"]))
         state = ServerState(params, version, epoch, rebuild_state(r.strategy.init(params), stored), history, seen,
-                            Gate(in_step=frozenset(str(a) for a in c.get("in_step", []))), counters)
+                            Gate(in_step=frozenset(str(a) for a in c.get("in_step", []))), counters,
+                            Admission(claims=tuple(int(n) for n in c.get("claims", []))))
         return int(meta["seq"]), state
     except StateError:
         raise
