@@ -40,8 +40,8 @@ from typing import NamedTuple
 
 
 class AdmissionLimits(NamedTuple):
-    max_rate: float | None = 20.0  # accepted updates per second per device, sustained (None: no limit)
-    max_burst: float = 20.0  # ... at once, after a pause
+    max_rate: float | None = 50.0  # accepted updates per second per device, sustained (None: no limit)
+    max_burst: float = 50.0  # ... at once, after a pause
     max_share: float | None = 10.0  # times a device's fair share of the window (None: no limit)
     window: int = 200  # the last accepted updates the share is counted over
     min_count: int = 8  # a device may always hold this many of the window
