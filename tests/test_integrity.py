@@ -215,3 +215,30 @@ async def test_a_liars_sample_count_weighs_no_more_than_twice_the_typical_device
         await agg.wait_version(4, 10)
     # capped at 2 x 10 samples: 20 x 10 / (10 + 10 + 20) = 5; uncapped it would be 10 (the whole round)
     np.testing.assert_allclose(agg.numpy_params()["w"], 5.0, rtol=1e-6)
+
+
+async def test_agents_holding_the_key_adopt_only_signed_models(broker: BrokerConfig, federation: str,
+                                                               tmp_path: Path) -> None:
+    from fedmqtt import signing
+
+    pem, public = signing.new_key()
+    (tmp_path / "model.key").write_bytes(pem)
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    accepted: list[Ack] = []
+    agg = Aggregator(connect, TASK.trainer(0).initial, fedasync(),
+                     AggregatorConfig(topics=topics, client_id=f"agg-{federation}",
+                                      signing_key=tmp_path / "model.key"))
+    agents = [EdgeAgent(connect, f"s-{i}", TASK.trainer(0), TASK.data_for(i, 0),
+                        AgentConfig(topics=topics, local_steps=5, round_seconds=0.05, model_key=public),
+                        on_ack=lambda ack: accepted.append(ack) if ack.status == "accepted" else None)
+              for i in range(2)]
+    async with agg, contextlib.AsyncExitStack() as stack:
+        for a in agents:
+            await stack.enter_async_context(a)
+        await learning_goes_on(agg, accepted)
+        async with connect(ConnectOptions(f"forger-{federation}"[:60])) as forger:  # a plausible model, unsigned
+            await forger.publish(topics.model, forged(agg, 10**6, "forged"), qos=1, retain=True)
+        await learning_goes_on(agg, accepted)
+    assert all(epoch != "forged" for a in agents for epoch, _ in a.trained_versions)  # never trained on it
+    assert any(a.error is not None and "not signed" in a.error for a in agents)  # and said why

@@ -220,12 +220,14 @@ async def test_watcher_is_read_only(secure: SecureBroker) -> None:
 # ---- a federation over TLS ----------------------------------------------------------------------------
 @pytest.mark.broker
 @pytest.mark.slow
-async def test_federation_learns_over_tls(secure: SecureBroker) -> None:
+async def test_federation_learns_over_tls_with_signed_models(secure: SecureBroker) -> None:
     task = get_task("digits", num_clients=len(AGENTS), seed=0)
     trainer = task.trainer(0)
     evaluate = task.evaluate_fn(trainer)
     before = evaluate(trainer.initial)["accuracy"]
-    agg_cfg = AggregatorConfig(topics=TOPICS, client_id="fedmqtt-aggregator-tls")
+    agg_env = load_env_file(secure.profile.identities["aggregator"].env_file)  # type: ignore[arg-type]
+    agg_cfg = AggregatorConfig(topics=TOPICS, client_id="fedmqtt-aggregator-tls",
+                               signing_key=agg_env["FEDMQTT_SIGNING_KEY_FILE"])
     agg = Aggregator(mqtt_connector(secure.config("aggregator")), trainer.initial, make("fedasync"), agg_cfg)
     async with agg:
         await agg.wait_connected()
@@ -235,13 +237,14 @@ async def test_federation_learns_over_tls(secure: SecureBroker) -> None:
                 env = load_env_file(secure.profile.identities[name].env_file)  # type: ignore[arg-type]
                 cfg = BrokerConfig.from_url(f"mqtts://127.0.0.1:{secure.profile.port}", env=env)
                 agent = EdgeAgent(mqtt_connector(cfg), env["FEDMQTT_AGENT_ID"], task.trainer(0),
-                                  task.data_for(i, 0), AgentConfig(topics=TOPICS))
+                                  task.data_for(i, 0), AgentConfig(topics=TOPICS, model_key=env["FEDMQTT_MODEL_KEY"]))
                 agents.append(await stack.enter_async_context(agent))
             await agg.wait_version(16, timeout=120)
         after = evaluate(agg.numpy_params())["accuracy"]
     assert agg.state.counters.accepted >= 16
     assert not agg.state.counters.rejected
     assert after > max(0.6, before + 0.3)
+    assert all(a.error is None for a in agents)  # every model they took was signed by the aggregator
 
 
 # ---- offline helpers ------------------------------------------------------------------------------------

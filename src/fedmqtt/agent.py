@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fedmqtt import codec
+from fedmqtt import codec, signing
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
 from fedmqtt.outbox import Outbox, Pending
@@ -51,6 +51,7 @@ class AgentConfig:
     session_expiry: int = 600
     outbox_dir: str | Path | None = None  # unacknowledged updates on disk, in <outbox_dir>/<agent id>/
     dp: ClientDP | None = None  # client-level DP: clip and noise every delta before it leaves (fedmqtt.privacy)
+    model_key: str | None = None  # the aggregator's Ed25519 public key (base64): adopt only models it signed
 
 
 class GlobalModel(NamedTuple):
@@ -97,6 +98,8 @@ class EdgeAgent(Service):
         if self.config.dp is not None and self.config.encoding != "delta":
             raise ConfigError("client DP applies to deltas; use encoding='delta'")
         self.privacy = ClientPrivacy(self.config.dp, self.agent_id) if self.config.dp is not None else None
+        if self.config.model_key is not None:
+            signing.check_public(self.config.model_key)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def loops(self) -> dict[str, Loop]:
@@ -149,6 +152,8 @@ class EdgeAgent(Service):
 
     def _on_model(self, payload: bytes) -> None:
         try:
+            if self.config.model_key is not None:
+                signing.verify(payload, self.config.model_key)
             decoded = codec.decode(payload)
             info = parse_model_metadata(decoded.metadata)
             # the tensors themselves, not only the fingerprint the payload claims

@@ -35,6 +35,7 @@ from fedmqtt.errors import CodecError, InvalidUpdate, StateError, TransportError
 from fedmqtt.files import Fsync
 from fedmqtt.schemas import Ack, Metrics, Status, dump, parse_model_metadata
 from fedmqtt.service import Loop, Service
+from fedmqtt.signing import Signer
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.topics import Topics
 from fedmqtt.transport import ConnectOptions, Connector, Message, Transport
@@ -61,6 +62,7 @@ class AggregatorConfig:
     client_id: str | None = None  # default fedmqtt-{federation}-aggregator (stable: the session survives)
     session_expiry: int = 3600  # the broker queues updates this long while the aggregator is away
     backoff_max: float = 10.0
+    signing_key: str | Path | None = None  # Ed25519 PEM file: sign every model published (protocol 1.1)
 
 
 class Aggregator(Service):
@@ -79,6 +81,7 @@ class Aggregator(Service):
                              if cfg.state_dir is not None else Volatile(self._release))
         self.committed = self.state  # the newest state whose version may be published (its records are durable)
         self._evaluate = evaluate
+        self._signer = Signer.from_file(cfg.signing_key) if cfg.signing_key is not None else None
         self._recovered = False
         self.online: set[str] = set()
         self.eval: dict[str, float] = {}
@@ -120,9 +123,10 @@ class Aggregator(Service):
     def model_payload(self) -> bytes:
         """The newest committed model, encoded for the retained model topic."""
         s = self.committed
-        return codec.encode_model({k: np.asarray(v) for k, v in s.params.items()}, s.version,
-                                  mode=self.strategy.mode, model_fingerprint=self.rules.reference.fingerprint,
-                                  extra={"fedmqtt.epoch": s.epoch})
+        payload = codec.encode_model({k: np.asarray(v) for k, v in s.params.items()}, s.version,
+                                     mode=self.strategy.mode, model_fingerprint=self.rules.reference.fingerprint,
+                                     extra={"fedmqtt.epoch": s.epoch})
+        return self._signer.sign(payload) if self._signer is not None else payload
 
     def metrics(self) -> Metrics:
         c, gate = self.state.counters, self.state.gate

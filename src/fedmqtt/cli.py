@@ -128,6 +128,9 @@ def aggregator(
                                                        "than spread x the median distance (default 3)")] = None,
     one_update_per_step: Annotated[bool, typer.Option(
         help="hold a device's second update until the next step (always on with --dp-clip)")] = False,
+    signing_key: Annotated[str | None, typer.Option(
+        envvar="FEDMQTT_SIGNING_KEY_FILE", help="Ed25519 private key (PEM) to sign every model with "
+        "(`broker init` makes one)")] = None,
     seed: int = 0,
     verbose: bool = False,
 ) -> None:
@@ -156,11 +159,12 @@ def aggregator(
                     one_update_per_step=one_update_per_step)
     cfg = AggregatorConfig(topics=topics, limits=limits, timing=Timing(round_size=round_size,
                                                                      round_deadline=round_deadline),
-                           state_dir=directory, snapshot_every=snapshot_every, keep_journal=keep_journal)
-    agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
-                     evaluate=t.evaluate_fn(trainer))
+                           state_dir=directory, snapshot_every=snapshot_every, keep_journal=keep_journal,
+                           signing_key=signing_key)
     err.print(f"aggregator: {strat.name} on {broker}, federation {federation!r}")
     try:
+        agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
+                         evaluate=t.evaluate_fn(trainer))
         replayed = agg.recover()
     except FedMQTTError as exc:
         err.print(f"[red]error:[/red] {exc}")
@@ -187,6 +191,9 @@ def edge(
     dp_noise: Annotated[float, typer.Option(help="client DP: noise multiplier sigma")] = 0.0,
     outbox_dir: Annotated[str | None, typer.Option(
         help="keep unacknowledged updates on disk here, so they survive a reboot")] = None,
+    model_key: Annotated[str | None, typer.Option(
+        envvar="FEDMQTT_MODEL_KEY", help="the aggregator's public key (base64): adopt only models it signed")
+    ] = None,
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
     seed: int = 0,
@@ -204,13 +211,17 @@ def edge(
     t = get_task(task, num_clients=num_shards, seed=seed) if task == "digits" else get_task(task, seed=seed)
     index = shard if shard is not None else index_of(agent_id, t.num_clients)
     cfg = AgentConfig(topics=Topics(prefix, federation), local_steps=local_steps, round_seconds=round_seconds,
-                      outbox_dir=outbox_dir)
+                      outbox_dir=outbox_dir, model_key=model_key)
     if dp_clip is not None:
         from fedmqtt.privacy import ClientDP
 
         cfg = replace(cfg, dp=ClientDP(dp_clip, dp_noise))
-    agent = EdgeAgent(mqtt_connector(BrokerConfig.from_url(broker)), agent_id, t.trainer(seed, prox_rho=prox_rho),
-                      t.data_for(index, seed), cfg)
+    try:
+        agent = EdgeAgent(mqtt_connector(BrokerConfig.from_url(broker)), agent_id,
+                          t.trainer(seed, prox_rho=prox_rho), t.data_for(index, seed), cfg)
+    except (FedMQTTError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
     err.print(f"edge agent {agent_id}: shard {index} of {t.name}, {agent.data.num_samples} examples, {broker}")
     _run(agent.run())
 

@@ -26,6 +26,7 @@ from fedmqtt.errors import ConfigError
 from fedmqtt.files import atomic_write
 from fedmqtt.security import (
     AGGREGATOR,
+    MODEL_SIGNING_KEY,
     Identity,
     _cert_pem,
     _crl_pem,
@@ -37,6 +38,7 @@ from fedmqtt.security import (
     load_env_file,
     mosquitto_password_hash,
 )
+from fedmqtt.signing import public_of
 
 CRL_FILE = "crl.pem"
 
@@ -82,6 +84,8 @@ def add_agent(directory: Path, agent: str) -> Identity:
            "FEDMQTT_CA_FILE": str(d / "ca.crt")}
     if cert and key:
         env |= {"FEDMQTT_CERT_FILE": str(cert), "FEDMQTT_KEY_FILE": str(key)}
+    if (d / MODEL_SIGNING_KEY).is_file():
+        env["FEDMQTT_MODEL_KEY"] = public_of((d / MODEL_SIGNING_KEY).read_bytes())
     env["FEDMQTT_AGENT_ID"] = agent
     env_file = d / "env" / f"{agent}.env"
     _write_private(env_file, f"# fedmqtt identity {agent!r}: keep this file on its device only.\n"

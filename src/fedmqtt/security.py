@@ -30,10 +30,12 @@ from pathlib import Path
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.files import atomic_write
+from fedmqtt.signing import new_key
 from fedmqtt.topics import Topics, check_segment
 
 AGGREGATOR = "aggregator"
 WATCHER = "watcher"
+MODEL_SIGNING_KEY = "model-signing.key"  # Ed25519, PEM: the aggregator's; agents get the public key
 DOCKER_DIR = Path("/mosquitto/secure")
 #: PBKDF2 rounds in the password file; Mosquitto reads the count from each line ($7$<rounds>$...).
 PBKDF2_ROUNDS = 20_000
@@ -285,10 +287,16 @@ def init_broker(
     config = out / "mosquitto.conf"
     config.write_text(secure_config(out, port, bind, client_certs))
 
+    signing_pem, model_key = new_key()  # the aggregator signs models; every device checks them
+    _write_private(out / MODEL_SIGNING_KEY, signing_pem)
     profile = SecureProfile(out, config, out / "ca.crt", port, identities)
     url = profile.url(hosts[0] if hosts else "localhost")
     for user, ident in identities.items():
         env = {"FEDMQTT_BROKER_URL": url, **profile.env(user)}
+        if user == aggregator:
+            env["FEDMQTT_SIGNING_KEY_FILE"] = str(out / MODEL_SIGNING_KEY)
+        else:
+            env["FEDMQTT_MODEL_KEY"] = model_key
         if user in names:
             env["FEDMQTT_AGENT_ID"] = user
         body = "".join(f"{k}={v}\n" for k, v in env.items())
