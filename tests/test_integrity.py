@@ -242,3 +242,25 @@ async def test_agents_holding_the_key_adopt_only_signed_models(broker: BrokerCon
         await learning_goes_on(agg, accepted)
     assert all(epoch != "forged" for a in agents for epoch, _ in a.trained_versions)  # never trained on it
     assert any(a.error is not None and "not signed" in a.error for a in agents)  # and said why
+
+
+async def test_a_ghosts_retained_online_status_does_not_hold_sync_rounds(broker: BrokerConfig,
+                                                                          federation: str) -> None:
+    """A retained "online" status for a device that never trains counts toward a round only while it could
+    still be starting (two round deadlines); after that, rounds close on the devices that train."""
+    from fedmqtt.schemas import Status, dump
+
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    accepted: list[Ack] = []
+    async with connect(ConnectOptions(f"ghost-{federation}"[:60])) as ghost:
+        await ghost.publish(topics.status("ghost"), dump(Status(agent="ghost", state="online")), retain=True)
+    agg = Aggregator(connect, TASK.trainer(0).initial, fedavg(),
+                     AggregatorConfig(topics=topics, client_id=f"agg-{federation}",
+                                      timing=Timing(round_deadline=1.0)))  # the ghost counts for 2 s
+    async with agg, fleet(connect, topics, accepted):
+        await agg.wait_until(lambda: len(agg.online) == 3, 10, lambda: f"online: {agg.online}")
+        await agg.wait_until(lambda: agg.round_members() == 2, 10, lambda: "the ghost still counts")
+        assert len(agg.online) == 3  # its status still says online
+        version = agg.version
+        await agg.wait_version(version + 5, 30)  # rounds of the two that train

@@ -84,6 +84,8 @@ class Aggregator(Service):
         self._signer = Signer.from_file(cfg.signing_key) if cfg.signing_key is not None else None
         self._recovered = False
         self.online: set[str] = set()
+        self._joined: dict[str, float] = {}  # online agent -> when its status said so
+        self._sent: dict[str, int] = {}  # online agent -> version of its last accepted update
         self.eval: dict[str, float] = {}
         self.evaluated_version: int | None = None
         self.acks_dropped = 0
@@ -182,7 +184,11 @@ class Aggregator(Service):
             return
         self.state = state
         now = time.monotonic()
-        self._rate.extend(now for r in effects.replies if r.accepted)
+        for r in effects.replies:
+            if r.accepted:
+                self._rate.append(now)
+                if r.agent in self.online:
+                    self._sent[r.agent] = r.version
         if effects.stepped:
             self._step_started = now
         self.store.hold(effects.replies, state if effects.stepped else None)
@@ -249,8 +255,11 @@ class Aggregator(Service):
                 return
             if state == "offline":
                 self.online.discard(agent)
-            elif len(self.online) < self.config.max_online:
+                self._joined.pop(agent, None)
+                self._sent.pop(agent, None)
+            elif len(self.online) < self.config.max_online and agent not in self.online:
                 self.online.add(agent)
+                self._joined[agent] = time.monotonic()
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     async def starting(self) -> None:
@@ -279,6 +288,15 @@ class Aggregator(Service):
 
     async def closed(self) -> None:
         self.store.close(lambda: self.state)  # a clean stop leaves a snapshot: the next start replays nothing
+
+    def round_members(self) -> int:
+        """Agents a sync round waits for: online, and either training (an update accepted in the last three
+        rounds) or just arrived (within two round deadlines). A retained "online" status alone, from a device
+        that never sends, stops counting after that."""
+        now, version = time.monotonic(), self.state.version
+        horizon = 2 * (self.config.timing.round_deadline or 30.0)
+        return sum(1 for a in self.online
+                   if self._sent.get(a, -4) >= version - 3 or now - self._joined.get(a, now) < horizon)
 
     async def wait_version(self, version: int, timeout: float) -> None:
         """Wait until the published model reaches ``version``."""
@@ -355,7 +373,7 @@ class Aggregator(Service):
         while True:
             await asyncio.sleep(tick)
             waited = time.monotonic() - self._step_started
-            if core.flush_due(self.state, self.rules, self.config.timing, len(self.online), waited):
+            if core.flush_due(self.state, self.rules, self.config.timing, self.round_members(), waited):
                 self.close_round()
 
 
