@@ -23,14 +23,14 @@ devices in the window only; a device that left it starts again with a full bucke
 
 >>> lim = AdmissionLimits(max_rate=None, max_share=2.0, window=8, min_count=2)
 >>> a = Admission()
->>> for agent in "aaab":
+>>> for agent in "aaaab":
 ...     a = record(a, agent, None, lim)
->>> check(a, "a", None, lim), check(a, "b", None, lim)  # 2 devices: fair share 4, bound 8
+>>> check(a, "a", None, lim), check(a, "b", None, lim)  # 2 devices in 5: bound max(2, 2 x 5 / 2) = 5
 (None, None)
->>> for agent in "cdefg":
+>>> for agent in "cdef":
 ...     a = record(a, agent, None, lim)
->>> check(a, "a", None, lim)  # 7 devices in the window of 8: bound max(2, 2 x 8 / 7) = 2; "a" holds 2
-'share_exceeded'
+>>> a.recent, check(a, "a", None, lim)  # 6 devices in 8: bound max(2, 2 x 8 / 6) = 2.7; "a" holds 3
+(('a', 'a', 'a', 'b', 'c', 'd', 'e', 'f'), 'share_exceeded')
 """
 
 from __future__ import annotations
