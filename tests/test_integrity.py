@@ -264,3 +264,31 @@ async def test_a_ghosts_retained_online_status_does_not_hold_sync_rounds(broker:
         assert len(agg.online) == 3  # its status still says online
         version = agg.version
         await agg.wait_version(version + 5, 30)  # rounds of the two that train
+
+
+async def test_a_second_aggregator_for_a_federation_is_refused(broker: BrokerConfig, federation: str,
+                                                                tmp_path: Path) -> None:
+    """Two aggregators on one federation would take each other's session in turn; the second one to start
+    sees the first's retained presence and refuses, before its client id can take anything."""
+    from fedmqtt.errors import StateError
+
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    params = TASK.trainer(0).initial
+
+    def aggregator(name: str) -> Aggregator:
+        return Aggregator(connect, params, fedasync(), AggregatorConfig(
+            topics=topics, client_id=f"agg-{federation}", state_dir=tmp_path / name))
+
+    first = aggregator("first")
+    async with first:
+        await first.wait_connected()
+        with pytest.raises(StateError, match="another aggregator"):
+            async with aggregator("second"):
+                pass
+        await asyncio.sleep(0.5)
+        assert (first.connects, first.connected.is_set()) == (1, True)  # never disconnected
+    async with aggregator("second") as second:  # the first said goodbye: the federation is free
+        await second.wait_connected()
+    async with aggregator("first") as again:  # a restart of the same state is the same aggregator
+        await again.wait_connected()

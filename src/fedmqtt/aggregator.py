@@ -33,12 +33,12 @@ from fedmqtt.core import Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability, Store, Volatile
 from fedmqtt.errors import CodecError, InvalidUpdate, StateError, TransportError
 from fedmqtt.files import Fsync
-from fedmqtt.schemas import Ack, Metrics, Status, dump, parse_model_metadata
+from fedmqtt.schemas import Ack, AggregatorStatus, Metrics, Status, dump, parse_model_metadata
 from fedmqtt.service import Loop, Service
 from fedmqtt.signing import Signer
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.topics import Topics
-from fedmqtt.transport import ConnectOptions, Connector, Message, Transport
+from fedmqtt.transport import ConnectOptions, Connector, Inbox, Message, Transport, Will
 from fedmqtt.types import Array, ModelInfo
 
 log = logging.getLogger("fedmqtt.aggregator")
@@ -264,11 +264,41 @@ class Aggregator(Service):
     # ---- lifecycle --------------------------------------------------------------------------------------
     async def starting(self) -> None:
         self.recover()
+        try:
+            await self._check_alone()
+        except StateError:
+            self.store.close(lambda: self.state)  # releases the state directory
+            raise
+
+    def _presence(self, state: str) -> bytes:
+        return dump(AggregatorStatus(instance=self.store.instance, state=state, ts=time.time()))  # type: ignore[arg-type]
+
+    async def _check_alone(self) -> None:
+        """Refuse to serve a federation that another aggregator serves: its retained presence says online
+        with another instance. Read on a connection of its own, before this aggregator's client id takes
+        anybody's session. Best effort: skipped when the broker cannot be reached yet."""
+        assert self._connect is not None
+        inbox = Inbox()
+        probe = ConnectOptions(f"fedmqtt-{self.topics.federation}-probe-{uuid.uuid4().hex[:8]}", on_message=inbox)
+        try:
+            async with self._connect(probe) as t:
+                await t.subscribe(self.topics.aggregator_status, qos=1)
+                await t.publish(self.topics.aggregator_status, b"", qos=1)  # comes back after any retained one
+                while (msg := await inbox.get(timeout=5.0)).payload:
+                    status = AggregatorStatus.model_validate_json(msg.payload)
+                    if status.state == "online" and status.instance != self.store.instance:
+                        raise StateError(
+                            f"another aggregator (instance {status.instance}) serves federation "
+                            f"{self.topics.federation!r} on this broker; stop it first. (If it crashed, the broker "
+                            "marks it offline when its keep-alive runs out, within a minute.)")
+        except (TransportError, TimeoutError, ValueError) as exc:
+            log.warning("could not check for another aggregator on this federation: %s", exc)
 
     def loops(self) -> dict[str, Loop]:
         cfg = self.config
         client_id = cfg.client_id or f"fedmqtt-{self.topics.federation}-aggregator"
-        opts = ConnectOptions(client_id, clean_start=False, session_expiry=cfg.session_expiry,
+        will = Will(self.topics.aggregator_status, self._presence("offline"))
+        opts = ConnectOptions(client_id, will=will, clean_start=False, session_expiry=cfg.session_expiry,
                               on_message=self._on_message)
         loops: dict[str, Loop] = {"connection": self.connection(opts, self._subscribe),
                                   "publisher": self._publisher(), "acks": self._ack_sender(),
@@ -285,6 +315,7 @@ class Aggregator(Service):
         t = self.transport
         if t is not None and self.connected.is_set():
             await t.publish(self.topics.metrics, dump(self.metrics()), qos=1, retain=True)
+            await t.publish(self.topics.aggregator_status, self._presence("offline"), qos=1, retain=True)
 
     async def closed(self) -> None:
         self.store.close(lambda: self.state)  # a clean stop leaves a snapshot: the next start replays nothing
@@ -308,6 +339,7 @@ class Aggregator(Service):
         await t.subscribe(self.topics.updates_wildcard, qos=1)
         await t.subscribe(self.topics.status_wildcard, qos=1)
         await t.subscribe(self.topics.model, qos=1)  # to notice a model that is not ours
+        await t.publish(self.topics.aggregator_status, self._presence("online"), qos=1, retain=True)
         self._published_version = -1  # republish after (re)connecting
         self._dirty.set()
 

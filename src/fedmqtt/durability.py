@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -63,6 +64,7 @@ class Store(Protocol):
     """What the aggregator needs of its state storage (a :class:`Durability` or a :class:`Volatile`)."""
 
     dropped: int
+    instance: str  # names the state this store holds (kept in a state directory, random otherwise)
 
     def open(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]: ...
     def set_epoch(self, epoch: str) -> None: ...
@@ -79,6 +81,7 @@ class Volatile:
     def __init__(self, release: Release) -> None:
         self.release = release
         self.dropped = 0
+        self.instance = uuid.uuid4().hex[:16]
 
     def open(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]:
         return fresh, 0
@@ -118,6 +121,7 @@ class Durability:
         self.journal: journal.Journal | None = None
         self.snapshot_seq = 0
         self.dropped = 0  # replies not kept (more than max_waiting waited): the agents re-send
+        self.instance = uuid.uuid4().hex[:16]  # replaced by the directory's own at open()
         self.failed = False  # an fsync failed: no snapshot is written at close
         self._rules: Rules | None = None
         self._lock_fd: int | None = None
@@ -139,6 +143,11 @@ class Durability:
 
     def _recover(self, r: Rules, fresh: ServerState) -> tuple[ServerState, int]:
         self._rules = r
+        instance_file = self.directory / "instance"
+        if instance_file.is_file():
+            self.instance = instance_file.read_text().strip()
+        else:
+            atomic_write(instance_file, self.instance.encode(), fsync=self.fsync)
         epoch_file = self.directory / "epoch"
         if epoch_file.is_file():
             fresh = fresh._replace(epoch=epoch_file.read_text().strip())

@@ -110,6 +110,16 @@ class Status(_Message):
     ts: float = 0.0
 
 
+class AggregatorStatus(_Message):
+    """The aggregator's retained presence on ``.../aggregator/status`` (last will: offline). ``instance``
+    names the state it serves (one per state directory), so a second aggregator can tell it is not alone."""
+
+    schema_: int = Field(default=SCHEMA, alias="schema")
+    instance: str
+    state: Literal["online", "offline"]
+    ts: float = 0.0
+
+
 class Metrics(BaseModel):
     """The aggregator's retained metrics on ``.../metrics``; readers must ignore unknown keys."""
 

@@ -101,9 +101,8 @@ class Service:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self.failure is None:
-            with contextlib.suppress(TransportError, TimeoutError):
-                await asyncio.wait_for(self.closing(), 5.0)
+        with contextlib.suppress(TransportError, TimeoutError):  # after a failure too: say goodbye if connected
+            await asyncio.wait_for(self.closing(), 5.0)
         self._stop.set()
         self._closed.set()
         if self.stop_grace and self._running:

@@ -42,6 +42,10 @@ class Topics:
         return f"{self.base}/metrics"
 
     @property
+    def aggregator_status(self) -> str:
+        return f"{self.base}/aggregator/status"
+
+    @property
     def updates_wildcard(self) -> str:
         return f"{self.base}/updates/+"
 
