@@ -218,6 +218,10 @@ class Aggregator(Service):
         if info is not None and ((info.version, info.epoch) in self._own or (info.version, info.epoch) == (
                 c.version, c.epoch)):
             return  # ours
+        if info is not None and info.epoch == c.epoch and info.version < c.version and not self._own:
+            self._published_version = -1  # our own older copy from before a restart: just republish
+            self._dirty.set()
+            return
         if info is not None and core.behind(c, info.version, info.epoch):
             epoch = uuid.uuid4().hex[:16]
             log.warning("the model topic holds version %d of this aggregator's epoch, which is at %d (a restored "
