@@ -24,22 +24,23 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from fedmqtt import codec, core
+from fedmqtt import codec, core, ownership
 from fedmqtt.core import Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability, Store, Volatile
-from fedmqtt.errors import CodecError, InvalidUpdate, StateError, TransportError
+from fedmqtt.errors import StateError, TransportError
 from fedmqtt.files import Fsync
-from fedmqtt.schemas import Ack, AggregatorStatus, Metrics, Status, dump, parse_model_metadata
+from fedmqtt.presence import Presence
+from fedmqtt.schemas import Ack, Metrics, Status, dump
 from fedmqtt.service import Loop, Service
 from fedmqtt.signing import Signer
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.topics import Topics
-from fedmqtt.transport import ConnectOptions, Connector, Inbox, Message, Transport, Will
-from fedmqtt.types import Array, ModelInfo
+from fedmqtt.transport import ConnectOptions, Connector, Message, Transport, Will
+from fedmqtt.types import Array
 
 log = logging.getLogger("fedmqtt.aggregator")
 Evaluate = Callable[[dict[str, Array]], Mapping[str, float]]
@@ -83,9 +84,7 @@ class Aggregator(Service):
         self._evaluate = evaluate
         self._signer = Signer.from_file(cfg.signing_key) if cfg.signing_key is not None else None
         self._recovered = False
-        self.online: set[str] = set()
-        self._joined: dict[str, float] = {}  # online agent -> when its status said so
-        self._sent: dict[str, int] = {}  # online agent -> version of its last accepted update
+        self.presence = Presence(cfg.max_online)
         self.eval: dict[str, float] = {}
         self.evaluated_version: int | None = None
         self.acks_dropped = 0
@@ -143,7 +142,7 @@ class Aggregator(Service):
             loss=self.eval.get("loss"), evaluated_version=self.evaluated_version,
             staleness_mean=(sum(k * v for k, v in c.staleness.items()) / n) if n else None,
             staleness_max=max(c.staleness) if n else None,
-            staleness_hist={str(k): v for k, v in sorted(c.staleness.items())}, agents_online=len(self.online),
+            staleness_hist={str(k): v for k, v in sorted(c.staleness.items())}, agents_online=len(self.presence),
             updates_per_s=(len(recent) - 1) / span if span > 0 else 0.0, ts=time.time(),
             dropped=self.acks_dropped + self.store.dropped + gate.dropped, held=len(gate.held),
             retained_cleared=self.retained_cleared, models_restored=self.models_restored, **report)
@@ -187,8 +186,7 @@ class Aggregator(Service):
         for r in effects.replies:
             if r.accepted:
                 self._rate.append(now)
-                if r.agent in self.online:
-                    self._sent[r.agent] = r.version
+                self.presence.trained(r.agent, r.version)
         if effects.stepped:
             self._step_started = now
         self.store.hold(effects.replies, state if effects.stepped else None)
@@ -207,31 +205,24 @@ class Aggregator(Service):
         self.changed()
 
     def _on_model(self, msg: Message) -> None:
-        """The model topic is ours alone: anything else found there is replaced by our newest model. A model
-        of our epoch with a version above ours means our state is older than what was published: new epoch."""
-        try:
-            header, _ = codec.read_header(msg.payload, max_header=self.rules.reference.max_header)
-            info: ModelInfo | None = parse_model_metadata(codec.header_metadata(header))
-        except (CodecError, InvalidUpdate):
-            info = None  # cleared, or not a model at all
+        """The model topic is ours alone: anything else there is replaced by our newest model; a model of our
+        epoch above our version means our state is behind what was published: a new epoch (ownership.py)."""
         c = self.committed
-        if info is not None and ((info.version, info.epoch) in self._own or (info.version, info.epoch) == (
-                c.version, c.epoch)):
-            return  # ours
-        if info is not None and info.epoch == c.epoch and info.version < c.version and not self._own:
-            self._published_version = -1  # our own older copy from before a restart: just republish
-            self._dirty.set()
+        info = ownership.model_info(msg.payload, self.rules.reference.max_header)
+        verdict = ownership.judge_model(info, version=c.version, epoch=c.epoch, own=self._own,
+                                        restarted=not self._own)
+        if verdict == "ours":
             return
-        if info is not None and core.behind(c, info.version, info.epoch):
+        if verdict == "behind":
             epoch = uuid.uuid4().hex[:16]
-            log.warning("the model topic holds version %d of this aggregator's epoch, which is at %d (a restored "
-                        "backup, or a forged model): starting epoch %s", info.version, c.version, epoch)
+            log.warning("the model topic holds a version above this aggregator's %d in its epoch (a restored "
+                        "backup, or a forged model): starting epoch %s", c.version, epoch)
             self.store.set_epoch(epoch)
             self.state = self.state._replace(epoch=epoch)
             self.committed = self.committed._replace(epoch=epoch)
-        else:
+        if verdict != "old-own":
             log.warning("a model this aggregator did not publish was on %s: replacing it", msg.topic)
-        self.models_restored += 1
+            self.models_restored += 1
         self._published_version = -1
         self._dirty.set()
 
@@ -257,51 +248,24 @@ class Aggregator(Service):
                 state = Status.model_validate_json(msg.payload).state if msg.payload else "offline"
             except ValueError:
                 return
-            if state == "offline":
-                self.online.discard(agent)
-                self._joined.pop(agent, None)
-                self._sent.pop(agent, None)
-            elif len(self.online) < self.config.max_online and agent not in self.online:
-                self.online.add(agent)
-                self._joined[agent] = time.monotonic()
+            self.presence.status(agent, state != "offline", time.monotonic())
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     async def starting(self) -> None:
         self.recover()
+        assert self._connect is not None
         try:
-            await self._check_alone()
+            await ownership.check_alone(self._connect, self.topics, self.store.instance)
+        except (TransportError, TimeoutError) as exc:  # best effort: the broker may not be up yet
+            log.warning("could not check for another aggregator on this federation: %s", exc)
         except StateError:
             self.store.close(lambda: self.state)  # releases the state directory
             raise
 
-    def _presence(self, state: str) -> bytes:
-        return dump(AggregatorStatus(instance=self.store.instance, state=state, ts=time.time()))  # type: ignore[arg-type]
-
-    async def _check_alone(self) -> None:
-        """Refuse to serve a federation that another aggregator serves: its retained presence says online
-        with another instance. Read on a connection of its own, before this aggregator's client id takes
-        anybody's session. Best effort: skipped when the broker cannot be reached yet."""
-        assert self._connect is not None
-        inbox = Inbox()
-        probe = ConnectOptions(f"fedmqtt-{self.topics.federation}-probe-{uuid.uuid4().hex[:8]}", on_message=inbox)
-        try:
-            async with self._connect(probe) as t:
-                await t.subscribe(self.topics.aggregator_status, qos=1)
-                await t.publish(self.topics.aggregator_status, b"", qos=1)  # comes back after any retained one
-                while (msg := await inbox.get(timeout=5.0)).payload:
-                    status = AggregatorStatus.model_validate_json(msg.payload)
-                    if status.state == "online" and status.instance != self.store.instance:
-                        raise StateError(
-                            f"another aggregator (instance {status.instance}) serves federation "
-                            f"{self.topics.federation!r} on this broker; stop it first. (If it crashed, the broker "
-                            "marks it offline when its keep-alive runs out, within a minute.)")
-        except (TransportError, TimeoutError, ValueError) as exc:
-            log.warning("could not check for another aggregator on this federation: %s", exc)
-
     def loops(self) -> dict[str, Loop]:
         cfg = self.config
         client_id = cfg.client_id or f"fedmqtt-{self.topics.federation}-aggregator"
-        will = Will(self.topics.aggregator_status, self._presence("offline"))
+        will = Will(self.topics.aggregator_status, ownership.presence(self.store.instance, "offline"))
         opts = ConnectOptions(client_id, will=will, clean_start=False, session_expiry=cfg.session_expiry,
                               on_message=self._on_message)
         loops: dict[str, Loop] = {"connection": self.connection(opts, self._subscribe),
@@ -319,19 +283,19 @@ class Aggregator(Service):
         t = self.transport
         if t is not None and self.connected.is_set():
             await t.publish(self.topics.metrics, dump(self.metrics()), qos=1, retain=True)
-            await t.publish(self.topics.aggregator_status, self._presence("offline"), qos=1, retain=True)
+            await self._announce(t, "offline")
 
     async def closed(self) -> None:
         self.store.close(lambda: self.state)  # a clean stop leaves a snapshot: the next start replays nothing
 
+    @property
+    def online(self) -> set[str]:
+        return self.presence.online
+
     def round_members(self) -> int:
-        """Agents a sync round waits for: online, and either training (an update accepted in the last three
-        rounds) or just arrived (within two round deadlines). A retained "online" status alone, from a device
-        that never sends, stops counting after that."""
-        now, version = time.monotonic(), self.state.version
+        """Agents a sync round waits for (presence.py); the horizon is two round deadlines."""
         horizon = 2 * (self.config.timing.round_deadline or 30.0)
-        return sum(1 for a in self.online
-                   if self._sent.get(a, -4) >= version - 3 or now - self._joined.get(a, now) < horizon)
+        return self.presence.round_members(self.state.version, time.monotonic(), horizon)
 
     async def wait_version(self, version: int, timeout: float) -> None:
         """Wait until the published model reaches ``version``."""
@@ -343,9 +307,13 @@ class Aggregator(Service):
         await t.subscribe(self.topics.updates_wildcard, qos=1)
         await t.subscribe(self.topics.status_wildcard, qos=1)
         await t.subscribe(self.topics.model, qos=1)  # to notice a model that is not ours
-        await t.publish(self.topics.aggregator_status, self._presence("online"), qos=1, retain=True)
+        await self._announce(t, "online")
         self._published_version = -1  # republish after (re)connecting
         self._dirty.set()
+
+    async def _announce(self, t: Transport, state: Literal["online", "offline"]) -> None:
+        await t.publish(self.topics.aggregator_status, ownership.presence(self.store.instance, state), qos=1,
+                        retain=True)
 
     async def _publisher(self) -> None:
         """Model at most every ``publish_interval`` (the newest committed version), metrics at most every
