@@ -6,12 +6,13 @@ Payloads: an honest update (checked and accepted up to the strategy), a header l
 (about 1 MB), a header at the largest size the model allows stuffed with metadata, a payload whose tensor
 names are all wrong, and a payload whose byte ranges lie. Each is timed through ``validation.check_update``
 (the aggregator's check, before the strategy), next to ``hashlib.sha256`` of the same bytes (reading them
-once). Prints a table and writes results/hostile-cost-<stamp>.json.
+once) and ``codec.decode`` (loading every tensor first, as a decoder that checks afterwards would). Prints a table and writes results/hostile-cost-<stamp>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import platform
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmqtt import codec, dedup
-from fedmqtt.errors import InvalidUpdate
+from fedmqtt.errors import CodecError, InvalidUpdate
 from fedmqtt.validation import Reference, check_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,11 @@ def median_ms(fn: Callable[[], object], runs: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def decode_all(payload: bytes) -> None:
+    with contextlib.suppress(CodecError):
+        codec.decode(payload)
 
 
 def main() -> None:
@@ -73,14 +79,17 @@ def main() -> None:
 
     results = []
     print(f"{args.params} float32 parameters; model header limit {ref.max_header} bytes; median of {args.runs}\n")
-    print("| payload | bytes | outcome | check (ms) | sha256 of the bytes (ms) | ratio |\n|---|---|---|---|---|---|")
+    print("| payload | bytes | outcome | check (ms) | sha256 of the bytes (ms) | ratio | decode everything (ms) |\n"
+          "|---|---|---|---|---|---|---|")
     for label, payload in payloads.items():
         outcome = check(payload)
         checked = median_ms(lambda payload=payload: check(payload), args.runs)
         read = median_ms(lambda payload=payload: hashlib.sha256(payload).digest(), args.runs)
+        decoded = median_ms(lambda payload=payload: decode_all(payload), max(args.runs // 10, 5))
         results.append({"payload": label, "bytes": len(payload), "outcome": outcome, "check_ms": checked,
-                        "read_ms": read})
-        print(f"| {label} | {len(payload):,} | {outcome} | {checked:.3f} | {read:.3f} | {checked / read:.2f} |")
+                        "read_ms": read, "decode_ms": decoded})
+        print(f"| {label} | {len(payload):,} | {outcome} | {checked:.3f} | {read:.3f} | {checked / read:.2f} "
+              f"| {decoded:.3f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"hostile-cost-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),

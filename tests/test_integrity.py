@@ -35,11 +35,19 @@ def forged(agg: Aggregator, version: int, epoch: str, nan: bool = False) -> byte
 
 
 @contextlib.asynccontextmanager
-async def fleet(connect, topics: Topics, accepted: list[Ack]):  # type: ignore[no-untyped-def]
-    agents = [EdgeAgent(connect, f"i-{i}", TASK.trainer(0), TASK.data_for(i, 0),
+async def fleet(connect, topics: Topics, accepted: list[Ack], refused: list[Ack] | None = None,  # type: ignore[no-untyped-def]
+                model_key: str | None = None, prefix: str = "i-"):
+    """Two honest agents; accepted acks go to ``accepted``, refusals to ``refused`` (a ``duplicate`` answers a
+    re-send of an update already applied: neither)."""
+    def on_ack(ack: Ack) -> None:
+        if ack.status == "accepted":
+            accepted.append(ack)
+        elif ack.reason != "duplicate" and refused is not None:
+            refused.append(ack)
+
+    agents = [EdgeAgent(connect, f"{prefix}{i}", TASK.trainer(0), TASK.data_for(i, 0),
                         AgentConfig(topics=topics, local_steps=5, round_seconds=0.05, ack_timeout=2.0,
-                                    backoff_max=0.5),
-                        on_ack=lambda ack: accepted.append(ack) if ack.status == "accepted" else None)
+                                    backoff_max=0.5, model_key=model_key), on_ack=on_ack)
               for i in range(2)]
     async with contextlib.AsyncExitStack() as stack:
         for a in agents:
@@ -70,6 +78,12 @@ async def test_a_forged_retained_model_is_replaced_and_learning_goes_on(broker: 
             await forger.publish(topics.model, payload, qos=1, retain=True)
         await learning_goes_on(agg, accepted)  # within 30 s of the forgery
         assert agg.metrics().models_restored >= 1
+        retained = Inbox()  # what a device that connects now receives: the aggregator's model again
+        async with connect(ConnectOptions(f"reader-{federation}"[:60], on_message=retained)) as reader:
+            await reader.subscribe(topics.model)
+            info = codec.decode((await retained.get(timeout=10)).payload).metadata
+        assert info["fedmqtt.epoch"] == agg.committed.epoch
+        assert int(info["fedmqtt.version"]) <= agg.committed_version < 10**6
         if kind == "same-epoch-far-future":
             assert agg.committed.epoch != epoch  # versions of the old epoch can no longer be trusted
         else:
@@ -85,7 +99,7 @@ async def test_an_aggregator_restored_from_an_older_backup_starts_a_new_epoch(
     cfg = AggregatorConfig(topics=topics, client_id=f"agg-{federation}", state_dir=state)
     accepted: list[Ack] = []
     initial = TASK.trainer(0).initial
-    async with fleet(connect, topics, accepted):
+    async with fleet(connect, topics, accepted) as agents:
         async with Aggregator(connect, initial, fedasync(), cfg) as agg:
             await learning_goes_on(agg, accepted)
         shutil.copytree(state, backup)  # the operator's backup, at this version
@@ -99,7 +113,7 @@ async def test_an_aggregator_restored_from_an_older_backup_starts_a_new_epoch(
             assert agg.version == backed_up
             await learning_goes_on(agg, accepted)  # within 30 s of the restore
             assert agg.committed.epoch != epoch
-            assert accepted[-1].version > 0
+            assert any(e == agg.committed.epoch for a in agents for e, _ in a.trained_versions)  # they followed
 
 
 async def test_one_device_has_one_vote_per_sync_round(broker: BrokerConfig, federation: str) -> None:
@@ -131,17 +145,18 @@ async def test_one_device_has_one_vote_per_sync_round(broker: BrokerConfig, fede
 
 async def test_a_flooding_device_cannot_push_the_version_alone(broker: BrokerConfig, federation: str) -> None:
     """Valid zero-change updates as fast as the link allows, from one device with valid credentials: its
-    rate and its share of the accepted updates are bounded, each under its own reason, and the honest
-    devices' updates keep being accepted."""
+    rate is bounded (``rate_limited``; its share of the recent updates is bounded too, tested on the core
+    below), and the honest devices' updates keep being accepted."""
     topics = Topics(federation=federation)
     connect = mqtt_connector(broker)
     accepted: list[Ack] = []
+    refused: list[Ack] = []
     agg = Aggregator(connect, TASK.trainer(0).initial, fedasync(),
                      AggregatorConfig(topics=topics, client_id=f"agg-{federation}"))
     zero = {k: np.zeros_like(v) for k, v in TASK.trainer(0).initial.items()}
     fp = codec.fingerprint(zero)
     flood_acks = Inbox()
-    async with agg, fleet(connect, topics, accepted), connect(
+    async with agg, fleet(connect, topics, accepted, refused), connect(
             ConnectOptions(f"flood-{federation}"[:60], on_message=flood_acks)) as flood:
         await learning_goes_on(agg, accepted, more=4)
         await flood.subscribe(topics.acks("flooder"))
@@ -158,8 +173,8 @@ async def test_a_flooding_device_cannot_push_the_version_alone(broker: BrokerCon
     c = agg.state.counters.rejected
     assert c.get("rate_limited", 0) == flood_reasons.count("rate_limited") > 500
     assert flood_reasons.count(None) <= 50 + 50 * seconds  # the burst, then 50 a second
-    assert len(accepted) > before  # the honest devices were never refused
-    assert not [a for a in accepted if a.reason]
+    assert len(accepted) > before  # the honest devices went on being accepted ...
+    assert refused == []  # ... and were never refused
 
 
 def test_one_device_holds_at_most_ten_times_its_fair_share_of_recent_updates() -> None:
@@ -197,13 +212,12 @@ async def test_a_liars_sample_count_weighs_no_more_than_twice_the_typical_device
     params = {"w": np.zeros(4, np.float32)}
     agg = Aggregator(connect, params, fedavg(), AggregatorConfig(topics=topics, client_id=f"agg-{federation}",
                                                                  timing=Timing(round_size=3)))
-    acks = Inbox()
 
     def update(agent: str, uid: str, value: float, samples: int, base: int) -> bytes:
         return codec.encode_update({"w": np.full(4, value, np.float32)}, agent=agent, update_id=uid,
                                    base_version=base, num_samples=samples)
 
-    async with agg, connect(ConnectOptions(f"voters-{federation}"[:60], on_message=acks)) as t:
+    async with agg, connect(ConnectOptions(f"voters-{federation}"[:60])) as t:
         await agg.wait_connected()
         for version in range(3):  # honest rounds: 9 claims of 10 samples, all at value 0
             for agent in ("h1", "h2", "h3"):
@@ -229,13 +243,7 @@ async def test_agents_holding_the_key_adopt_only_signed_models(broker: BrokerCon
     agg = Aggregator(connect, TASK.trainer(0).initial, fedasync(),
                      AggregatorConfig(topics=topics, client_id=f"agg-{federation}",
                                       signing_key=tmp_path / "model.key"))
-    agents = [EdgeAgent(connect, f"s-{i}", TASK.trainer(0), TASK.data_for(i, 0),
-                        AgentConfig(topics=topics, local_steps=5, round_seconds=0.05, model_key=public),
-                        on_ack=lambda ack: accepted.append(ack) if ack.status == "accepted" else None)
-              for i in range(2)]
-    async with agg, contextlib.AsyncExitStack() as stack:
-        for a in agents:
-            await stack.enter_async_context(a)
+    async with agg, fleet(connect, topics, accepted, model_key=public, prefix="s-") as agents:
         await learning_goes_on(agg, accepted)
         async with connect(ConnectOptions(f"forger-{federation}"[:60])) as forger:  # a plausible model, unsigned
             await forger.publish(topics.model, forged(agg, 10**6, "forged"), qos=1, retain=True)

@@ -247,7 +247,7 @@ async def test_federation_learns_over_tls_with_signed_models(secure: SecureBroke
     assert all(a.error is None for a in agents)  # every model they took was signed by the aggregator
 
 
-# ---- offline helpers ------------------------------------------------------------------------------------
+@pytest.mark.broker
 async def test_a_device_using_the_aggregators_client_id_cannot_take_its_session(secure: SecureBroker) -> None:
     """The profile binds client ids to usernames: a device asking for the aggregator's client id gets its
     own, so the aggregator is neither disconnected nor robbed of its queued updates."""
@@ -270,6 +270,7 @@ async def test_a_device_using_the_aggregators_client_id_cannot_take_its_session(
         assert agg.connected.is_set()
 
 
+# ---- offline helpers ------------------------------------------------------------------------------------
 def test_password_hash_is_mosquitto_pbkdf2() -> None:
     line = mosquitto_password_hash("s3cret", rounds=101, salt=b"0123456789ab")
     _, kind, rounds, salt, digest = line.split("$")

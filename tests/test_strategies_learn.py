@@ -32,13 +32,18 @@ LIMITS = Limits(max_staleness=200, max_update_norm=None)
     ("fedasync-hinge", {}, 32 * AGENTS),  # past b = 4 versions it weights stale updates down: it needs more
     ("fedbuff", {"buffer_size": 6, "server_lr": 0.5}, 32 * AGENTS),
     ("fedbuff", {"buffer_size": 3, "server_opt": "fedavgm", "server_lr": 0.1}, 32 * AGENTS),  # momentum 0.9
+    ("fedasync-polynomial", {"prox_rho": 0.01}, 16 * AGENTS),  # the agents' proximal term
 ])
 def test_strategy_learns_in_a_seeded_asynchronous_federation(name: str, options: dict[str, object],
                                                                updates: int) -> None:
     task = get_task("digits", num_clients=AGENTS, seed=0)
     trainer = task.trainer(0)
     before = task.evaluate_fn(trainer)(trainer.initial)["accuracy"]
-    r = simulate(task, make(name, **options), updates=updates, seed=0, sigma_speed=1.0, limits=LIMITS)
+    options = dict(options)
+    options = dict(options)
+    prox = float(options.pop("prox_rho", 0.0))  # type: ignore[arg-type]
+    r = simulate(task, make(name, **options), updates=updates, seed=0, sigma_speed=1.0, limits=LIMITS,
+                 prox_rho=prox)
     assert before < 0.3
     assert r.accuracy > 0.8, f"{name}: accuracy {r.accuracy:.3f} after {r.applied} updates"
     assert r.applied == updates and r.dropped == 0  # nothing refused: every arrival counted
@@ -91,7 +96,7 @@ async def test_sync_round_fraction_closes_on_first_arrivals(broker: BrokerConfig
     c = agg.state.counters
     # a round closes with the first ceil(0.5 x 6) = 3 updates; the slower agents' updates for it come late
     assert c.rejected.get("stale", 0) > 0
-    assert c.accepted >= 3 * agg.version and c.accepted < AGENTS * agg.version
+    assert 3 * agg.version <= c.accepted <= 3 * agg.version + 2  # rounds of exactly 3 (+ the open round)
     assert after > 0.8
 
 
@@ -100,6 +105,6 @@ async def test_sync_round_fraction_closes_on_first_arrivals(broker: BrokerConfig
 async def test_churn_agents_leave_and_return(broker: BrokerConfig, federation: str) -> None:
     after, agg, fleet = await _run(broker, federation, "fedasync-polynomial", 12 * AGENTS, mean_online=1.0)
     assert fleet.departures > 0
-    returned = [a for a in fleet.agents if a.acks["accepted"] > 0]  # incarnations made after a departure ...
-    assert fleet.retired_acks["accepted"] > 0 and returned  # ... and before: both contributed
+    returned = [fleet.agents[i] for i in fleet.departed if fleet.agents[i].acks["accepted"] > 0]
+    assert fleet.retired_acks["accepted"] > 0 and returned  # before leaving, and after coming back
     assert after > 0.8

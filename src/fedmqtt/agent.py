@@ -195,7 +195,8 @@ class EdgeAgent(Service):
         """Updates refused as ``future_base`` again and again mean the model held is not the aggregator's
         (a forged retained model, or an aggregator that went back): drop it, take the retained one again."""
         if ack.reason != "future_base":
-            self._future_base = 0 if ack.status == "accepted" else self._future_base
+            if ack.status == "accepted":
+                self._future_base = 0
             return
         self._future_base += 1
         t = self.transport

@@ -164,16 +164,19 @@ class Aggregator(Service):
         """One update from ``agent``'s topic, through the core; its ack and any new version are released
         once its journal record is durable."""
         self.recover()
-        self._take(*core.receive(self.state, agent, payload, self.rules, time.monotonic()))
+        now = time.monotonic()
+        self._take(*core.receive(self.state, agent, payload, self.rules, now), now)
+        if self.strategy.mode == "sync" and self._flush_due(now):
+            self.close_round()  # at once: a round takes its first arrivals, not whatever came until a timer
 
     def close_round(self) -> bool:
         """Sync mode, or an overdue step: the strategy's flush; True when it made a new version."""
         self.recover()
         state, effects = core.flush(self.state, self.rules)
-        self._take(state, effects)
+        self._take(state, effects, time.monotonic())
         return effects.stepped
 
-    def _take(self, state: ServerState, effects: core.Effects) -> None:
+    def _take(self, state: ServerState, effects: core.Effects, now: float) -> None:
         if self.failure is not None:
             return  # stopping: nothing more is applied or acknowledged
         try:
@@ -182,7 +185,6 @@ class Aggregator(Service):
             self.fail(StateError(f"cannot write the journal ({exc}); stopping, nothing further is acknowledged"))
             return
         self.state = state
-        now = time.monotonic()
         for r in effects.replies:
             if r.accepted:
                 self._rate.append(now)
@@ -376,9 +378,12 @@ class Aggregator(Service):
         """Sync rounds and overdue partial steps: the core says when (core.flush_due)."""
         while True:
             await asyncio.sleep(tick)
-            waited = time.monotonic() - self._step_started
-            if core.flush_due(self.state, self.rules, self.config.timing, self.round_members(), waited):
+            if self._flush_due(time.monotonic()):
                 self.close_round()
+
+    def _flush_due(self, now: float) -> bool:
+        return core.flush_due(self.state, self.rules, self.config.timing, self.round_members(),
+                              now - self._step_started)
 
 
 def _ack(r: Reply) -> Ack:

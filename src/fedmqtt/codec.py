@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -186,7 +187,7 @@ def layout(header: Mapping[str, object], header_len: int, payload_len: int) -> d
                 or not all(isinstance(o, int) and o >= 0 for o in offsets) or dtype not in _ITEMSIZE):
             raise CodecError(Reason.MALFORMED, f"tensor {name!r}: bad shape, dtype or data_offsets")
         start, end = offsets
-        if end - start != _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64)) or base + end > payload_len:
+        if end - start != _ITEMSIZE[dtype] * math.prod(shape) or base + end > payload_len:
             raise CodecError(Reason.MALFORMED, f"tensor {name!r}: data_offsets do not fit its shape or the payload")
         out[name] = Layout(dtype, tuple(shape), base + start, base + end)
     spans = sorted((t.start, t.end) for t in out.values())
@@ -202,7 +203,7 @@ def layout(header: Mapping[str, object], header_len: int, payload_len: int) -> d
 
 def tensors_of(payload: bytes, where: Mapping[str, Layout]) -> dict[str, Array]:
     """Read-only numpy views of the tensors (no copy), once :func:`layout` has checked where they lie."""
-    return {name: np.frombuffer(payload, _NUMPY[t.dtype], int(np.prod(t.shape, dtype=np.int64)), t.start
+    return {name: np.frombuffer(payload, _NUMPY[t.dtype], (t.end - t.start) // _ITEMSIZE[t.dtype], t.start
                                 ).reshape(t.shape) for name, t in where.items()}
 
 

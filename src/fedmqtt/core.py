@@ -229,18 +229,6 @@ def flush_due(state: ServerState, r: Rules, timing: Timing, online: int, waited:
     return bool(r.gated and deadline is not None and state.gate.held and waited > deadline)
 
 
-def behind(state: ServerState, version: int, epoch: str) -> bool:
-    """Whether a model seen on this server's model topic says this server's state is older than what was
-    published in its epoch (a restored backup, or a forged far-future version). Then the server must start a
-    new epoch: agents holding the newer version take the new epoch's model, and learning goes on.
-
-    >>> s = ServerState({}, 42, "e1", None, {}, dedup.Seen(), Gate(), Counters())
-    >>> behind(s, 100, "e1"), behind(s, 100, "e2"), behind(s, 42, "e1")
-    (True, False, False)
-    """
-    return epoch == state.epoch and version > state.version
-
-
 def round_target(online: int, size: int | None = None, fraction: float | None = None) -> int:
     """Sync mode: updates that close a round: ``size``, else ``ceil(fraction × online)``, else ``online``.
 
@@ -331,7 +319,10 @@ def _client_update(checked: Checked, history: Mapping[int, Params], strategy: St
 def _advance(state: ServerState, params: Params, r: Rules, out: _Out) -> ServerState:
     """A step: a new version; older history and de-duplication entries go; held updates may go in."""
     version = state.version + 1
-    history = {v: p for v, p in state.history.items() if v > version - r.history_len}
+    history = dict(state.history)
+    history.pop(version - r.history_len, None)  # versions are consecutive: one leaves per step
+    if len(history) >= r.history_len:  # more than that (history_len changed since the snapshot)
+        history = {v: p for v, p in history.items() if v > version - r.history_len}
     history[version] = params
     out.stepped = out.opened = True
     return state._replace(params=params, version=version, history=history,

@@ -58,8 +58,11 @@ def expire(seen: Seen, oldest_acceptable_base: int) -> Seen:
     old = [b for b in seen.by_base if b < oldest_acceptable_base]
     if not old:
         return seen
-    by_base = {b: keys for b, keys in seen.by_base.items() if b >= oldest_acceptable_base}
-    return Seen(by_base, sum(len(k) for k in by_base.values()), seen.floor)
+    by_base = dict(seen.by_base)
+    size = seen.size
+    for b in old:
+        size -= len(by_base.pop(b))
+    return Seen(by_base, size, seen.floor)
 
 
 def of(items: Iterable[tuple[str, int]], floor: int) -> Seen:

@@ -93,6 +93,7 @@ class Fleet(Service):
         self.retired_sent = 0  # updates sent by incarnations that churned away
         self.retired_acks: dict[str, int] = {"accepted": 0, "rejected": 0}
         self.departures = 0
+        self.departed: set[int] = set()  # slots whose agent left at least once
         self.offline_seconds = 0.0
         self._started = [asyncio.Event() for _ in self.agents]
 
@@ -137,6 +138,7 @@ class Fleet(Service):
                 if await self.sleep(online):
                     return
             self.departures += 1
+            self.departed.add(i)
             self.retired_sent += agent.updates_sent
             for k, v in agent.acks.items():
                 self.retired_acks[k] = self.retired_acks.get(k, 0) + v

@@ -77,6 +77,7 @@ class Service:
         self._stop = asyncio.Event()  # stop() was asked for, or a loop failed
         self._closed = asyncio.Event()  # the loops are being stopped
         self._changed = asyncio.Event()
+        self._waiting = 0  # coroutines in wait_until
         self._tasks: asyncio.TaskGroup | None = None
         self._running: list[asyncio.Task[None]] = []
 
@@ -131,10 +132,6 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def fail(self, exc: BaseException) -> None:
         """Stop the service because of ``exc``, which is raised to its user."""
         log.error("%s: %s", self.name, exc)
@@ -153,9 +150,11 @@ class Service:
 
     # ---- waiting ----------------------------------------------------------------------------------------
     def changed(self) -> None:
-        """Wake every :meth:`wait_until`: something they may be waiting for has changed."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        """Wake every :meth:`wait_until`: something they may be waiting for has changed (nothing to do, on
+        the per-update path, when nobody waits)."""
+        if self._waiting:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def wait_until(self, done: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
         """Return once ``done()`` holds; TimeoutError (saying ``what()``) after ``timeout`` seconds."""
@@ -167,8 +166,12 @@ class Service:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"{self.name}: {what()} after {timeout}s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            self._waiting += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+            finally:
+                self._waiting -= 1
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
         await self.wait_until(self.connected.is_set, timeout, lambda: "not connected")

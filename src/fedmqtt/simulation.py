@@ -57,11 +57,11 @@ class Result:
 def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sigma_speed: float = 0.75,
              attackers: frozenset[int] = frozenset(), attack: Attack | None = None,
              client_dp: ClientDP | None = None, limits: Limits | None = None, eval_points: int = 0,
-             round_size: int | None = None) -> Result:
+             round_size: int | None = None, prox_rho: float = 0.0) -> Result:
     """Run ``updates`` arrivals through the core; returns the final test accuracy and counts."""
     n = task.num_clients
     rng = np.random.default_rng(seed)
-    trainer = task.trainer(seed)
+    trainer = task.trainer(seed, prox_rho=prox_rho)
     evaluate = task.evaluate_fn(trainer)
     rules = core.rules(strategy, trainer.initial, limits or Limits(max_staleness=64, max_update_norm=None))
     state = core.init(rules, trainer.initial, epoch="sim")

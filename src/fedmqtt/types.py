@@ -18,10 +18,8 @@ Array = npt.NDArray[np.generic]
 FlatParams = Mapping[str, Array]
 #: How an update carries its parameters: new-minus-base (``delta``) or the new parameters (``weights``).
 Encoding = Literal["delta", "weights"]
-ENCODINGS: tuple[Encoding, ...] = ("delta", "weights")
 #: How the aggregator advances: on every arrival or buffer (``async``) or in rounds (``sync``).
 Mode = Literal["async", "sync"]
-MODES: tuple[Mode, ...] = ("async", "sync")
 
 #: The payload and JSON schema version (``fedmqtt.schema`` in metadata, ``schema`` in JSON messages).
 SCHEMA_VERSION = 1
