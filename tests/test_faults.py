@@ -102,10 +102,13 @@ async def test_kills_and_broker_restarts_lose_nothing(mosquitto: MosquittoProces
     cfg = AgentConfig(topics=topics, local_steps=10, round_seconds=0.15, ack_timeout=2.0, backoff_max=1.0,
                       outbox_dir=outboxes, max_outbox=4)
 
+    incarnations: list[EdgeAgent] = []
+
     def make_agent(i: int) -> EdgeAgent:
         agent_id = f"edge-{i}"
-        return EdgeAgent(connect, agent_id, task.trainer(0), task.data_for(i, 0), replace(cfg),
-                         on_ack=lambda ack, a=agent_id: acks.append((a, ack)))
+        incarnations.append(EdgeAgent(connect, agent_id, task.trainer(0), task.data_for(i, 0), replace(cfg),
+                                      on_ack=lambda ack, a=agent_id: acks.append((a, ack))))
+        return incarnations[-1]
 
     def max_acked() -> int:
         return max((a.version for _, a in acks if a.status == "accepted"), default=0)
@@ -176,8 +179,12 @@ async def test_kills_and_broker_restarts_lose_nothing(mosquitto: MosquittoProces
     accepted = {f"{a}/{ack.update_id}" for a, ack in acks if ack.status == "accepted"}
     settled_dup = {f"{a}/{ack.update_id}" for a, ack in acks if ack.reason == "duplicate"}
     rejected = Counter(a.reason for _, a in acks if a.status == "rejected" and a.reason != "duplicate")
-    told_rejected_but_applied = {f"{a}/{ack.update_id}" for a, ack in acks
-                                 if ack.status == "rejected" and ack.reason != "duplicate"} & applied
+    # A re-send refused as stale may have been applied from an earlier copy: the agent files it as
+    # "unknown", never as rejected.
+    unknown = {f"{a.agent_id}/{u}" for a in incarnations for u in a.unknown}
+    told_rejected = {f"{a}/{ack.update_id}" for a, ack in acks if ack.status == "rejected" and ack.reason != "duplicate"}
+    told_rejected_but_applied = (told_rejected - unknown) & applied
+    stale = {f"{a}/{ack.update_id}" for a, ack in acks if ack.reason == "stale"}
     lost = (accepted | settled_dup) - applied
     trainer = task.trainer(0)
     found = snapshot.read(state, core.rules(fedasync(), trainer.initial), epoch="")
@@ -190,6 +197,7 @@ async def test_kills_and_broker_restarts_lose_nothing(mosquitto: MosquittoProces
     print(f"ledger: acknowledged {len(accepted)} accepted + {len(settled_dup)} settled as duplicate, "
           f"applied {len(applied_list)} ({len(applied)} distinct), duplicates suppressed {len(settled_dup)} "
           f"(aggregator counted {snap.counters.rejected.get('duplicate', 0)} since its last snapshot), applied twice {applied_twice}, lost {len(lost)}; other rejections {dict(rejected)}; "
+          f"outcome unknown {len(unknown)} ({len(unknown & applied)} of them applied); "
           f"told rejected but applied {len(told_rejected_but_applied)}; still pending in outboxes {pending}")
     print(f"versions at each start: {agg.resumed}; final version {snap.version}, accepted counter "
           f"{snap.counters.accepted}; accuracy {accuracy:.3f}")
@@ -198,6 +206,7 @@ async def test_kills_and_broker_restarts_lose_nothing(mosquitto: MosquittoProces
     assert len(agg.resumed) == AGG_KILLS + 1  # and each restart resumed
     assert len(broker_exits) == 2 and -signal.SIGKILL in broker_exits and None not in broker_exits
     assert told_rejected_but_applied == set()
+    assert unknown <= stale  # only a stale refusal of a re-send is "unknown"
     assert lost == set(), f"acknowledged but never applied: {sorted(lost)[:5]}"
     assert applied_twice == 0
     assert snap.counters.accepted == len(applied_list)  # the state holds exactly what the ledger says

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedmqtt import codec
 from fedmqtt.agent import AgentConfig, EdgeAgent
@@ -34,11 +35,21 @@ def test_outbox_persists_and_forgets(tmp_path: Path) -> None:
     (tmp_path / "u4.safetensors").write_bytes(payload("u4", agent="someone-else"))
     again = Outbox(tmp_path, "a1")
     assert list(again) == ["u1"]
-    assert again["u1"] == Pending(p1, 0.0)  # 0.0: due for a re-send at once
+    assert again["u1"] == Pending(p1, 0.0, 1)  # due for a re-send at once; it may have gone out before
     assert not (tmp_path / "u3.safetensors.tmp").exists()
     assert not (tmp_path / "junk.safetensors").exists()
     assert (tmp_path / "u4.safetensors").exists()  # another agent's file is left alone
     assert len(Outbox()) == 0  # no directory: memory only
+
+
+async def test_a_put_cancelled_during_its_write_still_keeps_the_update(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, "a1")
+    put = asyncio.create_task(box.put("u1", Pending(payload("u1"), 1.0)))
+    await asyncio.sleep(0)  # the write has started in its thread
+    put.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await put
+    assert list(box) == ["u1"] and list(Outbox(tmp_path, "a1")) == ["u1"]  # memory and disk agree
 
 
 async def test_put_writes_to_disk_before_returning(tmp_path: Path) -> None:

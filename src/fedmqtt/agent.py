@@ -13,6 +13,7 @@ Lifecycle (service.py): ``async with EdgeAgent(...) as agent: await agent.wait_u
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -89,7 +90,8 @@ class EdgeAgent(Service):
         self.updates_sent = 0
         self._future_base = 0  # consecutive future_base rejections
         self._resubscribe: asyncio.Task[None] | None = None
-        self.acks: dict[str, int] = {"accepted": 0, "rejected": 0}
+        self.acks: dict[str, int] = {"accepted": 0, "rejected": 0, "unknown": 0}
+        self.unknown: collections.deque[str] = collections.deque(maxlen=1000)  # ids of the recent "unknown"
         self.last_rejection: Ack | None = None
         self.last_loss: float | None = None
         self.trained_versions: list[tuple[str, int]] = []  # (epoch, version) of recent local rounds
@@ -178,14 +180,18 @@ class EdgeAgent(Service):
         except ValueError:
             return
         self._watch_base(ack)
-        settled = self.outbox.pop(ack.update_id, None) is not None
-        if not settled and ack.update_id:
+        pending = self.outbox.pop(ack.update_id, None)
+        if pending is None and ack.update_id:
             return  # an ack for an update already settled (a duplicate delivery)
-        if settled:
+        if pending is not None:
             self._outbox_space.set()
-        # "duplicate" means the aggregator applied this update before: settled, not lost.
-        self.acks["accepted" if ack.status == "accepted" or ack.reason == "duplicate" else "rejected"] += 1
-        if ack.status == "rejected" and ack.reason != "duplicate":
+        outcome = _outcome(ack, pending)
+        self.acks[outcome] += 1
+        if outcome == "unknown":
+            self.unknown.append(ack.update_id)
+            log.info("%s: update %s re-sent and refused as stale: an earlier copy may have been applied",
+                     self.agent_id, ack.update_id)
+        elif outcome == "rejected":
             self.last_rejection = ack
             log.warning("%s: update %s rejected: %s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
         if self._on_ack:
@@ -264,8 +270,9 @@ class EdgeAgent(Service):
         try:
             await t.publish(self.topics.update(self.agent_id), payload, qos=1)
             self.updates_sent += 1
-            if update_id in self.outbox:
-                self.outbox[update_id] = Pending(payload, time.monotonic())
+            pending = self.outbox.get(update_id)
+            if pending is not None:
+                self.outbox[update_id] = Pending(payload, time.monotonic(), pending.sends + 1)
         except TransportError as exc:
             log.warning("%s: publish failed, kept in outbox: %s", self.agent_id, exc)
 
@@ -276,6 +283,18 @@ class EdgeAgent(Service):
             for update_id, pending in list(self.outbox.items()):
                 if now - pending.sent_at > self.config.ack_timeout:
                     await self._send(update_id, pending.payload)
+
+
+def _outcome(ack: Ack, pending: Pending | None) -> str:
+    """``accepted`` (``duplicate`` too: the aggregator applied it before), ``rejected``, or ``unknown``: a
+    re-sent update refused as ``stale`` may have been applied from an earlier copy whose acknowledgement
+    was lost; the aggregator forgets applied ids once their base is past ``max_staleness``, so it cannot
+    tell. Either way the update is settled: nothing is re-sent."""
+    if ack.status == "accepted" or ack.reason == "duplicate":
+        return "accepted"
+    if ack.reason == "stale" and pending is not None and pending.sends > 1:
+        return "unknown"
+    return "rejected"
 
 
 def delta_of(new: dict[str, Array], base: dict[str, Array]) -> dict[str, Array]:

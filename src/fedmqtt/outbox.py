@@ -15,6 +15,7 @@ memory only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Iterator, MutableMapping
@@ -33,6 +34,7 @@ _SUFFIX = ".safetensors"
 class Pending(NamedTuple):
     payload: bytes
     sent_at: float  # time.monotonic() of the last send; 0.0 = never sent by this process
+    sends: int = 0  # how often it was published; an update loaded back from disk counts as sent once
 
 
 class Outbox(MutableMapping[str, Pending]):
@@ -64,7 +66,7 @@ class Outbox(MutableMapping[str, Pending]):
             if meta.get("fedmqtt.update_id") != update_id or (agent and meta.get("fedmqtt.agent") != agent):
                 log.warning("outbox: %s belongs to another agent or update; left alone", path)
                 continue
-            self._items[update_id] = Pending(payload, 0.0)
+            self._items[update_id] = Pending(payload, 0.0, 1)  # it may have gone out
         if self._items:
             log.info("outbox: %d unacknowledged update(s) loaded from %s", len(self._items), self.directory)
 
@@ -84,9 +86,17 @@ class Outbox(MutableMapping[str, Pending]):
 
     async def put(self, update_id: str, pending: Pending) -> None:
         """``box[update_id] = pending`` with the disk write and its fsyncs in a worker thread, so that a
-        slow flash card does not stall the agent's event loop."""
+        slow flash card does not stall the agent's event loop. Cancelled meanwhile, it lets the write finish
+        and keeps the update (it is on disk, so it is sent after a restart) before giving up."""
         if self.directory is not None and update_id not in self._items:
-            await asyncio.to_thread(atomic_write, self._path(update_id), pending.payload)
+            write = asyncio.ensure_future(asyncio.to_thread(atomic_write, self._path(update_id), pending.payload))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                with contextlib.suppress(OSError):
+                    await write
+                    self._items[update_id] = pending
+                raise
         self._items[update_id] = pending
 
     def __delitem__(self, update_id: str) -> None:
