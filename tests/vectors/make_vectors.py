@@ -11,29 +11,36 @@ import numpy as np
 from fedmqtt import codec
 
 HERE = Path(__file__).parent
-params = {
-    "dense/kernel": (np.arange(6, dtype=np.float32).reshape(2, 3) * 0.5 - 1.0),
-    "dense/bias": np.array([0.25, -0.5, 1.0], dtype=np.float32),
-}
-delta = {
-    "dense/kernel": np.full((2, 3), 0.125, dtype=np.float32),
-    "dense/bias": np.array([-0.25, 0.0, 0.5], dtype=np.float32),
-}
-fp = codec.fingerprint(params)
-model = codec.encode_model(params, version=7)
-update = codec.encode_update(delta, agent="edge-1", update_id="0123456789abcdef", base_version=7, num_samples=42,
-                             encoding="delta", model_fingerprint=fp)
-(HERE / "model_v7.safetensors").write_bytes(model)
-(HERE / "update_edge-1.safetensors").write_bytes(update)
-expected = {
-    "fingerprint_lines": "".join(
-        f"{n}\t{codec.dtype_code(params[n].dtype)}\t{','.join(map(str, params[n].shape))}\n" for n in sorted(params)),
-    "model": {"metadata": codec.decode(model).metadata,
-              "tensors": {k: {"dtype": "F32", "shape": list(v.shape), "values": v.ravel().tolist()}
-                          for k, v in params.items()}},
-    "update": {"metadata": codec.decode(update).metadata,
-               "tensors": {k: {"dtype": "F32", "shape": list(v.shape), "values": v.ravel().tolist()}
-                           for k, v in delta.items()}},
-}
-(HERE / "expected.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
-print("fingerprint", fp)
+
+
+def main() -> None:
+    params = {
+        "dense/kernel": (np.arange(6, dtype=np.float32).reshape(2, 3) * 0.5 - 1.0),
+        "dense/bias": np.array([0.25, -0.5, 1.0], dtype=np.float32),
+    }
+    delta = {
+        "dense/kernel": np.full((2, 3), 0.125, dtype=np.float32),
+        "dense/bias": np.array([-0.25, 0.0, 0.5], dtype=np.float32),
+    }
+    fp = codec.fingerprint(params)
+    model = codec.encode_model(params, version=7)
+    update = codec.encode_update(delta, agent="edge-1", update_id="0123456789abcdef", base_version=7, num_samples=42,
+                                 encoding="delta", model_fingerprint=fp)
+    (HERE / "model_v7.safetensors").write_bytes(model)
+    (HERE / "update_edge-1.safetensors").write_bytes(update)
+    expected = {
+        "fingerprint_lines": "".join(
+            f"{n}\t{codec.dtype_code(params[n].dtype)}\t{','.join(map(str, params[n].shape))}\n" for n in sorted(params)),
+        "model": {"metadata": codec.decode(model).metadata,
+                  "tensors": {k: {"dtype": "F32", "shape": list(v.shape), "values": v.ravel().tolist()}
+                              for k, v in params.items()}},
+        "update": {"metadata": codec.decode(update).metadata,
+                   "tensors": {k: {"dtype": "F32", "shape": list(v.shape), "values": v.ravel().tolist()}
+                               for k, v in delta.items()}},
+    }
+    (HERE / "expected.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
+    print("fingerprint", fp)
+
+
+if __name__ == "__main__":  # not on import: pytest imports every module for its doctests
+    main()
