@@ -7,29 +7,73 @@ Build an aggregator and agents from Python in a few lines (see README "Your own 
     async with EdgeAgent(connect, "device-1", trainer, ArrayData(x, y)) as agent: ...
 """
 
-from fedmqtt.agent import AgentConfig, EdgeAgent
-from fedmqtt.aggregator import Aggregator, AggregatorConfig
-from fedmqtt.broker import local_broker
-from fedmqtt.codec import decode, encode_model, encode_update, fingerprint
-from fedmqtt.data import ArrayData, StreamData, dirichlet_partition, iid_partition
-from fedmqtt.errors import (
-    CodecError,
-    ConfigError,
-    FedMQTTError,
-    IncompatibleModel,
-    InvalidUpdate,
-    Reason,
-    StateError,
-    TransportError,
-)
-from fedmqtt.fleet import Fleet, FleetConfig
-from fedmqtt.strategies import fedasync, fedavg, fedbuff
-from fedmqtt.tasks import Task, get_task
-from fedmqtt.topics import Topics
-from fedmqtt.training import Trainer, model_params
-from fedmqtt.transport import BrokerConfig, MemoryBroker, mqtt_connector
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedmqtt.agent import AgentConfig, EdgeAgent
+    from fedmqtt.aggregator import Aggregator, AggregatorConfig
+    from fedmqtt.broker import local_broker
+    from fedmqtt.codec import decode, encode_model, encode_update, fingerprint
+    from fedmqtt.data import ArrayData, StreamData, dirichlet_partition, iid_partition
+    from fedmqtt.errors import (
+        CodecError,
+        ConfigError,
+        FedMQTTError,
+        IncompatibleModel,
+        InvalidUpdate,
+        Reason,
+        StateError,
+        TransportError,
+    )
+    from fedmqtt.fleet import Fleet, FleetConfig
+    from fedmqtt.strategies import fedasync, fedavg, fedbuff
+    from fedmqtt.tasks import Task, get_task
+    from fedmqtt.topics import Topics
+    from fedmqtt.training import Trainer, model_params
+    from fedmqtt.transport import BrokerConfig, MemoryBroker, mqtt_connector
 
 __version__ = "0.1.0"
+
+# Imported on first use: ``fedmqtt --help`` and argument errors need no JAX.
+_HOME = {
+    "AgentConfig": "fedmqtt.agent",
+    "Aggregator": "fedmqtt.aggregator",
+    "AggregatorConfig": "fedmqtt.aggregator",
+    "ArrayData": "fedmqtt.data",
+    "BrokerConfig": "fedmqtt.transport",
+    "CodecError": "fedmqtt.errors",
+    "ConfigError": "fedmqtt.errors",
+    "EdgeAgent": "fedmqtt.agent",
+    "FedMQTTError": "fedmqtt.errors",
+    "Fleet": "fedmqtt.fleet",
+    "FleetConfig": "fedmqtt.fleet",
+    "IncompatibleModel": "fedmqtt.errors",
+    "InvalidUpdate": "fedmqtt.errors",
+    "MemoryBroker": "fedmqtt.transport",
+    "Reason": "fedmqtt.errors",
+    "StateError": "fedmqtt.errors",
+    "StreamData": "fedmqtt.data",
+    "Task": "fedmqtt.tasks",
+    "Topics": "fedmqtt.topics",
+    "Trainer": "fedmqtt.training",
+    "TransportError": "fedmqtt.errors",
+    "decode": "fedmqtt.codec",
+    "dirichlet_partition": "fedmqtt.data",
+    "encode_model": "fedmqtt.codec",
+    "encode_update": "fedmqtt.codec",
+    "fedasync": "fedmqtt.strategies",
+    "fedavg": "fedmqtt.strategies",
+    "fedbuff": "fedmqtt.strategies",
+    "fingerprint": "fedmqtt.codec",
+    "get_task": "fedmqtt.tasks",
+    "iid_partition": "fedmqtt.data",
+    "local_broker": "fedmqtt.broker",
+    "model_params": "fedmqtt.training",
+    "mqtt_connector": "fedmqtt.transport",
+}
 
 __all__ = [
     "AgentConfig",
@@ -67,3 +111,16 @@ __all__ = [
     "model_params",
     "mqtt_connector",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'fedmqtt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -33,6 +33,7 @@ from fedmqtt.core import Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability, Store, Volatile
 from fedmqtt.errors import StateError, TransportError
 from fedmqtt.files import Fsync
+from fedmqtt.histogram import Durations
 from fedmqtt.presence import Presence
 from fedmqtt.schemas import Ack, Metrics, Status, dump
 from fedmqtt.service import Loop, Service
@@ -98,6 +99,7 @@ class Aggregator(Service):
         self._to_clear: set[str] = set()  # update topics holding a retained message, to be cleared
         self._clearing: set[str] = set()  # cleared, their empty message not yet seen
         self.retained_cleared = 0
+        self.handling = Durations()  # the time each update took here (not counting the journal's fsync)
 
     # ---- reading the state ------------------------------------------------------------------------------
     @property
@@ -164,10 +166,12 @@ class Aggregator(Service):
         """One update from ``agent``'s topic, through the core; its ack and any new version are released
         once its journal record is durable."""
         self.recover()
+        started = time.perf_counter()
         now = time.monotonic()
         self._take(*core.receive(self.state, agent, payload, self.rules, now), now)
         if self.strategy.mode == "sync" and self._flush_due(now):
             self.close_round()  # at once: a round takes its first arrivals, not whatever came until a timer
+        self.handling.add(time.perf_counter() - started)
 
     def close_round(self) -> bool:
         """Sync mode, or an overdue step: the strategy's flush; True when it made a new version."""

@@ -46,13 +46,14 @@ def repo_config() -> Path | None:
     return None
 
 
-def render_config(source: str, port: int, data_dir: Path) -> str:
-    """The repo's config with the listener moved to ``port`` on loopback and persistence in ``data_dir``."""
+def render_config(source: str, port: int, data_dir: Path, host: str = "127.0.0.1") -> str:
+    """The repo's config with the listener moved to ``host:port`` (loopback by default) and persistence in
+    ``data_dir``."""
     out, saw_listener = [], False
     for line in source.splitlines():
         word = line.split(maxsplit=1)[0] if line.strip() and not line.lstrip().startswith("#") else ""
         if word == "listener" and not saw_listener:
-            out.append(f"listener {port} 127.0.0.1")
+            out.append(f"listener {port} {host}")
             saw_listener = True
         elif word == "listener":
             continue  # only the first (plain) listener is started
@@ -63,7 +64,7 @@ def render_config(source: str, port: int, data_dir: Path) -> str:
         else:
             out.append(line)
     if not saw_listener:
-        out.append(f"listener {port} 127.0.0.1")
+        out.append(f"listener {port} {host}")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # Started as root by fedmqtt: keep access to its own temporary directory.
         out.append("user root")
@@ -95,17 +96,19 @@ class MosquittoProcess:
     data_dir: Path
     conf_path: Path
     process: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
 
     @classmethod
-    def prepare(cls, port: int | None = None, config: Path | None = None, data_dir: Path | None = None
-                ) -> MosquittoProcess:
+    def prepare(cls, port: int | None = None, config: Path | None = None, data_dir: Path | None = None,
+                host: str = "127.0.0.1") -> MosquittoProcess:
         source = config or repo_config()
         text = source.read_text() if source else "persistence true\n"
         data = data_dir or Path(tempfile.mkdtemp(prefix="fedmqtt-mosquitto-"))
+        data.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
         conf = data / "mosquitto.conf"
-        conf.write_text(render_config(text, port, data))
-        return cls(port, data, conf)
+        conf.write_text(render_config(text, port, data, host))
+        return cls(port, data, conf, host=host)
 
     async def start(self) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -113,12 +116,15 @@ class MosquittoProcess:
         with open(self.data_dir / "mosquitto.log", "ab") as log_file:  # noqa: ASYNC230  (the child keeps a copy)
             self.process = subprocess.Popen([binary, "-c", str(self.conf_path)],  # noqa: ASYNC220
                                             stdout=subprocess.DEVNULL, stderr=log_file)
+        probe = "127.0.0.1" if self.host in ("0.0.0.0", "") else "::1" if self.host == "::" else self.host
         try:
-            await wait_listening("127.0.0.1", self.port)
+            await wait_listening(probe, self.port)
+            if self.process.poll() is not None:  # what answered is somebody else
+                raise OSError(f"mosquitto exited with status {self.process.returncode}")
         except OSError as exc:
             self.kill()
-            log_text = (self.data_dir / "mosquitto.log").read_text(errors="replace")[-2000:]
-            raise ConfigError(f"mosquitto did not start on port {self.port}: {log_text}") from exc
+            log_text = (self.data_dir / "mosquitto.log").read_text(errors="replace").strip()[-1000:]
+            raise ConfigError(f"mosquitto did not start on port {self.port}: {log_text or exc}") from exc
 
     def stop(self, timeout: float = 10.0) -> None:
         """Clean stop (SIGTERM): Mosquitto writes its persistence file first."""
@@ -134,6 +140,18 @@ class MosquittoProcess:
     @property
     def config(self) -> BrokerConfig:
         return BrokerConfig(host="127.0.0.1", port=self.port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError when ``host:port`` cannot be bound (another broker, most likely)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"port {port} on {host} is taken ({exc.strerror}): another broker? choose "
+                              "another --port, or --port 0 for a free one") from exc
 
 
 def has_mosquitto() -> bool:

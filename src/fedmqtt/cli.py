@@ -1,98 +1,152 @@
-"""The command line: a thin face over the library (see README for examples)."""
+"""The command line: a thin face over the library (see README for examples).
+
+Every mistake ends in one line, ``error: what is wrong (what to do)``, and a non-zero exit: usage errors exit
+2, everything else 1, an interrupt 130. Arguments are checked before JAX is imported, so they are answered at
+once. ``aggregator``, ``edge`` and ``watch`` read every option from the environment too (``--some-option``
+from ``FEDMQTT_SOME_OPTION``) and from a TOML file given with ``--config``; the command line wins over the
+environment, which wins over the file.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
-import os
-import signal
-import sys
-from collections.abc import Callable
-from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from fedmqtt.errors import FedMQTTError
-from fedmqtt.topics import Topics
+from fedmqtt import __version__
+from fedmqtt.choices import BROKER_KINDS, PARTITIONS, STRATEGIES, check_choice, check_task
+from fedmqtt.cli_config import CONFIG_HELP, load_config, print_config
+from fedmqtt.cli_run import err, fail, run, setup_logging
+from fedmqtt.errors import ConfigError, FedMQTTError
+from fedmqtt.topics import Topics, check_segment
+from fedmqtt.types import check_id
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Asynchronous federated learning over MQTT.")
-err = Console(stderr=True, soft_wrap=True)
+SERVICE = {"auto_envvar_prefix": "FEDMQTT"}  # --some-option also from FEDMQTT_SOME_OPTION
 
 BrokerOpt = Annotated[str, typer.Option(envvar="FEDMQTT_BROKER_URL",
                                         help="mqtt://HOST:PORT or mqtts://HOST:PORT; credentials and TLS "
                                              "files come from FEDMQTT_* environment variables")]
 PrefixOpt = Annotated[str, typer.Option(help="topic prefix")]
 FedOpt = Annotated[str, typer.Option(help="federation name")]
-TaskOpt = Annotated[str, typer.Option(help="built-in task: digits (default) or hapt")]
+TaskOpt = Annotated[str, typer.Option(help="built-in task: digits, or hapt (needs the HAPT file, FEDMQTT_HAPT)")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help=CONFIG_HELP, callback=load_config, is_eager=True, expose_value=False, envvar="FEDMQTT_CONFIG")]
+PrintConfigOpt = Annotated[bool, typer.Option(help="print the settings this command would run with, and exit")]
+VerboseOpt = Annotated[bool, typer.Option(help="log every connection, reconnect and status line")]
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _version(value: bool) -> None:
+    if value:
+        print(f"fedmqtt {__version__}")
+        raise typer.Exit()
 
 
-def _run(coro: Any) -> Any:
-    """Run a service until it ends or SIGINT/SIGTERM arrive; map fedmqtt errors to exit code 1."""
-    async def main() -> Any:
-        task = asyncio.ensure_future(coro)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            return await task
-        return None
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Asynchronous federated learning over MQTT."""
 
+
+def _names(agent_id: str | None, prefix: str, federation: str) -> None:
+    """Ids and topic levels, checked; a bad one is a ConfigError."""
     try:
-        return asyncio.run(main())
-    except FedMQTTError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        if agent_id is not None:
+            check_id(agent_id, "agent id")
+        check_segment(prefix, "prefix")
+        check_segment(federation, "federation")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
+def _broker_url(url: str) -> str:
+    from fedmqtt.transport import BrokerConfig
+
+    BrokerConfig.from_url(url)
+    return url
+
+
+# ---- demo ---------------------------------------------------------------------------------------------------
 @app.command()
 def demo(
-    agents: Annotated[int, typer.Option(help="number of edge agents")] = 8,
-    seconds: Annotated[float, typer.Option(help="how long to run")] = 60.0,
+    agents: Annotated[int, typer.Option(min=1, help="number of edge agents")] = 8,
+    seconds: Annotated[float, typer.Option(min=0.1, help="how long to run")] = 60.0,
     json_out: Annotated[bool, typer.Option("--json", help="last line of output is one JSON object")] = False,
     broker: Annotated[str, typer.Option(help="auto, mosquitto, embedded, or an mqtt:// URL")] = "auto",
     strategy: Annotated[str, typer.Option(help="fedasync, fedasync-hinge, fedbuff, fedavg, ...")] = "fedasync",
-    partition: Annotated[str, typer.Option(help="iid or dirichlet")] = "iid",
-    alpha: Annotated[float, typer.Option(help="Dirichlet alpha for --partition dirichlet")] = 0.5,
-    sigma: Annotated[float, typer.Option(help="spread of device speeds, lognormal sigma")] = 0.75,
-    base_seconds: Annotated[float, typer.Option(help="median seconds per local round")] = 0.2,
+    task: TaskOpt = "digits",
+    partition: Annotated[str, typer.Option(help="digits: iid or dirichlet")] = "iid",
+    dirichlet_alpha: Annotated[float, typer.Option(min=0.001,
+                                                   help="Dirichlet concentration for --partition dirichlet")
+                               ] = 0.5,
+    sigma: Annotated[float, typer.Option(min=0.0, help="spread of device speeds, lognormal sigma")] = 0.75,
+    base_seconds: Annotated[float, typer.Option(min=0.0, help="median seconds per local round")] = 0.2,
+    save_model: Annotated[Path | None, typer.Option(help="write the final model here (plain safetensors)")
+                          ] = None,
+    record: Annotated[Path | None, typer.Option(
+        help="write the run (metrics.csv, agents.csv, run.json) into this directory; `fedmqtt report` plots it")
+    ] = None,
     seed: int = 0,
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Start a broker, the aggregator and N agents of different speeds; show progress and a summary."""
+    check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(partition, PARTITIONS, "partition")
+    check_task(task)
+    if not broker.startswith(("mqtt://", "mqtts://")):
+        check_choice(broker, BROKER_KINDS, "broker kind (or give an mqtt:// URL)")
+    else:
+        _broker_url(broker)
     from fedmqtt.demo import run_demo
+    from fedmqtt.recording import Recorder
     from fedmqtt.schemas import Metrics
 
-    _logging(verbose)
+    setup_logging(verbose)
+    recorder = Recorder(record) if record is not None else None
+
+    def started(where: str) -> None:
+        err.print(f"[bold]fedmqtt demo[/bold]: {strategy} on {task}, {agents} agents, {where}; "
+                  f"{seconds:g} s (Ctrl-C stops early)")
 
     def progress(elapsed: float, m: Metrics) -> None:
         acc = f"{m.accuracy:.3f}" if m.accuracy is not None else "-"
         stal = f"{m.staleness_mean:.1f}" if m.staleness_mean is not None else "-"
         err.print(f"[{elapsed:5.1f}s] version {m.version:5d}  accepted {m.accepted:5d}  rejected "
                   f"{m.rejected:3d}  staleness {stal:>5}  accuracy {acc}  agents {m.agents_online}")
+        if recorder is not None:
+            recorder.metrics(elapsed, m)
 
-    result = _run(run_demo(agents=agents, seconds=seconds, broker=broker, strategy=strategy,
-                           partition=partition, alpha=alpha, sigma=sigma, base_seconds=base_seconds, seed=seed,
-                           on_progress=progress))
-    err.print(f"\n[bold]{result.strategy}[/bold] on {result.broker} broker, {result.agents} agents, "
+    result = run(lambda stop: run_demo(
+        agents=agents, seconds=seconds, broker=broker, strategy=strategy, task=task, partition=partition,
+        alpha=dirichlet_alpha, sigma=sigma, base_seconds=base_seconds, seed=seed, on_start=started,
+        on_progress=progress, stop=stop, save_model=save_model))
+    if result is None:
+        raise fail("interrupted", 130)
+    if recorder is not None:
+        recorder.finish(result)
+    ended = "interrupted after" if result.interrupted else "ran"
+    err.print(f"\n[bold]{result.strategy}[/bold] on {result.broker} broker, {result.agents} agents, {ended} "
               f"{result.seconds}s: version {result.version}, accepted {result.accepted}, rejected "
               f"{result.rejected}, test accuracy [bold]{result.accuracy:.4f}[/bold]")
+    if save_model is not None:
+        err.print(f"model (version {result.version}) saved to {save_model}")
+    if record is not None:
+        err.print(f"run recorded in {record}: fedmqtt report {record}")
     if json_out:
         print(json.dumps(result.as_dict()), flush=True)
+    if result.interrupted:
+        raise typer.Exit(130)
 
 
-@app.command()
+# ---- aggregator ---------------------------------------------------------------------------------------------
+@app.command(context_settings=SERVICE)
 def aggregator(
+    config: ConfigOpt = None,
     broker: BrokerOpt = "mqtt://127.0.0.1:1883",
     strategy: Annotated[str, typer.Option(help="fedasync, fedasync-hinge, fedasync-constant, fedbuff, fedavg, "
                                               "fedbuff-outlier, fedbuff-krum, fedbuff-median, fedbuff-trimmed, "
@@ -100,21 +154,21 @@ def aggregator(
     task: TaskOpt = "digits",
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
-    max_staleness: int = 64,
+    max_staleness: Annotated[int, typer.Option(min=0, help="refuse updates more versions old than this")] = 64,
     max_update_norm: Annotated[float, typer.Option(help="reject updates whose delta L2 norm exceeds this")] = 1e3,
     alpha: Annotated[float | None, typer.Option(help="FedAsync mixing rate (default 0.6)")] = None,
-    buffer_size: Annotated[int | None, typer.Option(help="FedBuff K (default 10)")] = None,
+    buffer_size: Annotated[int | None, typer.Option(min=1, help="FedBuff K (default 10)")] = None,
     server_opt: Annotated[str | None, typer.Option(help="FedBuff server step: sgd (default), fedavgm, fedadam, "
                                                         "fedyogi")] = None,
     server_lr: Annotated[float | None, typer.Option(help="FedBuff (default 1.0) and fedavg-delta server lr")
                          ] = None,
-    round_size: Annotated[int | None, typer.Option(help="fedavg: updates per round")] = None,
+    round_size: Annotated[int | None, typer.Option(min=1, help="fedavg: updates per round")] = None,
     round_deadline: Annotated[float | None, typer.Option(help="fedavg: round deadline, seconds")] = None,
     state_dir: Annotated[str | None, typer.Option(
         help="durable state (journal + snapshots); default: a directory per federation in the user's data "
              "directory ($XDG_DATA_HOME/fedmqtt/PREFIX/FEDERATION)")] = None,
     ephemeral: Annotated[bool, typer.Option(help="keep no state: a restart begins again at version 0")] = False,
-    snapshot_every: Annotated[int, typer.Option(help="journal records between snapshots")] = 500,
+    snapshot_every: Annotated[int, typer.Option(min=1, help="journal records between snapshots")] = 500,
     keep_journal: Annotated[bool, typer.Option(help="keep every journal segment (a ledger of applied "
                                                     "updates)")] = False,
     dp_clip: Annotated[float | None, typer.Option(help="fedbuff central DP: clip each delta to this L2 norm "
@@ -131,64 +185,52 @@ def aggregator(
     signing_key: Annotated[str | None, typer.Option(
         envvar="FEDMQTT_SIGNING_KEY_FILE", help="Ed25519 private key (PEM) to sign every model with "
         "(`broker init` makes one)")] = None,
+    init_model: Annotated[Path | None, typer.Option(
+        help="start from these weights (safetensors, e.g. from --save-model) when there is no state yet")] = None,
+    save_model: Annotated[Path | None, typer.Option(
+        help="keep the newest durable model here (plain safetensors), rewritten each second it changed")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="serve Prometheus metrics on this port (/metrics; 0: a free port)")] = None,
+    metrics_bind: Annotated[str, typer.Option(help="address for --metrics-port")] = "127.0.0.1",
+    status_every: Annotated[float, typer.Option(help="log a status line every this many seconds (0: never)")
+                            ] = 60.0,
+    print_config: PrintConfigOpt = False,
     seed: int = 0,
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the aggregator for a built-in task until interrupted; it resumes where it stopped."""
-    from fedmqtt.aggregator import Aggregator, AggregatorConfig
-    from fedmqtt.core import Limits, Timing
-    from fedmqtt.durability import default_directory
-    from fedmqtt.strategies.registry import make
-    from fedmqtt.tasks import get_task
-    from fedmqtt.transport import BrokerConfig, mqtt_connector
-
-    _logging(verbose)
-    topics = Topics(prefix, federation)
+    settings = {k: v for k, v in locals().items() if k != "print_config"}
+    check_choice(strategy, STRATEGIES, "strategy")
+    check_task(task)
+    _broker_url(broker)
+    _names(None, prefix, federation)
     if ephemeral and state_dir:
         raise typer.BadParameter("--ephemeral keeps no state; drop --state-dir or --ephemeral")
-    directory = None if ephemeral else (state_dir or str(default_directory(topics)))
-    try:
-        strat = make(strategy, alpha=alpha, buffer_size=buffer_size, server_opt=server_opt, server_lr=server_lr,
-                     dp_clip=dp_clip, dp_noise=dp_noise, seed=seed if dp_clip is not None else None, trim=trim,
-                     spread=spread)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    t = get_task(task, seed=seed)
-    trainer = t.trainer(seed)
-    limits = Limits(max_staleness=max_staleness, max_update_norm=max_update_norm,
-                    one_update_per_step=one_update_per_step)
-    cfg = AggregatorConfig(topics=topics, limits=limits, timing=Timing(round_size=round_size,
-                                                                     round_deadline=round_deadline),
-                           state_dir=directory, snapshot_every=snapshot_every, keep_journal=keep_journal,
-                           signing_key=signing_key)
-    err.print(f"aggregator: {strat.name} on {broker}, federation {federation!r}")
-    try:
-        agg = Aggregator(mqtt_connector(BrokerConfig.from_url(broker)), trainer.initial, strat, cfg,
-                         evaluate=t.evaluate_fn(trainer))
-        replayed = agg.recover()
-    except FedMQTTError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    if directory is None:
-        err.print("aggregator: ephemeral (no state kept): starting at version 0")
-    else:
-        err.print(f"aggregator: state in {directory}; resumed at version {agg.version} "
-                  f"({replayed} journal records replayed)")
-    _run(agg.run())
+    if init_model is not None and not init_model.is_file():
+        raise ConfigError(f"--init-model {init_model}: no such file")
+    if print_config:
+        print_config_and_exit(settings)
+    from fedmqtt.aggregator_cli import run_aggregator
+
+    setup_logging(verbose, services=True)
+    run_aggregator(settings)
 
 
-@app.command()
+# ---- edge ---------------------------------------------------------------------------------------------------
+@app.command(context_settings=SERVICE)
 def edge(
+    config: ConfigOpt = None,
     broker: BrokerOpt = "mqtt://127.0.0.1:1883",
     agent_id: Annotated[str, typer.Option(help="this device's id (a pseudonym; see docs/security.md)")] = "",
     task: TaskOpt = "digits",
-    shard: Annotated[int | None, typer.Option(help="data shard index (default: from the agent id)")] = None,
-    num_shards: Annotated[int, typer.Option(help="shards the task is split into")] = 8,
-    local_steps: int = 20,
-    round_seconds: Annotated[float, typer.Option(help="pad each local round to this long")] = 0.0,
-    prox_rho: Annotated[float, typer.Option(help="FedAsync proximal term rho (0 = off)")] = 0.0,
+    shard: Annotated[int | None, typer.Option(min=0, help="data shard index (default: from the agent id)")
+                     ] = None,
+    num_shards: Annotated[int, typer.Option(min=1, help="shards the task is split into")] = 8,
+    local_steps: Annotated[int, typer.Option(min=1, help="optimiser steps per local round")] = 20,
+    round_seconds: Annotated[float, typer.Option(min=0.0, help="pad each local round to this long")] = 0.0,
+    prox_rho: Annotated[float, typer.Option(min=0.0, help="FedAsync proximal term rho (0 = off)")] = 0.0,
     dp_clip: Annotated[float | None, typer.Option(help="client DP: clip each delta to this L2 norm")] = None,
-    dp_noise: Annotated[float, typer.Option(help="client DP: noise multiplier sigma")] = 0.0,
+    dp_noise: Annotated[float, typer.Option(min=0.0, help="client DP: noise multiplier sigma")] = 0.0,
     outbox_dir: Annotated[str | None, typer.Option(
         help="keep unacknowledged updates on disk here, so they survive a reboot")] = None,
     model_key: Annotated[str | None, typer.Option(
@@ -196,145 +238,93 @@ def edge(
     ] = None,
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
+    status_every: Annotated[float, typer.Option(help="log a status line every this many seconds (0: never)")
+                            ] = 60.0,
+    print_config: PrintConfigOpt = False,
     seed: int = 0,
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run one edge agent on its shard of a built-in task until interrupted."""
-    from fedmqtt.agent import AgentConfig, EdgeAgent
-    from fedmqtt.tasks import get_task, index_of
-    from fedmqtt.transport import BrokerConfig, mqtt_connector
-
-    _logging(verbose)
-    agent_id = agent_id or os.environ.get("FEDMQTT_AGENT_ID", "")
+    settings = {k: v for k, v in locals().items() if k != "print_config"}
     if not agent_id:
-        raise typer.BadParameter("give --agent-id or FEDMQTT_AGENT_ID")
-    t = get_task(task, num_clients=num_shards, seed=seed) if task == "digits" else get_task(task, seed=seed)
-    index = shard if shard is not None else index_of(agent_id, t.num_clients)
-    cfg = AgentConfig(topics=Topics(prefix, federation), local_steps=local_steps, round_seconds=round_seconds,
-                      outbox_dir=outbox_dir, model_key=model_key)
-    if dp_clip is not None:
-        from fedmqtt.privacy import ClientDP
+        raise ConfigError("no agent id (give --agent-id or FEDMQTT_AGENT_ID; `broker init` writes it into "
+                          "each device's env file)")
+    _names(agent_id, prefix, federation)
+    check_task(task)
+    _broker_url(broker)
+    if print_config:
+        print_config_and_exit(settings)
+    from fedmqtt.edge_cli import run_edge
 
-        cfg = replace(cfg, dp=ClientDP(dp_clip, dp_noise))
-    try:
-        agent = EdgeAgent(mqtt_connector(BrokerConfig.from_url(broker)), agent_id,
-                          t.trainer(seed, prox_rho=prox_rho), t.data_for(index, seed), cfg)
-    except (FedMQTTError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    err.print(f"edge agent {agent_id}: shard {index} of {t.name}, {agent.data.num_samples} examples, {broker}")
-    _run(agent.run())
+    setup_logging(verbose, services=True)
+    run_edge(settings)
 
 
-@app.command()
+def print_config_and_exit(settings: dict[str, Any]) -> None:
+    print_config(settings)
+    raise typer.Exit()
+
+
+# ---- watch and report ---------------------------------------------------------------------------------------
+@app.command(context_settings=SERVICE)
 def watch(
+    config: ConfigOpt = None,
     broker: BrokerOpt = "mqtt://127.0.0.1:1883",
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
     json_out: Annotated[bool, typer.Option("--json", help="print raw JSON lines")] = False,
+    record: Annotated[Path | None, typer.Option(
+        help="also write the metrics into this directory (metrics.csv); `fedmqtt report` plots it")] = None,
 ) -> None:
-    """Follow the metrics and agents' presence live."""
+    """Follow the metrics and agents' presence live; reconnects when the broker goes away."""
+    _broker_url(broker)
+    from fedmqtt.recording import Recorder
     from fedmqtt.watch import watch as run_watch
 
-    _run(run_watch(broker, Topics(prefix, federation), json_out, out=Console()))
+    recorder = Recorder(record) if record is not None else None
+    run(lambda stop: run_watch(broker, Topics(prefix, federation), json_out, out=Console(highlight=False),
+                                stop=stop, recorder=recorder))
 
 
-broker_app = typer.Typer(help="Run or set up a Mosquitto broker.", no_args_is_help=True)
-app.add_typer(broker_app, name="broker")
-
-
-@broker_app.command("run")
-def broker_run(port: Annotated[int, typer.Option(help="loopback port (0: a free one)")] = 1883,
-               kind: Annotated[str, typer.Option(help="auto, mosquitto or embedded")] = "auto") -> None:
-    """Run a local broker from the repo's mosquitto.conf until interrupted."""
-    from fedmqtt.broker import local_broker
-
-    async def serve() -> None:
-        async with local_broker(kind, port or None) as b:  # type: ignore[arg-type]
-            err.print(f"{b.kind} broker listening on {b.url}")
-            await asyncio.Event().wait()
-
-    _run(serve())
-
-
-@broker_app.command("init")
-def broker_init(
-    out: Annotated[str, typer.Option(help="directory for CA, certificates, passwd, acl, config, env files")],
-    agents: Annotated[str, typer.Option(help="comma-separated agent ids (pseudonyms, see docs/security.md)")],
-    client_certs: Annotated[bool, typer.Option(help="also issue client certificates, require them")] = False,
-    host: Annotated[list[str] | None, typer.Option(help="broker name/address clients use (repeat)")] = None,
-    port: Annotated[int, typer.Option(help="TLS listener port")] = 8883,
-    prefix: PrefixOpt = "fedmqtt",
-    federation: FedOpt = "default",
-    force: Annotated[bool, typer.Option(help="replace an existing CA and every credential")] = False,
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="a directory written by --record (demo or watch)")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: RUN/report.png)")] = None,
 ) -> None:
-    """Create the secure broker profile: local CA, TLS certificates, passwords, ACL and one env file each."""
-    from pathlib import Path
+    """Plot a recorded run: accuracy and version over time, staleness, each agent's accepted updates."""
+    from fedmqtt.report import write_report
 
-    from fedmqtt.security import init_broker
+    path = write_report(run, out)
+    err.print(f"report written to {path}")
 
-    hosts = tuple(host) if host else ("localhost", "127.0.0.1", "::1")
+
+# ---- the entry point ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """``fedmqtt``: run the command; every error ends in one line and a non-zero exit."""
+    from fedmqtt.broker_cli import broker_app
+
+    if not any(g.typer_instance is broker_app for g in app.registered_groups):
+        app.add_typer(broker_app, name="broker")
     try:
-        profile = init_broker(Path(out), agents.split(","), topics=Topics(prefix, federation), hosts=hosts,
-                              port=port, client_certs=client_certs, overwrite=force)
-    except (FedMQTTError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    err.print(f"secure profile in {profile.directory}: mosquitto -c {profile.config}")
-    err.print(f"identities: {', '.join(profile.identities)}; each one's settings are in env/<name>.env "
-              "(copy only that file to its device)")
-
-
-RELOAD_HINT = "then make Mosquitto re-read it: kill -HUP <pid> (Docker: docker compose kill -s HUP mosquitto)"
-ProfileDir = Annotated[str, typer.Option("--dir", help="the profile directory made by broker init")]
-
-
-def _each_agent(agents: list[str], action: Callable[[str], str]) -> None:
-    """Run ``action`` for each agent id, print what it did; stop at the first error."""
-    for agent in agents:
-        try:
-            err.print(action(agent))
-        except (FedMQTTError, ValueError) as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
-    err.print(RELOAD_HINT)
-
-
-@broker_app.command("add-agent")
-def broker_add_agent(directory: ProfileDir,
-                     agents: Annotated[list[str], typer.Argument(help="agent ids to add")]) -> None:
-    """Add devices to a secure profile: password, ACL block, env file (and client certificate)."""
-    from pathlib import Path
-
-    from fedmqtt.membership import add_agent
-
-    def add(agent: str) -> str:
-        ident = add_agent(Path(directory), agent)
-        certs = f" and {ident.cert_file}, {ident.key_file}" if ident.cert_file else ""
-        return f"added {agent}: copy {ident.env_file}{certs} to the device"
-
-    _each_agent(agents, add)
-
-
-@broker_app.command("revoke")
-def broker_revoke(directory: ProfileDir,
-                  agents: Annotated[list[str], typer.Argument(help="agent ids to revoke")]) -> None:
-    """Revoke devices: remove password and ACL block, put the client certificate on the CRL."""
-    from pathlib import Path
-
-    from fedmqtt.membership import revoke_agent
-
-    def revoke(agent: str) -> str:
-        r = revoke_agent(Path(directory), agent)
-        cert = f", certificate serial {r.certificate_serial:x} on the CRL" if r.certificate_serial else ""
-        return (f"revoked {agent}: password {'removed' if r.password else 'absent'}, "
-                f"ACL {'removed' if r.acl else 'absent'}{cert}")
-
-    _each_agent(agents, revoke)
-
-
-def main() -> None:
-    app()
+        code = app(args=argv, prog_name="fedmqtt", standalone_mode=False)
+    except typer.TyperException as exc:  # usage: unknown option, bad value, missing argument
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            err.print(exc.format_message(), markup=False)
+            raise SystemExit(0) from None
+        where = f"; see {ctx.command_path} --help" if ctx is not None else ""
+        err.print(f"[red]error:[/red] {escape(exc.format_message())}{where}")
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        raise SystemExit(130) from None
+    except FedMQTTError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise SystemExit(1) from None
+    except OSError as exc:  # a file or port the user named
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

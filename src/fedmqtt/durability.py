@@ -39,6 +39,12 @@ Current = Callable[[], ServerState]
 _KIND = {"update": journal.UPDATE, "flush": journal.FLUSH}
 
 
+def data_home(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_DATA_HOME``, or ``~/.local/share`` when unset."""
+    e = os.environ if env is None else env
+    return Path(e["XDG_DATA_HOME"]) if e.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
+
+
 def default_directory(topics: Topics, env: Mapping[str, str] | None = None) -> Path:
     """Where ``fedmqtt aggregator`` keeps a federation's state unless told otherwise:
     ``$XDG_DATA_HOME/fedmqtt/<prefix>/<federation>`` (``~/.local/share/fedmqtt/...`` when unset).
@@ -46,8 +52,7 @@ def default_directory(topics: Topics, env: Mapping[str, str] | None = None) -> P
     >>> str(default_directory(Topics("fedmqtt", "plant-3"), {"XDG_DATA_HOME": "/data"}))
     '/data/fedmqtt/fedmqtt/plant-3'
     """
-    e = os.environ if env is None else env
-    base = Path(e["XDG_DATA_HOME"]) if e.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
+    base = data_home(env)
     # topic levels may hold any character but '/', '+', '#' and NUL: keep "." and ".." from meaning a path
     names = [quote(n, safe="") if n not in (".", "..") else n.replace(".", "%2E") for n in (topics.prefix,
                                                                                            topics.federation)]

@@ -108,10 +108,23 @@ def agent_acl(base: str, agent: str) -> list[str]:
             f"topic read {base}/agents/{a}/acks", f"topic read {base}/model"]
 
 
+def _user_name() -> str | None:
+    """Who is running this (the owner of the files it writes)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return None
+
+
 def secure_config(directory: Path, port: int = 8883, bind: str | None = None,
-                  require_certificate: bool = False, data_dir: Path | None = None) -> str:
-    """The secure Mosquitto profile, with its files in ``directory`` (see :func:`init_broker`)."""
+                  require_certificate: bool = False, data_dir: Path | None = None, run_as: str | None = None) -> str:
+    """The secure Mosquitto profile, with its files in ``directory`` (see :func:`init_broker`). ``run_as``:
+    the user Mosquitto becomes when started as root (the owner of the profile's 0600 files)."""
     d = directory
+    user = ("\n# Started as root, Mosquitto becomes this user: the owner of this profile's private (0600) files.\n"
+            f"user {run_as}\n") if run_as else ""
     listener = f"listener {port}" + (f" {bind}" if bind else "")
     cert_line = "require_certificate true" if require_certificate else "#require_certificate true"
     crl_line = f"{'' if require_certificate else '#'}crlfile {d}/crl.pem"
@@ -156,7 +169,7 @@ queue_qos0_messages false
 max_inflight_messages 100
 persistent_client_expiration 2d
 retain_available true
-
+{user}
 # Log refused connections (bad password, failed TLS handshake) so that intrusions show up.
 log_dest stderr
 log_type error
@@ -285,7 +298,7 @@ def init_broker(
     if client_certs:  # Mosquitto checks every client certificate against the CA's CRL: start with an empty one
         (out / "crl.pem").write_bytes(_crl_pem(ca_key, ca_cert))
     config = out / "mosquitto.conf"
-    config.write_text(secure_config(out, port, bind, client_certs))
+    config.write_text(secure_config(out, port, bind, client_certs, run_as=_user_name()))
 
     signing_pem, model_key = new_key()  # the aggregator signs models; every device checks them
     _write_private(out / MODEL_SIGNING_KEY, signing_pem)

@@ -74,6 +74,7 @@ class Service:
         self.failure: BaseException | None = None
         self.connects = 0  # connections made (1 + reconnects)
         self.takeovers = 0  # connections the broker closed because another client took this client id
+        self.last_error: str | None = None  # why the last connection attempt failed or was lost
         self._stop = asyncio.Event()  # stop() was asked for, or a loop failed
         self._closed = asyncio.Event()  # the loops are being stopped
         self._changed = asyncio.Event()
@@ -174,7 +175,13 @@ class Service:
                 self._waiting -= 1
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
-        await self.wait_until(self.connected.is_set, timeout, lambda: "not connected")
+        """Return once connected; TransportError (saying why not) after ``timeout`` seconds."""
+        try:
+            await self.wait_until(self.connected.is_set, timeout, lambda: "not connected")
+        except TimeoutError as exc:
+            why = self.last_error or "no answer"
+            raise TransportError(f"{self.name}: cannot reach the broker within {timeout:g} s: {why} (is it "
+                                 "running, and are the host and port right?)") from exc
 
     async def sleep(self, seconds: float | None) -> bool:
         """Sleep ``seconds`` (None: until stopped); True when the service is stopping."""
@@ -198,6 +205,10 @@ class Service:
                     self.connected.set()
                     self.connects += 1
                     self.changed()
+                    if attempt or self.connects > 1:
+                        log.info("%s: connected again (after %s)", self.name, self.last_error)
+                    else:
+                        log.info("%s: connected", self.name)
                     attempt = 0
                     await first(t.closed(), self._until_closed())
             except TransportError as exc:
@@ -208,6 +219,7 @@ class Service:
                               opts.client_id, self.takeovers)
                 else:
                     log.warning("%s: connection: %s", self.name, exc)
+                self.last_error = str(exc)
             finally:
                 self.transport = None
                 self.connected.clear()

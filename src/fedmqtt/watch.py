@@ -1,35 +1,68 @@
-"""``fedmqtt watch``: follow a federation's metrics and agents' presence as a read-only MQTT client."""
+"""``fedmqtt watch``: follow a federation's metrics and agents' presence as a read-only MQTT client; it
+reconnects when the broker goes away, and says so."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 import uuid
 
 from rich.console import Console
 
+from fedmqtt.errors import TransportError
+from fedmqtt.recording import Recorder
 from fedmqtt.schemas import Metrics, Status
+from fedmqtt.service import backoff
 from fedmqtt.topics import Topics
 from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector
 
 
 async def watch(broker: str, topics: Topics, raw: bool = False, out: Console | None = None,
-                limit: int | None = None) -> None:
-    """Print each metrics and status message; stop after ``limit`` messages when given."""
+                limit: int | None = None, stop: asyncio.Event | None = None,
+                recorder: Recorder | None = None) -> None:
+    """Print each metrics and status message until ``stop`` (or ``limit`` messages); reconnect on loss."""
     console = out or Console()
     connect = mqtt_connector(BrokerConfig.from_url(broker))
-    seen = 0
-    inbox = Inbox()
-    async with connect(ConnectOptions(f"fedmqtt-watch-{uuid.uuid4().hex[:8]}", on_message=inbox)) as t:
-        await t.subscribe(topics.metrics, qos=1)
-        await t.subscribe(topics.status_wildcard, qos=1)
-        async for msg in inbox:
-            try:
-                show(console, topics, msg.topic, msg.payload, raw)
-            except ValueError as exc:  # anyone may publish here on an open broker: report, keep watching
-                console.print(f"[yellow]unreadable message on {msg.topic}: {str(exc)[:120]}[/yellow]")
-            seen += 1
-            if limit is not None and seen >= limit:
-                return
+    stop = stop or asyncio.Event()
+    seen, attempt, started = 0, 0, time.monotonic()
+    client_id = f"fedmqtt-watch-{uuid.uuid4().hex[:8]}"
+    while not stop.is_set():
+        inbox = Inbox(maxsize=10_000)
+        try:
+            async with connect(ConnectOptions(client_id, on_message=inbox)) as t:
+                await t.subscribe(topics.metrics, qos=1)
+                await t.subscribe(topics.status_wildcard, qos=1)
+                console.print(f"[dim]watching {topics.base} on {broker}[/dim]")
+                attempt = 0
+                while not stop.is_set():
+                    got = asyncio.ensure_future(inbox.get())
+                    halt = asyncio.ensure_future(stop.wait())
+                    lost = asyncio.ensure_future(t.closed())
+                    done, _ = await asyncio.wait({got, halt, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    for f in (got, halt, lost):
+                        f.cancel()
+                    if got not in done:
+                        if lost in done:
+                            raise TransportError("connection lost")
+                        return
+                    msg = got.result()
+                    try:
+                        show(console, topics, msg.topic, msg.payload, raw)
+                        if recorder is not None and msg.topic == topics.metrics:
+                            recorder.metrics(time.monotonic() - started, Metrics.model_validate_json(msg.payload))
+                    except ValueError as exc:  # anyone may publish here on an open broker: report, keep watching
+                        console.print(f"[yellow]unreadable message on {msg.topic}: {str(exc)[:120]}[/yellow]")
+                    seen += 1
+                    if limit is not None and seen >= limit:
+                        return
+        except TransportError as exc:
+            attempt += 1
+            wait = backoff(attempt, 10.0)
+            console.print(f"[yellow]broker {broker}: {exc}; trying again in {wait:.1f} s[/yellow]")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
 
 
 def show(console: Console, topics: Topics, topic: str, payload: bytes, raw: bool) -> None:
@@ -39,8 +72,11 @@ def show(console: Console, topics: Topics, topic: str, payload: bytes, raw: bool
     elif topic == topics.metrics:
         m = Metrics.model_validate_json(payload)
         acc = f"{m.accuracy:.4f}" if m.accuracy is not None else "-"
-        console.print(f"metrics  version {m.version}  accepted {m.accepted}  rejected {m.rejected} "
-                      f"{m.rejected_by_reason or ''}  accuracy {acc}  online {m.agents_online}")
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(m.rejected_by_reason.items()))
+        console.print(f"metrics  version {m.version}  accepted {m.accepted}  rejected {m.rejected}"
+                      f"{f' ({reasons})' if reasons else ''}  accuracy {acc}  online {m.agents_online}  "
+                      f"{m.updates_per_s:.1f}/s", markup=False)
     elif payload:
         s = Status.model_validate_json(payload)
-        console.print(f"agent    {s.agent:<20} {s.state:<8} version {s.version}  sent {s.updates_sent}")
+        version = f"on version {s.version}" if s.version is not None else "no model yet"
+        console.print(f"agent    {s.agent:<20} {s.state:<8} {version}  sent {s.updates_sent}", markup=False)

@@ -27,38 +27,16 @@ import numpy as np
 from flax import nnx
 from jax import Array as JaxArray
 
-from fedmqtt.errors import ConfigError
+from fedmqtt.choices import find_hapt
 from fedmqtt.tasks.base import Task, classification_loss, classification_metrics
 from fedmqtt.types import Array
 
-FILE_NAME = "hapt_har_30users.npz"
 NUM_VOLUNTEERS = 30
-
-
-def _project_root() -> Path | None:
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "pyproject.toml").is_file():
-            return parent
-    return None
 
 
 def find_data(path: str | os.PathLike[str] | None = None) -> Path:
     """The HAPT file: ``path``, else ``$FEDMQTT_HAPT``, else ``<project root>/../shared/data/<file>``."""
-    candidates: list[Path] = []
-    if path is not None:
-        candidates.append(Path(path))
-    elif os.environ.get("FEDMQTT_HAPT"):
-        candidates.append(Path(os.environ["FEDMQTT_HAPT"]))
-    else:
-        root = _project_root()
-        if root is not None:
-            candidates.append(root.parent / "shared" / "data" / FILE_NAME)
-        candidates.append(Path.cwd().parent / "shared" / "data" / FILE_NAME)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError(f"HAPT data not found at {', '.join(map(str, candidates))}; "
-                      "pass path=... or set FEDMQTT_HAPT")
+    return find_hapt(path)
 
 
 class HaptSplit(NamedTuple):

@@ -1,0 +1,95 @@
+"""The aggregator's metrics for Prometheus: ``fedmqtt aggregator --metrics-port 9464`` serves ``/metrics``.
+
+The HTTP server runs in a thread of its own; it reads the last :class:`~fedmqtt.schemas.Metrics` that the
+event loop handed over (:meth:`Exporter.update`, every second), never the live state.
+
+Series: ``fedmqtt_version``, ``fedmqtt_updates_accepted_total``, ``fedmqtt_updates_rejected_total{reason}``,
+``fedmqtt_update_staleness`` (a histogram of accepted updates' staleness, in versions),
+``fedmqtt_update_handling_seconds`` (a histogram of the aggregator's time per update), ``fedmqtt_agents_online``,
+``fedmqtt_updates_per_second``, ``fedmqtt_accuracy`` and ``fedmqtt_loss`` (of the evaluated version, when the
+aggregator evaluates), ``fedmqtt_dropped_total``, ``fedmqtt_held_updates``, ``fedmqtt_models_restored_total``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fedmqtt.schemas import Metrics
+
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _histogram(name: str, doc: str, counts: Mapping[float, int], bounds: tuple[float, ...]) -> Metric:
+    """A Prometheus histogram from exact per-value counts."""
+    buckets, total, running = [], sum(counts.values()), 0
+    for le in bounds:
+        running = sum(n for v, n in counts.items() if v <= le)
+        buckets.append((repr(float(le)), running))
+    buckets.append(("+Inf", total))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=sum(v * n for v, n in counts.items()))
+
+
+class Exporter(Collector):
+    """Serves the latest metrics it was given."""
+
+    def __init__(self) -> None:
+        self.latest: Metrics | None = None
+        self.handling: tuple[tuple[float, ...], list[int], float] | None = None  # bounds, counts, sum
+        self.server: Any = None
+        self.port = 0
+
+    def update(self, metrics: Metrics, handling: tuple[tuple[float, ...], list[int], float] | None = None) -> None:
+        self.latest, self.handling = metrics, handling  # plain assignments: atomic for the server's thread
+
+    def start(self, port: int, addr: str = "127.0.0.1") -> int:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        self.server, _ = start_http_server(port, addr, registry=registry)
+        self.port = int(self.server.server_port)
+        return self.port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.latest
+        if m is None:
+            return
+        yield GaugeMetricFamily("fedmqtt_version", "Global model version", value=m.version)
+        yield CounterMetricFamily("fedmqtt_updates_accepted", "Updates accepted", value=m.accepted)
+        rejected = CounterMetricFamily("fedmqtt_updates_rejected", "Updates rejected, by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(m.rejected_by_reason.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        hist = {float(k): v for k, v in m.staleness_hist.items()}
+        yield _histogram("fedmqtt_update_staleness", "Staleness of accepted updates (versions)", hist,
+                         STALENESS_BUCKETS)
+        if self.handling is not None:
+            bounds, counts, total = self.handling
+            cumulative, running = [], 0
+            for le, n in zip(bounds, counts, strict=False):
+                running += n
+                cumulative.append((repr(le), running))
+            cumulative.append(("+Inf", running + sum(counts[len(bounds):])))
+            yield HistogramMetricFamily("fedmqtt_update_handling_seconds", "Aggregator time per update",
+                                        buckets=cumulative, sum_value=total)
+        yield GaugeMetricFamily("fedmqtt_agents_online", "Agents whose status is online", value=m.agents_online)
+        yield GaugeMetricFamily("fedmqtt_updates_per_second", "Accepted updates per second (last 10 s)",
+                                value=m.updates_per_s)
+        if m.accuracy is not None:
+            yield GaugeMetricFamily("fedmqtt_accuracy", "Accuracy of the evaluated version", value=m.accuracy)
+        if m.loss is not None:
+            yield GaugeMetricFamily("fedmqtt_loss", "Loss of the evaluated version", value=m.loss)
+        yield CounterMetricFamily("fedmqtt_dropped", "Messages or acks that did not fit a bounded queue",
+                                  value=m.dropped)
+        yield GaugeMetricFamily("fedmqtt_held_updates", "Updates held for the next step", value=m.held)
+        yield CounterMetricFamily("fedmqtt_models_restored", "Foreign models replaced on the model topic",
+                                  value=m.models_restored)
