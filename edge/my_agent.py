@@ -1,6 +1,8 @@
 """A device running its own model on its own data: the template for a real deployment.
 
-    FEDMQTT_BROKER=mqtt://127.0.0.1:1883 python edge/my_agent.py
+    FEDMQTT_BROKER_URL=mqtt://127.0.0.1:1883 FEDMQTT_AGENT_ID=sensor-7f3a python edge/my_agent.py
+
+The same environment variables as ``fedmqtt edge`` (``fedmqtt broker init`` writes them per device).
 The aggregator must hold the same architecture (same parameter names, shapes, dtypes): start it from Python
 with ``Aggregator(connect, model_params(SensorNet(rngs=nnx.Rngs(0))), fedasync())``.
 """
@@ -39,10 +41,13 @@ def local_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 async def main() -> None:
-    connect = mqtt_connector(BrokerConfig.from_url(os.environ.get("FEDMQTT_BROKER", "mqtt://127.0.0.1:1883")))
+    agent_id = os.environ.get("FEDMQTT_AGENT_ID")
+    if not agent_id:  # two devices with one id would fight over one MQTT session
+        raise SystemExit("error: set FEDMQTT_AGENT_ID to this device's own id (a pseudonym)")
+    connect = mqtt_connector(BrokerConfig.from_url(os.environ.get("FEDMQTT_BROKER_URL", "mqtt://127.0.0.1:1883")))
     trainer = Trainer(SensorNet(rngs=nnx.Rngs(0)), loss_fn, optax.adam(1e-2))
-    agent_id = os.environ.get("FEDMQTT_AGENT_ID", "sensor-1")
-    agent = EdgeAgent(connect, agent_id, trainer, ArrayData(*local_data()), AgentConfig(local_steps=10))
+    config = AgentConfig(local_steps=10, model_key=os.environ.get("FEDMQTT_MODEL_KEY") or None)
+    agent = EdgeAgent(connect, agent_id, trainer, ArrayData(*local_data()), config)
     await agent.run()  # until Ctrl-C / SIGTERM
 
 

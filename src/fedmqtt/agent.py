@@ -93,6 +93,7 @@ class EdgeAgent(Service):
         self.acks: dict[str, int] = {"accepted": 0, "rejected": 0, "unknown": 0}
         self.unknown: collections.deque[str] = collections.deque(maxlen=1000)  # ids of the recent "unknown"
         self.last_rejection: Ack | None = None
+        self.pause = 0.0  # seconds between local rounds, while the aggregator says rate_limited
         self.last_loss: float | None = None
         self.trained_versions: list[tuple[str, int]] = []  # (epoch, version) of recent local rounds
         self.error: str | None = None
@@ -187,6 +188,12 @@ class EdgeAgent(Service):
             self._outbox_space.set()
         outcome = _outcome(ack, pending)
         self.acks[outcome] += 1
+        # Over the aggregator's rate bound: wait between rounds, twice as long each time, and ease off again
+        # as updates are accepted (a device faster than the bound settles just under it).
+        if ack.reason == "rate_limited":
+            self.pause = min(max(2 * self.pause, 0.02), 10.0)
+        elif ack.status == "accepted":
+            self.pause = self.pause * 0.9 if self.pause > 0.005 else 0.0
         if outcome == "unknown":
             self.unknown.append(ack.update_id)
             log.info("%s: update %s re-sent and refused as stale: an earlier copy may have been applied",
@@ -233,6 +240,8 @@ class EdgeAgent(Service):
     async def _training_loop(self) -> None:
         cfg = self.config
         while True:
+            if self.pause:
+                await asyncio.sleep(self.pause)
             fallback = await self._next_model()
             await self._outbox_space.wait()
             batches = await self.data.take(cfg.local_steps)

@@ -10,6 +10,7 @@ environment, which wins over the file.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedmqtt import __version__
+from fedmqtt.broker_cli import broker_app
 from fedmqtt.choices import BROKER_KINDS, PARTITIONS, STRATEGIES, check_choice, check_task
 from fedmqtt.cli_config import CONFIG_HELP, load_config, print_config
 from fedmqtt.cli_run import err, fail, run, setup_logging
@@ -107,6 +109,8 @@ def demo(
     from fedmqtt.schemas import Metrics
 
     setup_logging(verbose)
+    if not verbose:  # the demo's own services: what goes wrong shows in its progress lines and summary
+        logging.getLogger("fedmqtt").setLevel(logging.ERROR)
     recorder = Recorder(record) if record is not None else None
 
     def started(where: str) -> None:
@@ -298,13 +302,12 @@ def report(
     err.print(f"report written to {path}")
 
 
+app.add_typer(broker_app, name="broker")
+
+
 # ---- the entry point ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     """``fedmqtt``: run the command; every error ends in one line and a non-zero exit."""
-    from fedmqtt.broker_cli import broker_app
-
-    if not any(g.typer_instance is broker_app for g in app.registered_groups):
-        app.add_typer(broker_app, name="broker")
     try:
         code = app(args=argv, prog_name="fedmqtt", standalone_mode=False)
     except typer.TyperException as exc:  # usage: unknown option, bad value, missing argument
