@@ -277,7 +277,11 @@ def print_table(summary: dict[str, Any], fixed: list[float]) -> None:
 
 
 def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot: matplotlib is not installed (pip install -e '.[bench]'); the figures are in {path.with_suffix('.json')}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
              f"churn {a.mean_online or 'off'}")
     plot(runs, summary, path.with_suffix(".png"), title)
     print_table(summary, fixed)
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if path.with_suffix(".png").exists() else ""))
     return 0
 
 

@@ -93,7 +93,7 @@ def demo(
     record: Annotated[Path | None, typer.Option(
         help="write the run (metrics.csv, agents.csv, run.json) into this directory; `fedmqtt report` plots it")
     ] = None,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="seed for data shards, speeds and initial weights")] = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start a broker, the aggregator and N agents of different speeds; show progress and a summary."""
@@ -199,7 +199,7 @@ def aggregator(
     status_every: Annotated[float, typer.Option(help="log a status line every this many seconds (0: never)")
                             ] = 60.0,
     print_config: PrintConfigOpt = False,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="seed for data shards, speeds and initial weights")] = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the aggregator for a built-in task until interrupted; it resumes where it stopped."""
@@ -245,7 +245,7 @@ def edge(
     status_every: Annotated[float, typer.Option(help="log a status line every this many seconds (0: never)")
                             ] = 60.0,
     print_config: PrintConfigOpt = False,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="seed for data shards, speeds and initial weights")] = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run one edge agent on its shard of a built-in task until interrupted."""
