@@ -27,10 +27,12 @@ need the full buffer and take no partial step.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import Array
 
@@ -141,12 +143,43 @@ def fedbuff(
         params, state = jax.lax.cond(stepped, step, lambda p, s: (p, s), params, state)
         return params, state, stepped
 
+    @functools.lru_cache(maxsize=1024)
+    def rate(staleness: int) -> float:
+        return float(w(staleness))
+
+    jit_step = jax.jit(step)
+
+    def apply_on_host(params: Params, update: ClientUpdate, state: FedBuffState
+                      ) -> tuple[Params, FedBuffState, bool]:
+        """``apply`` for the mean without DP: the running sum in numpy (new arrays every call), the
+        server step jitted once per K updates. Adding one delta is a memory-bound loop that numpy runs in
+        less time than JAX takes to dispatch it."""
+        n_samples = float(update.num_samples)
+        weight = rate(int(update.staleness)) * (n_samples if weight_by_samples else 1.0)
+        buffer = jax.tree.map(lambda b, d: _accumulate(b, d, weight), state.buffer, update.params)
+        n = int(state.n) + 1
+        state = state._replace(buffer=buffer, n=np.int32(n),
+                               weights=np.float32(float(state.weights) + (n_samples if weight_by_samples else 1.0)))
+        if n < buffer_size:
+            return params, state, False
+        params, state = jax.tree.map(np.asarray, jit_step(params, state))  # one sync per step
+        return params, state, True
+
     def flush(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
         stepped = (state.n > 0) & (not stacked)
         params, state = jax.lax.cond(stepped, step, lambda p, s: (p, s), params, state)
         return params, state, stepped
 
     default_name = "fedbuff" if rule.name == "mean" else f"fedbuff-{rule.name}"
-    return Strategy(name or default_name, "delta", "async", init, jax.jit(apply), jax.jit(flush),
+    host = rule.fn is None and dp is None
+    return Strategy(name or default_name, "delta", "async", init, apply_on_host if host else jax.jit(apply),
+                    jax.jit(flush),
                     one_update_per_step=dp is not None,
                     report=central_accountant(dp.noise, dp.delta) if dp is not None else None)
+
+
+def _accumulate(total: Any, delta: Any, weight: float) -> np.ndarray:
+    """total + weight · delta as a new float32 array."""
+    out = np.multiply(delta, np.float32(weight), dtype=np.float32)
+    out += np.asarray(total)
+    return out
