@@ -42,7 +42,7 @@ def fedasync(alpha: float = 0.6, weighting: StalenessFn | None = None, name: str
         return float(alpha * w(staleness))
 
     def apply(params: Params, update: ClientUpdate, state: EmptyState) -> tuple[Params, EmptyState, bool]:
-        a = rate(int(update.staleness))
+        a = rate(int(np.asarray(update.staleness)))
         return jax.tree.map(lambda x, y: mix(x, y, a), params, update.params), state, True
 
     return Strategy(name, "weights", "async", init, apply, no_flush)
@@ -52,8 +52,9 @@ def mix(x: Any, y: Any, a: float) -> np.ndarray:
     """(1 - a) · x + a · y as a new array of x's dtype, computed as x + a · (y - x) in two passes."""
     x, y = np.asarray(x), np.asarray(y)
     if x.dtype.kind != "f":
-        return ((1.0 - a) * x + a * y).astype(x.dtype)
-    out = np.subtract(y, x, dtype=x.dtype)
+        mixed: np.ndarray = ((1.0 - a) * x + a * y).astype(x.dtype)
+        return mixed
+    out: np.ndarray = np.subtract(y, x, dtype=x.dtype)
     out *= x.dtype.type(a)
     out += x
     return out

@@ -28,7 +28,7 @@ need the full buffer and take no partial step.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -154,12 +154,14 @@ def fedbuff(
         """``apply`` for the mean without DP: the running sum in numpy (new arrays every call), the
         server step jitted once per K updates. Adding one delta is a memory-bound loop that numpy runs in
         less time than JAX takes to dispatch it."""
-        n_samples = float(update.num_samples)
-        weight = rate(int(update.staleness)) * (n_samples if weight_by_samples else 1.0)
+        n_samples = float(np.asarray(update.num_samples))
+        weight = rate(int(np.asarray(update.staleness))) * (n_samples if weight_by_samples else 1.0)
         buffer = jax.tree.map(lambda b, d: _accumulate(b, d, weight), state.buffer, update.params)
-        n = int(state.n) + 1
-        state = state._replace(buffer=buffer, n=np.int32(n),
-                               weights=np.float32(float(state.weights) + (n_samples if weight_by_samples else 1.0)))
+        n = int(np.asarray(state.n)) + 1
+        weights = float(np.asarray(state.weights)) + (n_samples if weight_by_samples else 1.0)
+        # numpy leaves where the jitted path has jax arrays: either works as a leaf of the state pytree
+        state = state._replace(buffer=buffer, n=cast(Array, np.asarray(n, np.int32)),
+                               weights=cast(Array, np.asarray(weights, np.float32)))
         if n < buffer_size:
             return params, state, False
         params, state = jax.tree.map(np.asarray, jit_step(params, state))  # one sync per step
@@ -180,6 +182,6 @@ def fedbuff(
 
 def _accumulate(total: Any, delta: Any, weight: float) -> np.ndarray:
     """total + weight · delta as a new float32 array."""
-    out = np.multiply(delta, np.float32(weight), dtype=np.float32)
+    out: np.ndarray = np.multiply(delta, np.float32(weight), dtype=np.float32)
     out += np.asarray(total)
     return out
