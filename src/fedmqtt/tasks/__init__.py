@@ -1,4 +1,4 @@
-"""Built-in tasks: ``digits`` (default, bundled with scikit-learn) and ``hapt`` (human activity recognition)."""
+"""Built-in tasks: ``digits`` (default, bundled with fedmqtt) and ``hapt`` (human activity recognition)."""
 
 from __future__ import annotations
 

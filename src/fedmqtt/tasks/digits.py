@@ -1,12 +1,13 @@
-"""The default task: scikit-learn's bundled 8x8 digits (1,797 images, no download) with a small MLP."""
+"""The default task: the 8x8 digits bundled with fedmqtt (1,797 images, no download; ``fedmqtt/data``) with
+a small MLP."""
 
 from __future__ import annotations
+
+from importlib import resources
 
 import numpy as np
 from flax import nnx
 from jax import Array as JaxArray
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fedmqtt.data import dirichlet_partition, iid_partition
 from fedmqtt.tasks.base import Task, classification_loss, classification_metrics
@@ -24,12 +25,27 @@ class MLP(nnx.Module):
         return self.out(nnx.relu(self.l2(nnx.relu(self.l1(x)))))
 
 
+def stratified_test(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A mask choosing ``fraction`` of each class at random (the held-out test set).
+
+    >>> int(stratified_test(np.repeat(np.arange(3), 10), 0.2, 0).sum())
+    6
+    """
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        mask[rng.choice(idx, round(fraction * len(idx)), replace=False)] = True
+    return mask
+
+
 def digits_task(num_clients: int = 8, partition: str = "iid", alpha: float = 0.5, seed: int = 0) -> Task:
     """Digits split 80/20 (stratified); the 80 % is sharded across ``num_clients`` IID or Dirichlet(alpha)."""
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
+    with resources.files("fedmqtt").joinpath("data/digits.npz").open("rb") as f, np.load(f) as d:
+        x = (d["x"] / 16.0).astype(np.float32)
+        y = d["y"].astype(np.int32)
+    test = stratified_test(y, 0.2, seed)
+    x_tr, x_te, y_tr, y_te = x[~test], x[test], y[~test], y[test]
     if partition == "iid":
         shards = iid_partition(len(y_tr), num_clients, seed)
     elif partition == "dirichlet":
