@@ -27,12 +27,14 @@ class Reference(NamedTuple):
     fingerprint: str
     spec: Mapping[str, tuple[tuple[int, ...], np.dtype[np.generic]]]
     max_header: int  # bytes: an honest update's header is shorter (its tensors, fedmqtt's metadata, 16 KiB more)
+    wire: Mapping[str, tuple[list[int], str]]  # per tensor: shape and dtype as a safetensors header writes them
 
     @classmethod
     def of(cls, params: Mapping[str, Array]) -> Reference:
         spec = {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in params.items()}
         max_header = sum(len(k.encode()) + 128 for k in spec) + (16 << 10)
-        return cls(codec.fingerprint(params), spec, max_header)
+        wire = {k: (list(shape), codec.dtype_code(dtype)) for k, (shape, dtype) in spec.items()}
+        return cls(codec.fingerprint(params), spec, max_header, wire)
 
 
 class Checked(NamedTuple):
@@ -87,11 +89,11 @@ def check_update(
         for name in names:
             entry = header[name]
             assert isinstance(entry, dict)  # header_metadata checked each entry's dtype
-            shape, dtype = reference.spec[name]
-            if entry.get("shape") != list(shape):
-                raise InvalidUpdate(Reason.SHAPE, f"{name}: shape {entry.get('shape')} != {shape}")
-            if entry["dtype"] != codec.dtype_code(dtype):
-                raise InvalidUpdate(Reason.DTYPE, f"{name}: dtype {entry['dtype']} != {codec.dtype_code(dtype)}")
+            shape, code = reference.wire[name]
+            if entry.get("shape") != shape:
+                raise InvalidUpdate(Reason.SHAPE, f"{name}: shape {entry.get('shape')} != {tuple(shape)}")
+            if entry["dtype"] != code:
+                raise InvalidUpdate(Reason.DTYPE, f"{name}: dtype {entry['dtype']} != {code}")
         return Checked(info, codec.tensors_of(payload, where), staleness)
     except InvalidUpdate as exc:
         exc.update_id = info.update_id
