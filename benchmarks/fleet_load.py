@@ -1,0 +1,297 @@
+"""A thousand live devices against one aggregator on this machine, with churn, and the ledger afterwards.
+
+    python benchmarks/fleet_load.py                          # 1,000 agents, 5 minutes
+    python benchmarks/fleet_load.py --agents 100 --seconds 60
+
+What runs: a Mosquitto of its own; `fedmqtt aggregator` as its own process (FedBuff with K = 50, as a fleet
+of this size would run it, durable state, here with `--keep-journal` so that every applied update stays on
+disk as the ledger); and ``--procs`` load processes of lightweight protocol agents. Each agent is one MQTT connection
+(persistent session), sends a real update on the digits model (its fingerprint, shapes and dtypes, small
+random values) after an exponential wait of mean ``--interval`` seconds, keeps it in its outbox until
+the ack arrives, re-sends it after ``--ack-timeout`` and after every reconnect, and goes offline for an
+exponential time of mean ``--mean-offline`` after an exponential online time of mean ``--mean-online``
+(the broker queues its acks meanwhile). It is not the JAX agent: it does not train, and it learns the
+version to base its next update on from its acks rather than by receiving every model (the load is the
+aggregator's update path, not model fan-out).
+
+At the end the agents stop sending and wait up to 60 s for their outstanding acks; the aggregator is stopped
+and its journal read. Reported: accepted updates per second, update-to-ack latency p50/p99, the
+aggregator's and the broker's resident memory over time and their CPU, the load processes' CPU, and the
+ledger: acknowledged but never applied (lost), applied twice, still unacknowledged. Prints a summary and
+writes results/fleet-load-<stamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmqtt import codec, journal
+from fedmqtt.broker import MosquittoProcess, free_port
+from fedmqtt.topics import Topics
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Message, mqtt_connector
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDERATION = "load"
+
+
+# ---- one load process ------------------------------------------------------------------------------------
+class LightAgent:
+    def __init__(self, agent_id: str, worker: Worker) -> None:
+        self.id, self.w = agent_id, worker
+        self.outbox: dict[str, tuple[bytes, float, float]] = {}  # id -> payload, first sent, last sent
+        self.version = worker.version
+        self.connected = False
+
+    def on_message(self, msg: Message) -> None:
+        try:
+            ack = json.loads(msg.payload)
+        except ValueError:
+            return
+        entry = self.outbox.pop(ack.get("update_id", ""), None)
+        self.version = max(self.version, int(ack.get("version") or 0))
+        if entry is not None:
+            self.w.acks.append((self.id, ack["update_id"], ack["status"], ack.get("reason"),
+                                round(time.monotonic() - entry[1], 4)))
+
+    async def send(self, t: Any, update_id: str) -> None:
+        payload, first, _ = self.outbox[update_id]
+        self.outbox[update_id] = (payload, first, time.monotonic())
+        await t.publish(self.w.topics.update(self.id), payload, qos=1)
+        self.w.sent += 1
+
+    async def run(self, stop: asyncio.Event, drain: asyncio.Event) -> None:
+        rng = random.Random(self.id)
+        a = self.w.args
+        opts = ConnectOptions(f"fedmqtt-load-{self.id}", clean_start=False, session_expiry=3600,
+                              on_message=self.on_message)
+        await asyncio.sleep(rng.uniform(0, a.interval))  # no thundering start
+        while not drain.is_set():
+            online_until = time.monotonic() + rng.expovariate(1 / a.mean_online)
+            try:
+                async with self.w.connect(opts) as t:
+                    await t.subscribe(self.w.topics.acks(self.id), qos=1)
+                    for uid in list(self.outbox):
+                        await self.send(t, uid)
+                    while time.monotonic() < online_until or drain.is_set():
+                        if drain.is_set():
+                            if not self.outbox:
+                                return
+                            await asyncio.sleep(0.5)
+                        else:
+                            wait = rng.expovariate(1 / a.interval)
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(stop.wait(), wait)
+                            if not stop.is_set() and len(self.outbox) < 8:
+                                uid = uuid.uuid4().hex
+                                self.outbox[uid] = (self.w.update(self.id, uid, self.version), time.monotonic(), 0.0)
+                                await self.send(t, uid)
+                        now = time.monotonic()
+                        for uid, (_, _, last) in list(self.outbox.items()):
+                            if now - last > a.ack_timeout:
+                                await self.send(t, uid)
+                                self.w.resent += 1
+            except Exception as exc:  # a lost connection: like a device, come back later
+                self.w.errors[type(exc).__name__] += 1
+            if drain.is_set():
+                await asyncio.sleep(1.0)
+                continue
+            self.w.departures += 1
+            await asyncio.sleep(rng.expovariate(1 / a.mean_offline))
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.topics = Topics(federation=FEDERATION)
+        self.connect = mqtt_connector(BrokerConfig.from_url(args.broker))
+        self.acks: list[tuple[str, str, str, str | None, float]] = []
+        self.sent = self.resent = self.departures = 0
+        self.errors: Counter[str] = Counter()
+        self.version = 0
+        self.template: dict[str, np.ndarray] = {}
+        self.fingerprint = ""
+
+    def update(self, agent: str, update_id: str, base: int) -> bytes:
+        rng = np.random.default_rng()
+        delta = {k: (rng.standard_normal(v.shape) * 1e-3).astype(v.dtype) for k, v in self.template.items()}
+        return codec.encode_update(delta, agent=agent, update_id=update_id, base_version=base, num_samples=100,
+                                   model_fingerprint=self.fingerprint)
+
+    async def model(self) -> None:
+        got: asyncio.Queue[Message] = asyncio.Queue()
+        async with self.connect(ConnectOptions(f"fedmqtt-load-w{self.args.worker}-{uuid.uuid4().hex[:6]}",
+                                               on_message=got.put_nowait)) as t:
+            await t.subscribe(self.topics.model, qos=1)
+            decoded = codec.decode((await asyncio.wait_for(got.get(), 60)).payload)
+        self.template = dict(decoded.tensors)
+        self.fingerprint = codec.fingerprint(self.template)
+        self.version = int(decoded.metadata["fedmqtt.version"])
+
+    async def run(self) -> None:
+        a = self.args
+        await self.model()
+        stop, drain = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        agents = [LightAgent(f"d{i:05d}", self) for i in range(a.first, a.first + a.count)]
+        tasks = [asyncio.ensure_future(ag.run(stop, drain)) for ag in agents]
+        await stop.wait()
+        drain.set()
+        _, pending = await asyncio.wait(tasks, timeout=60)
+        for t in pending:
+            t.cancel()
+        left = {f"{ag.id}/{uid}" for ag in agents for uid in ag.outbox}
+        Path(a.out).write_text(json.dumps({  # noqa: ASYNC240  (once, at the end)
+            "acks": self.acks, "sent": self.sent, "resent": self.resent, "departures": self.departures,
+            "errors": dict(self.errors), "unacknowledged": sorted(left),
+            "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}))
+
+
+# ---- the driver ------------------------------------------------------------------------------------------
+def proc_stat(pid: int) -> tuple[float, float]:
+    """(RSS MB, CPU seconds) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")) / 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def drive(args: argparse.Namespace) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.agents + 1024)), hard))
+    work = Path(tempfile.mkdtemp(prefix="fedmqtt-load-"))
+    broker = MosquittoProcess.prepare()
+    asyncio.run(broker.start())
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    metrics_port = free_port()
+    agg = subprocess.Popen([sys.executable, "-m", "fedmqtt", "aggregator", "--broker", url, "--federation",
+                            FEDERATION, "--state-dir", str(work / "state"), "--keep-journal",
+                            "--strategy", args.strategy, "--status-every", "30", "--metrics-port", str(metrics_port),
+                            *(["--buffer-size", str(args.buffer_size)] if args.strategy.startswith("fedbuff") else [])],
+                           stdout=subprocess.DEVNULL, stderr=open(work / "aggregator.log", "wb"), env=env)  # noqa: SIM115
+    time.sleep(8)  # JAX import, first model published
+    per = -(-args.agents // args.procs)
+    workers = []
+    for i in range(args.procs):
+        first, count = i * per, min(per, args.agents - i * per)
+        if count <= 0:
+            break
+        workers.append(subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(i), "--broker", url, "--first", str(first), "--count",
+             str(count), "--interval", str(args.interval), "--mean-online", str(args.mean_online),
+             "--mean-offline", str(args.mean_offline), "--ack-timeout", str(args.ack_timeout),
+             "--out", str(work / f"worker-{i}.json")], env=env))
+    samples = []
+    started = time.monotonic()
+    assert broker.process is not None
+    try:
+        while time.monotonic() - started < args.seconds:
+            time.sleep(10)
+            a_rss, a_cpu = proc_stat(agg.pid)
+            b_rss, b_cpu = proc_stat(broker.process.pid)
+            samples.append({"t": round(time.monotonic() - started, 1), "aggregator_rss_mb": round(a_rss, 1),
+                            "aggregator_cpu_s": round(a_cpu, 2), "broker_rss_mb": round(b_rss, 1),
+                            "broker_cpu_s": round(b_cpu, 2)})
+            print(f"[{samples[-1]['t']:6.1f}s] aggregator {a_rss:.0f} MB, {a_cpu:.1f} CPU s; broker {b_rss:.0f} MB, "
+                  f"{b_cpu:.1f} CPU s", flush=True)
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.wait(120)
+        agg.send_signal(signal.SIGTERM)
+        agg.wait(60)
+        broker.stop()
+    results = [json.loads((work / f"worker-{i}.json").read_text()) for i in range(len(workers))]
+    acks = [tuple(x) for r in results for x in r["acks"]]
+    accepted = {f"{a}/{u}" for a, u, status, _, _ in acks if status == "accepted"}
+    settled_dup = {f"{a}/{u}" for a, u, _, reason, _ in acks if reason == "duplicate"}
+    rejected = Counter(reason for _, _, status, reason, _ in acks if status == "rejected" and reason != "duplicate")
+    applied_list = [f"{agent}/{codec.decode(p).metadata['fedmqtt.update_id']}"
+                    for _, agent, p in journal.applied_updates(work / "state")]
+    applied = set(applied_list)
+    latencies = [lat for _, _, status, _, lat in acks if status == "accepted"]
+    window = samples[-1]["t"] if samples else args.seconds
+    steady = [s for s in samples if s["t"] >= 60] or samples
+    summary = {
+        "agents": args.agents, "seconds": window, "load_processes": len(workers),
+        "sent": sum(r["sent"] for r in results), "re_sent": sum(r["resent"] for r in results),
+        "departures": sum(r["departures"] for r in results), "connection_errors": sum(
+            (Counter(r["errors"]) for r in results), Counter()),
+        "accepted": len(accepted), "accepted_per_s": round(len(accepted) / window, 1),
+        "rejected": dict(rejected), "ack_latency_p50_ms": round(percentile(latencies, 50) * 1000, 1),
+        "ack_latency_p99_ms": round(percentile(latencies, 99) * 1000, 1),
+        "lost": len((accepted | settled_dup) - applied), "applied_twice": len(applied_list) - len(applied),
+        "unacknowledged_at_end": sum(len(r["unacknowledged"]) for r in results),
+        "aggregator_rss_mb_first_last_steady": [steady[0]["aggregator_rss_mb"], steady[-1]["aggregator_rss_mb"]]
+        if steady else None,
+        "aggregator_cpu_share": round((samples[-1]["aggregator_cpu_s"] - samples[0]["aggregator_cpu_s"])
+                                      / max(samples[-1]["t"] - samples[0]["t"], 1e-9), 3) if len(samples) > 1 else None,
+        "broker_rss_mb_max": max(s["broker_rss_mb"] for s in samples) if samples else None,
+        "broker_cpu_share": round((samples[-1]["broker_cpu_s"] - samples[0]["broker_cpu_s"])
+                                  / max(samples[-1]["t"] - samples[0]["t"], 1e-9), 3) if len(samples) > 1 else None,
+        "load_cpu_share": round(sum(r["cpu_seconds"] for r in results) / window, 3),
+        "median_interval_between_updates_s": args.interval,
+    }
+    print(json.dumps(summary, indent=1, default=str))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"fleet-load-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"benchmark": "fleet_load", "args": {k: str(v) for k, v in vars(args).items()},
+                                "machine": platform.platform(), "summary": summary, "samples": samples},
+                               indent=1, default=str))
+    print(f"saved {path}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if summary["lost"] == 0 and summary["applied_twice"] == 0 else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", type=int, default=1000)
+    p.add_argument("--procs", type=int, default=4, help="load processes the agents are spread over")
+    p.add_argument("--seconds", type=float, default=300.0)
+    p.add_argument("--interval", type=float, default=10.0, help="mean seconds between a device's updates")
+    p.add_argument("--mean-online", type=float, default=120.0)
+    p.add_argument("--mean-offline", type=float, default=20.0)
+    p.add_argument("--ack-timeout", type=float, default=30.0)
+    p.add_argument("--strategy", default="fedbuff")
+    p.add_argument("--buffer-size", type=int, default=50)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "results")
+    # a load process (started by the driver)
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--broker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker is not None:
+        asyncio.run(Worker(args).run())
+        return 0
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
