@@ -84,7 +84,7 @@ class LightAgent:
         opts = ConnectOptions(f"fedmqtt-load-{self.id}", clean_start=False, session_expiry=3600,
                               on_message=self.on_message)
         await asyncio.sleep(rng.uniform(0, a.interval))  # no thundering start
-        while not drain.is_set():
+        while not (drain.is_set() and not self.outbox):
             online_until = time.monotonic() + rng.expovariate(1 / a.mean_online)
             try:
                 async with self.w.connect(opts) as t:
@@ -112,8 +112,8 @@ class LightAgent:
             except Exception as exc:  # a lost connection: like a device, come back later
                 self.w.errors[type(exc).__name__] += 1
             if drain.is_set():
-                await asyncio.sleep(1.0)
-                continue
+                await asyncio.sleep(0.5)
+                continue  # back online to collect the last acks
             self.w.departures += 1
             await asyncio.sleep(rng.expovariate(1 / a.mean_offline))
 
