@@ -59,7 +59,8 @@ class LightAgent:
         self.id, self.w = agent_id, worker
         self.outbox: dict[str, tuple[bytes, float, float]] = {}  # id -> payload, first sent, last sent
         self.version = worker.version
-        self.connected = False
+        self.session = 0  # connections so far: an ack in the session that sent the update came while online
+        self.sent_in: dict[str, int] = {}
 
     def on_message(self, msg: Message) -> None:
         try:
@@ -69,12 +70,14 @@ class LightAgent:
         entry = self.outbox.pop(ack.get("update_id", ""), None)
         self.version = max(self.version, int(ack.get("version") or 0))
         if entry is not None:
+            online = self.sent_in.pop(ack["update_id"], -1) == self.session
             self.w.acks.append((self.id, ack["update_id"], ack["status"], ack.get("reason"),
-                                round(time.monotonic() - entry[1], 4)))
+                                round(time.monotonic() - entry[1], 4), online))
 
     async def send(self, t: Any, update_id: str) -> None:
         payload, first, _ = self.outbox[update_id]
         self.outbox[update_id] = (payload, first, time.monotonic())
+        self.sent_in[update_id] = self.session
         await t.publish(self.w.topics.update(self.id), payload, qos=1)
         self.w.sent += 1
 
@@ -88,6 +91,8 @@ class LightAgent:
             online_until = time.monotonic() + rng.expovariate(1 / a.mean_online)
             try:
                 async with self.w.connect(opts) as t:
+                    self.session += 1
+                    self.version = max(self.version, self.w.version)  # a device gets the retained model on connect
                     await t.subscribe(self.w.topics.acks(self.id), qos=1)
                     for uid in list(self.outbox):
                         await self.send(t, uid)
@@ -123,7 +128,7 @@ class Worker:
         self.args = args
         self.topics = Topics(federation=FEDERATION)
         self.connect = mqtt_connector(BrokerConfig.from_url(args.broker))
-        self.acks: list[tuple[str, str, str, str | None, float]] = []
+        self.acks: list[tuple[str, str, str, str | None, float, bool]] = []
         self.sent = self.resent = self.departures = 0
         self.errors: Counter[str] = Counter()
         self.version = 0
@@ -146,9 +151,22 @@ class Worker:
         self.fingerprint = codec.fingerprint(self.template)
         self.version = int(decoded.metadata["fedmqtt.version"])
 
+    async def watch_version(self) -> None:
+        """The current version, from the retained metrics: what a reconnecting device learns from the retained
+        model (one connection per load process instead of a model download per device)."""
+        def on_metrics(msg: Message) -> None:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.version = max(self.version, int(json.loads(msg.payload)["version"]))
+
+        async with self.connect(ConnectOptions(f"fedmqtt-load-v{self.args.worker}-{uuid.uuid4().hex[:6]}",
+                                               on_message=on_metrics)) as t:
+            await t.subscribe(self.topics.metrics, qos=1)
+            await asyncio.Event().wait()
+
     async def run(self) -> None:
         a = self.args
         await self.model()
+        watcher = asyncio.ensure_future(self.watch_version())
         stop, drain = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -159,6 +177,7 @@ class Worker:
         _, pending = await asyncio.wait(tasks, timeout=60)
         for t in pending:
             t.cancel()
+        watcher.cancel()
         left = {f"{ag.id}/{uid}" for ag in agents for uid in ag.outbox}
         Path(a.out).write_text(json.dumps({  # noqa: ASYNC240  (once, at the end)
             "acks": self.acks, "sent": self.sent, "resent": self.resent, "departures": self.departures,
@@ -228,13 +247,14 @@ def drive(args: argparse.Namespace) -> int:
         broker.stop()
     results = [json.loads((work / f"worker-{i}.json").read_text()) for i in range(len(workers))]
     acks = [tuple(x) for r in results for x in r["acks"]]
-    accepted = {f"{a}/{u}" for a, u, status, _, _ in acks if status == "accepted"}
-    settled_dup = {f"{a}/{u}" for a, u, _, reason, _ in acks if reason == "duplicate"}
-    rejected = Counter(reason for _, _, status, reason, _ in acks if status == "rejected" and reason != "duplicate")
+    accepted = {f"{a}/{u}" for a, u, status, _, _, _ in acks if status == "accepted"}
+    settled_dup = {f"{a}/{u}" for a, u, _, reason, _, _ in acks if reason == "duplicate"}
+    rejected = Counter(reason for _, _, status, reason, _, _ in acks if status == "rejected" and reason != "duplicate")
     applied_list = [f"{agent}/{codec.decode(p).metadata['fedmqtt.update_id']}"
                     for _, agent, p in journal.applied_updates(work / "state")]
     applied = set(applied_list)
-    latencies = [lat for _, _, status, _, lat in acks if status == "accepted"]
+    latencies = [lat for _, _, status, _, lat, _ in acks if status == "accepted"]
+    online = [lat for _, _, status, _, lat, same in acks if status == "accepted" and same]
     window = samples[-1]["t"] if samples else args.seconds
     steady = [s for s in samples if s["t"] >= 60] or samples
     summary = {
@@ -245,6 +265,8 @@ def drive(args: argparse.Namespace) -> int:
         "accepted": len(accepted), "accepted_per_s": round(len(accepted) / window, 1),
         "rejected": dict(rejected), "ack_latency_p50_ms": round(percentile(latencies, 50) * 1000, 1),
         "ack_latency_p99_ms": round(percentile(latencies, 99) * 1000, 1),
+        "ack_latency_while_online_p50_p99_ms": [round(percentile(online, 50) * 1000, 1),
+                                                round(percentile(online, 99) * 1000, 1)],
         "lost": len((accepted | settled_dup) - applied), "applied_twice": len(applied_list) - len(applied),
         "unacknowledged_at_end": sum(len(r["unacknowledged"]) for r in results),
         "aggregator_rss_mb_first_last_steady": [steady[0]["aggregator_rss_mb"], steady[-1]["aggregator_rss_mb"]]
