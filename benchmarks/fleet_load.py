@@ -70,9 +70,12 @@ class LightAgent:
         entry = self.outbox.pop(ack.get("update_id", ""), None)
         self.version = max(self.version, int(ack.get("version") or 0))
         if entry is not None:
-            online = self.sent_in.pop(ack["update_id"], -1) == self.session
+            now = time.monotonic()
+            # from the first send (what the device waits), and from the last one when the ack came over the
+            # same connection (what the aggregator and the broker take)
+            online = now - entry[2] if self.sent_in.pop(ack["update_id"], -1) == self.session else None
             self.w.acks.append((self.id, ack["update_id"], ack["status"], ack.get("reason"),
-                                round(time.monotonic() - entry[1], 4), online))
+                                round(now - entry[1], 4), None if online is None else round(online, 4)))
 
     async def send(self, t: Any, update_id: str) -> None:
         payload, first, _ = self.outbox[update_id]
@@ -128,7 +131,7 @@ class Worker:
         self.args = args
         self.topics = Topics(federation=FEDERATION)
         self.connect = mqtt_connector(BrokerConfig.from_url(args.broker))
-        self.acks: list[tuple[str, str, str, str | None, float, bool]] = []
+        self.acks: list[tuple[str, str, str, str | None, float, float | None]] = []
         self.sent = self.resent = self.departures = 0
         self.errors: Counter[str] = Counter()
         self.version = 0
@@ -254,7 +257,7 @@ def drive(args: argparse.Namespace) -> int:
                     for _, agent, p in journal.applied_updates(work / "state")]
     applied = set(applied_list)
     latencies = [lat for _, _, status, _, lat, _ in acks if status == "accepted"]
-    online = [lat for _, _, status, _, lat, same in acks if status == "accepted" and same]
+    online = [lat for _, _, status, _, _, lat in acks if status == "accepted" and lat is not None]
     window = samples[-1]["t"] if samples else args.seconds
     steady = [s for s in samples if s["t"] >= 60] or samples
     summary = {

@@ -4,9 +4,14 @@ For each model size (default 100k and 1M float32 parameters) it starts one Mosqu
 with the same publishers (P processes, paho, QoS 1, at most ``--window`` unacknowledged publishes each,
 a freshly encoded fedmqtt update per message, as fast as the broker takes them):
 
-1. raw: a paho subscriber process that does nothing with the messages;
-2. aggregator: the real Aggregator (FedBuff K=10 by default) in this process; publishers take their base
-   version from the aggregator's acks; a watcher process subscribes to the retained model.
+1. raw: Mosquitto's own C subscriber (``mosquitto_sub -F %U``: a timestamp per message, into a file), or with
+   ``--raw paho`` a paho subscriber process that does nothing with the messages;
+2. aggregator: the real Aggregator (FedBuff K=10 by default; ``--strategy fedasync`` for the CLI's default)
+   in this process, in memory or with ``--durable`` a state directory (journal, fsync); publishers take
+   their base version from the aggregator's acks; a watcher process subscribes to the retained model.
+
+``--rate R`` offers R messages/s in all instead of as many as the broker takes: below capacity, the
+latency from publish to retained model is the aggregator's, not a backlog's.
 
 Reported: messages/s received by the raw subscriber and updates/s applied by the aggregator over the same
 steady-state window (after a warm-up), their ratio, the aggregator process's CPU seconds per applied update
@@ -16,6 +21,7 @@ includes it (p50/p90/p99; for FedBuff this includes the wait for the buffer to f
 
     python benchmarks/throughput.py                      # 100k and 1M parameters, 4 publishers, 10 s phases
     python benchmarks/throughput.py --params 100000 --seconds 5
+    python benchmarks/throughput.py --params 100000 --strategy fedasync --durable --rate 200
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def _client(client_id: str) -> Any:
 
 
 def publisher(port: int, topic: str, agent: str, acks_topic: str | None, n_params: int, start_at: float,
-              seconds: float, window: int, out: Any) -> None:
+              seconds: float, window: int, out: Any, rate: float = 0.0) -> None:
     from fedmqtt import codec
 
     params = make_params(n_params)
@@ -77,7 +83,11 @@ def publisher(port: int, topic: str, agent: str, acks_topic: str | None, n_param
     while time.monotonic() < start_at:
         time.sleep(0.001)
     end = start_at + seconds
+    next_at = start_at
     while time.monotonic() < end:
+        if rate:  # an offered load below capacity: one message every 1/rate s
+            next_at += 1.0 / rate
+            time.sleep(max(0.0, next_at - time.monotonic()))
         uid = uuid.uuid4().hex
         payload = codec.encode_update(delta, agent=agent, update_id=uid, base_version=base[0], num_samples=100,
                                       model_fingerprint=fp)
@@ -142,13 +152,15 @@ def pctl(values: list[float], q: float) -> float | None:
 
 
 def run_raw(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
+    if args.raw == "mosquitto_sub":
+        return run_raw_c(ctx, port, args, n_params)
     out, ready, stop = ctx.Queue(), ctx.Event(), ctx.Event()
     sub = ctx.Process(target=counter, args=(port, "raw/updates/+", ready, stop, out))
     sub.start()
     ready.wait(10)
     start_at = time.monotonic() + 1.5
     pubs = [ctx.Process(target=publisher, args=(port, f"raw/updates/p{i}", f"p{i}", None, n_params, start_at,
-                                                args.seconds, args.window, out))
+                                                args.seconds, args.window, out, args.rate / args.publishers))
             for i in range(args.publishers)]
     for p in pubs:
         p.start()
@@ -164,6 +176,38 @@ def run_raw(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
             "window_seconds": hi - lo}
 
 
+def run_raw_c(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
+    """The raw rate as Mosquitto's own C subscriber sees it: it prints a timestamp per message (``-F %U``)
+    into a file, and costs far less CPU than any Python subscriber."""
+    import subprocess
+    import tempfile
+
+    stamps = Path(tempfile.mkstemp(prefix="fedmqtt-raw-")[1])
+    offset = time.monotonic() - time.time()  # mosquitto_sub prints Unix time
+    with stamps.open("w") as f:
+        sub = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-t", "raw/updates/+", "-q", "1", "-F", "%U",
+                                "-i", "raw-subscriber"], stdout=f)
+    time.sleep(0.5)  # subscribed
+    out = ctx.Queue()
+    start_at = time.monotonic() + 1.5
+    pubs = [ctx.Process(target=publisher, args=(port, f"raw/updates/p{i}", f"p{i}", None, n_params, start_at,
+                                                args.seconds, args.window, out, args.rate / args.publishers))
+            for i in range(args.publishers)]
+    for p in pubs:
+        p.start()
+    results = [out.get(timeout=args.seconds + 120) for _ in pubs]
+    time.sleep(1.0)
+    sub.terminate()
+    sub.wait(10)
+    arrivals = [float(line) + offset for line in stamps.read_text().split()]
+    stamps.unlink()
+    for p in pubs:
+        p.join(10)
+    lo, hi = start_at + args.warmup, start_at + args.seconds
+    return {"received": len(arrivals), "sent": sum(len(r[2]) for r in results), "rate": rate_in(arrivals, lo, hi),
+            "window_seconds": hi - lo, "subscriber": "mosquitto_sub"}
+
+
 async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
     from fedmqtt import codec
     from fedmqtt.admission import AdmissionLimits
@@ -177,8 +221,11 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
     strategy = make(args.strategy, **applicable(args.strategy, buffer_size=args.buffer_size))
     # a capacity test: a few publishers stand in for a fleet, so the per-device bounds are off
     unbounded = AdmissionLimits(max_rate=None, max_share=None)
+    import tempfile
+
+    state_dir = tempfile.mkdtemp(prefix="fedmqtt-tp-state-") if args.durable else None
     cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=args.max_staleness, admission=unbounded),
-                           max_queued=args.max_queued)
+                           max_queued=args.max_queued, state_dir=state_dir)
     agg = Aggregator(mqtt_connector(BrokerConfig(port=port)), make_params(n_params), strategy, cfg)
     handled: list[float] = []  # completion times of accepted updates
     handle_wall: list[float] = []
@@ -206,7 +253,7 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
         start_at = time.monotonic() + 2.0
         pubs = [ctx.Process(target=publisher,
                             args=(port, topics.update(f"p{i}"), f"p{i}", topics.acks(f"p{i}"), n_params, start_at,
-                                  args.seconds, args.window, out))
+                                  args.seconds, args.window, out, args.rate / args.publishers))
                 for i in range(args.publishers)]
         for p in pubs:
             p.start()
@@ -224,6 +271,10 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
         metrics = agg.metrics()
     for p in [*pubs, watch]:
         p.join(10)
+    if state_dir is not None:
+        import shutil
+
+        shutil.rmtree(state_dir, ignore_errors=True)
     sent = {uid: t for r in results for uid, t in r[2]}
     versions = sorted(models)
     latencies = []
@@ -278,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                         " the cut-off is policy, not capacity, so by default every well-formed update counts")
     p.add_argument("--max-queued", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=1, help="repeat each size; the table shows medians")
+    p.add_argument("--raw", choices=["mosquitto_sub", "paho"], default="mosquitto_sub",
+                   help="the raw phase's subscriber: Mosquitto's C client (default) or a paho loop")
+    p.add_argument("--durable", action="store_true", help="the aggregator keeps a state directory (journal, fsync)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="offered load in messages/s over all publishers (0: as fast as the broker takes them)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
