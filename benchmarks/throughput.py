@@ -151,13 +151,8 @@ def pctl(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def run_raw(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
-    if args.raw == "mosquitto_sub":
-        return run_raw_c(ctx, port, args, n_params)
-    out, ready, stop = ctx.Queue(), ctx.Event(), ctx.Event()
-    sub = ctx.Process(target=counter, args=(port, "raw/updates/+", ready, stop, out))
-    sub.start()
-    ready.wait(10)
+def raw_publishers(ctx: Any, port: int, args: Any, n_params: int, out: Any) -> tuple[float, list[Any], list[Any]]:
+    """Run the publishers of a raw phase to the end; their start time, processes and results."""
     start_at = time.monotonic() + 1.5
     pubs = [ctx.Process(target=publisher, args=(port, f"raw/updates/p{i}", f"p{i}", None, n_params, start_at,
                                                 args.seconds, args.window, out, args.rate / args.publishers))
@@ -166,6 +161,17 @@ def run_raw(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
         p.start()
     results = [out.get(timeout=args.seconds + 120) for _ in pubs]
     time.sleep(1.0)
+    return start_at, pubs, results
+
+
+def run_raw(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
+    if args.raw == "mosquitto_sub":
+        return run_raw_c(ctx, port, args, n_params)
+    out, ready, stop = ctx.Queue(), ctx.Event(), ctx.Event()
+    sub = ctx.Process(target=counter, args=(port, "raw/updates/+", ready, stop, out))
+    sub.start()
+    ready.wait(10)
+    start_at, pubs, results = raw_publishers(ctx, port, args, n_params, out)
     stop.set()
     arrivals = out.get(timeout=30)[1]
     for p in [*pubs, sub]:
@@ -188,15 +194,7 @@ def run_raw_c(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
         sub = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-t", "raw/updates/+", "-q", "1", "-F", "%U",
                                 "-i", "raw-subscriber"], stdout=f)
     time.sleep(0.5)  # subscribed
-    out = ctx.Queue()
-    start_at = time.monotonic() + 1.5
-    pubs = [ctx.Process(target=publisher, args=(port, f"raw/updates/p{i}", f"p{i}", None, n_params, start_at,
-                                                args.seconds, args.window, out, args.rate / args.publishers))
-            for i in range(args.publishers)]
-    for p in pubs:
-        p.start()
-    results = [out.get(timeout=args.seconds + 120) for _ in pubs]
-    time.sleep(1.0)
+    start_at, pubs, results = raw_publishers(ctx, port, args, n_params, ctx.Queue())
     sub.terminate()
     sub.wait(10)
     arrivals = [float(line) + offset for line in stamps.read_text().split()]
