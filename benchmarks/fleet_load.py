@@ -92,9 +92,9 @@ class LightAgent:
         await asyncio.sleep(rng.uniform(0, a.interval))  # no thundering start
         while not (drain.is_set() and not self.outbox):
             online_until = time.monotonic() + rng.expovariate(1 / a.mean_online)
+            self.session += 1  # before connecting: the acks the broker queued arrive during the handshake
             try:
                 async with self.w.connect(opts) as t:
-                    self.session += 1
                     self.version = max(self.version, self.w.version)  # a device gets the retained model on connect
                     await t.subscribe(self.w.topics.acks(self.id), qos=1)
                     for uid in list(self.outbox):
@@ -289,7 +289,10 @@ def drive(args: argparse.Namespace) -> int:
                                 "machine": platform.platform(), "summary": summary, "samples": samples},
                                indent=1, default=str))
     print(f"saved {path}")
-    shutil.rmtree(work, ignore_errors=True)
+    if not os.environ.get("FEDMQTT_KEEP_LOAD"):
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept {work}")
     return 0 if summary["lost"] == 0 and summary["applied_twice"] == 0 else 1
 
 
