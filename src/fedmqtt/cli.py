@@ -40,7 +40,8 @@ TaskOpt = Annotated[str, typer.Option(help="built-in task: digits, or hapt (need
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help=CONFIG_HELP, callback=load_config, is_eager=True, expose_value=False, envvar="FEDMQTT_CONFIG")]
 PrintConfigOpt = Annotated[bool, typer.Option(help="print the settings this command would run with, and exit")]
-VerboseOpt = Annotated[bool, typer.Option(help="log every connection, reconnect and status line")]
+VerboseOpt = Annotated[bool, typer.Option(help="log everything (DEBUG); without it the services log connections "
+                                               "and status lines, the demo only errors")]
 
 
 def _version(value: bool) -> None:
