@@ -5,7 +5,8 @@ no broker.
 
 Each pre-encoded delta is based on the version the aggregator will be at when it arrives (staleness 0, as
 for a fast device), with the default limits but the per-device admission bounds off (one sender stands in
-for a fleet). Prints the mean wall time per update over ``--updates`` updates after 100 of warm-up.
+for a fleet), and glibc's malloc tuned as `fedmqtt aggregator` tunes it. Prints the mean wall time per
+update over ``--updates`` updates after 100 of warm-up.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import uuid
 
 import numpy as np
 
-from fedmqtt import codec
+from fedmqtt import allocator, codec
 from fedmqtt.admission import AdmissionLimits
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.core import Limits
@@ -28,7 +29,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=int, default=100_000)
     p.add_argument("--updates", type=int, default=1400)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds alone (`fedmqtt aggregator` tunes them: fedmqtt.allocator)")
     args = p.parse_args()
+    if not args.default_malloc:
+        allocator.tune()
     rows = max(1, (args.params - 100) // 100)
     params = {"dense/bias": np.zeros(100, np.float32), "dense/kernel": np.zeros((rows, 100), np.float32)}
     rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedmqtt import model_file
+from fedmqtt import allocator, model_file
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.cli_run import err, log, run, serve
 from fedmqtt.core import Limits, Timing
@@ -26,6 +26,7 @@ def status(agg: Aggregator) -> str:
 
 
 def run_aggregator(s: dict[str, Any]) -> None:
+    allocator.tune()  # model-sized arrays are reused instead of faulted in again (fedmqtt.allocator)
     topics = Topics(s["prefix"], s["federation"])
     directory = None if s["ephemeral"] else (s["state_dir"] or str(default_directory(topics)))
     try:
