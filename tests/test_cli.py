@@ -5,6 +5,7 @@ taken away (model file, recorded run, report, Prometheus), and the deployment fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -219,6 +220,23 @@ def test_ctrl_c_during_the_demo_prints_a_partial_summary() -> None:
     assert "interrupted after" in rest and "test accuracy" in rest and "Traceback" not in rest, rest
 
 
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def scraped(port: int, name: str, at_least: float) -> dict[str, float]:
+    """The endpoint's series once ``name`` has reached ``at_least`` (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # not serving yet
+            seen = await asyncio.to_thread(scrape, port)
+            if seen.get(name, 0) >= at_least:
+                return seen
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{name} never reached {at_least}")
+
+
 @pytest.mark.broker
 @pytest.mark.slow
 async def test_the_prometheus_endpoint_shows_the_counters_moving(broker: BrokerConfig, federation: str) -> None:
@@ -231,36 +249,47 @@ async def test_the_prometheus_endpoint_shows_the_counters_moving(broker: BrokerC
     proc = subprocess.Popen([*FEDMQTT, "aggregator", "--broker", broker.url, "--federation", federation,
                              "--ephemeral", "--metrics-port", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-
-    def scrape() -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                if line and not line.startswith("#")}
-
-    async def accepted(at_least: float) -> dict[str, float]:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                seen = await asyncio.to_thread(scrape)
-                if seen.get("fedmqtt_updates_accepted_total", 0) >= at_least:
-                    return seen
-            except OSError:
-                pass  # not serving yet
-            await asyncio.sleep(0.5)
-        raise AssertionError(f"fedmqtt_updates_accepted_total never reached {at_least}")
-
     task = get_task("digits", num_clients=2)
     cfg = AgentConfig(topics=Topics(federation=federation), local_steps=5, round_seconds=0.1)
+    name = "fedmqtt_updates_accepted_total"
     try:
         async with EdgeAgent(mqtt_connector(broker), "p-0", task.trainer(0), task.data_for(0, 0), cfg):
-            first = await accepted(1)
-            second = await accepted(first["fedmqtt_updates_accepted_total"] + 5)
+            first = await scraped(port, name, 1)
+            second = await scraped(port, name, first[name] + 5)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert second["fedmqtt_version"] > first["fedmqtt_version"]
-    assert second["fedmqtt_update_staleness_count"] == second["fedmqtt_updates_accepted_total"]
-    assert second["fedmqtt_update_handling_seconds_count"] >= second["fedmqtt_updates_accepted_total"]
+    assert second["fedmqtt_update_staleness_count"] == second[name]
+    assert second["fedmqtt_update_handling_seconds_count"] >= second[name]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_the_edge_prometheus_endpoint_counts_what_the_agent_sends(broker: BrokerConfig, federation: str) -> None:
+    from fedmqtt.aggregator import Aggregator, AggregatorConfig
+    from fedmqtt.strategies import fedasync
+    from fedmqtt.tasks import get_task
+    from fedmqtt.topics import Topics
+    from fedmqtt.transport import mqtt_connector
+
+    port = free_port()
+    task = get_task("digits")
+    agg = Aggregator(mqtt_connector(broker), task.trainer(0).initial, fedasync(),
+                     AggregatorConfig(topics=Topics(federation=federation)))
+    async with agg:
+        proc = subprocess.Popen([*FEDMQTT, "edge", "--broker", broker.url, "--federation", federation,
+                                 "--agent-id", "m-1", "--round-seconds", "0.1", "--metrics-port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            first = await scraped(port, "fedmqtt_edge_updates_sent_total", 1)
+            second = await scraped(port, "fedmqtt_edge_updates_sent_total", first["fedmqtt_edge_updates_sent_total"] + 3)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    assert second['fedmqtt_edge_acks_total{outcome="accepted"}'] > first['fedmqtt_edge_acks_total{outcome="accepted"}']
+    assert second["fedmqtt_edge_connected"] == 1 and second["fedmqtt_edge_model_version"] >= 1
+    assert second['fedmqtt_edge_acks_total{outcome="accepted"}'] <= agg.state.counters.accepted
 
 
 # ---- the broker and the watcher ------------------------------------------------------------------------------

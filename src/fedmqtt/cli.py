@@ -245,6 +245,9 @@ def edge(
     federation: FedOpt = "default",
     status_every: Annotated[float, typer.Option(help="log a status line every this many seconds (0: never)")
                             ] = 60.0,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="serve Prometheus metrics on this port (/metrics; 0: a free port)")] = None,
+    metrics_bind: Annotated[str, typer.Option(help="address for --metrics-port")] = "127.0.0.1",
     print_config: PrintConfigOpt = False,
     seed: Annotated[int, typer.Option(help="seed for data shards, speeds and initial weights")] = 0,
     verbose: VerboseOpt = False,

@@ -34,4 +34,22 @@ def run_edge(s: dict[str, Any]) -> None:
                       task.trainer(s["seed"], prox_rho=s["prox_rho"]), task.data_for(index, s["seed"]), cfg)
     err.print(f"edge agent {s['agent_id']}: shard {index} of {task.name}, {agent.data.num_samples} examples, "
               f"{s['broker']}")
-    run(serve(agent, lambda: status(agent), s["status_every"]))
+    exporter = None
+    if s["metrics_port"] is not None:
+        from fedmqtt.prometheus import EdgeExporter, EdgeReading
+
+        exporter = EdgeExporter()
+        port = exporter.start(s["metrics_port"], s["metrics_bind"])
+        err.print(f"edge agent {s['agent_id']}: Prometheus metrics on http://{s['metrics_bind']}:{port}/metrics")
+
+    def tick() -> None:
+        if exporter is not None:
+            exporter.update(EdgeReading(agent.updates_sent, dict(agent.acks), len(agent.outbox),
+                                        agent.model.info.version if agent.model is not None else None,
+                                        agent.connected.is_set(), agent.last_loss))
+
+    try:
+        run(serve(agent, lambda: status(agent), s["status_every"], tick))
+    finally:
+        if exporter is not None:
+            exporter.stop()

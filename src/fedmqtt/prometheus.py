@@ -1,4 +1,5 @@
-"""The aggregator's metrics for Prometheus: ``fedmqtt aggregator --metrics-port 9464`` serves ``/metrics``.
+"""Metrics for Prometheus: ``fedmqtt aggregator --metrics-port 9464`` (and, optionally, ``fedmqtt edge
+--metrics-port ...``) serve ``/metrics``.
 
 The HTTP server runs in a thread of its own; it reads the last :class:`~fedmqtt.schemas.Metrics` that the
 event loop handed over (:meth:`Exporter.update`, every second), never the live state.
@@ -8,12 +9,16 @@ Series: ``fedmqtt_version``, ``fedmqtt_updates_accepted_total``, ``fedmqtt_updat
 ``fedmqtt_update_handling_seconds`` (a histogram of the aggregator's time per update), ``fedmqtt_agents_online``,
 ``fedmqtt_updates_per_second``, ``fedmqtt_accuracy`` and ``fedmqtt_loss`` (of the evaluated version, when the
 aggregator evaluates), ``fedmqtt_dropped_total``, ``fedmqtt_held_updates``, ``fedmqtt_models_restored_total``.
+
+On the edge: ``fedmqtt_edge_updates_sent_total``, ``fedmqtt_edge_acks_total{outcome}`` (accepted, rejected,
+unknown), ``fedmqtt_edge_outbox`` (updates waiting for an ack), ``fedmqtt_edge_model_version``,
+``fedmqtt_edge_connected`` and ``fedmqtt_edge_loss`` (of the last local round).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -34,17 +39,12 @@ def _histogram(name: str, doc: str, counts: Mapping[float, int], bounds: tuple[f
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=sum(v * n for v, n in counts.items()))
 
 
-class Exporter(Collector):
-    """Serves the latest metrics it was given."""
+class _Served(Collector):
+    """A collector with its own HTTP server thread."""
 
     def __init__(self) -> None:
-        self.latest: Metrics | None = None
-        self.handling: tuple[tuple[float, ...], list[int], float] | None = None  # bounds, counts, sum
         self.server: Any = None
         self.port = 0
-
-    def update(self, metrics: Metrics, handling: tuple[tuple[float, ...], list[int], float] | None = None) -> None:
-        self.latest, self.handling = metrics, handling  # plain assignments: atomic for the server's thread
 
     def start(self, port: int, addr: str = "127.0.0.1") -> int:
         registry = CollectorRegistry(auto_describe=False)
@@ -57,6 +57,21 @@ class Exporter(Collector):
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+
+class Exporter(_Served):
+    """The aggregator's: serves the latest metrics it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latest: Metrics | None = None
+        self.handling: tuple[tuple[float, ...], list[int], float] | None = None  # bounds, counts, sum
+
+    def update(self, metrics: Metrics, handling: tuple[tuple[float, ...], list[int], float] | None = None) -> None:
+        self.latest, self.handling = metrics, handling  # plain assignments: atomic for the server's thread
 
     def collect(self) -> Iterator[Metric]:
         m = self.latest
@@ -93,3 +108,39 @@ class Exporter(Collector):
         yield GaugeMetricFamily("fedmqtt_held_updates", "Updates held for the next step", value=m.held)
         yield CounterMetricFamily("fedmqtt_models_restored", "Foreign models replaced on the model topic",
                                   value=m.models_restored)
+
+
+class EdgeReading(NamedTuple):
+    sent: int
+    acks: Mapping[str, int]  # accepted, rejected, unknown
+    outbox: int
+    model_version: int | None
+    connected: bool
+    loss: float | None
+
+
+class EdgeExporter(_Served):
+    """An agent's: serves the latest reading it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latest: EdgeReading | None = None
+
+    def update(self, reading: EdgeReading) -> None:
+        self.latest = reading
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.latest
+        if r is None:
+            return
+        yield CounterMetricFamily("fedmqtt_edge_updates_sent", "Update publishes, re-sends included", value=r.sent)
+        acks = CounterMetricFamily("fedmqtt_edge_acks", "Acknowledgements, by outcome", labels=["outcome"])
+        for outcome, n in sorted(r.acks.items()):
+            acks.add_metric([outcome], n)
+        yield acks
+        yield GaugeMetricFamily("fedmqtt_edge_outbox", "Updates waiting for an ack", value=r.outbox)
+        if r.model_version is not None:
+            yield GaugeMetricFamily("fedmqtt_edge_model_version", "Version of the model held", value=r.model_version)
+        yield GaugeMetricFamily("fedmqtt_edge_connected", "1 while connected to the broker", value=int(r.connected))
+        if r.loss is not None:
+            yield GaugeMetricFamily("fedmqtt_edge_loss", "Training loss of the last local round", value=r.loss)
