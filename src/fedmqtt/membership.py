@@ -22,16 +22,13 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmqtt.certificates import cert_pem, crl_pem, issue, key_pem
 from fedmqtt.errors import ConfigError
 from fedmqtt.files import atomic_write
 from fedmqtt.security import (
     AGGREGATOR,
     MODEL_SIGNING_KEY,
     Identity,
-    _cert_pem,
-    _crl_pem,
-    _issue,
-    _key_pem,
     _write_private,
     agent_acl,
     check_username,
@@ -71,10 +68,10 @@ def add_agent(directory: Path, agent: str) -> Identity:
     cert = key = None
     if uses_client_certs(d):
         ca_key, ca_cert = _load_ca(d)
-        k, c = _issue(ca_key, ca_cert, agent, (), server=False, days=_days_left(ca_cert))
+        k, c = issue(ca_key, ca_cert, agent, (), server=False, days=_days_left(ca_cert))
         cert, key = d / "clients" / f"{agent}.crt", d / "clients" / f"{agent}.key"
-        _write_private(key, _key_pem(k))
-        cert.write_bytes(_cert_pem(c))
+        _write_private(key, key_pem(k))
+        cert.write_bytes(cert_pem(c))
     password = secrets.token_urlsafe(24)
     with (d / "passwd").open("a") as f:
         f.write(f"{agent}:{mosquitto_password_hash(password)}\n")
@@ -128,7 +125,7 @@ def revoke_certificate(directory: Path, cert_file: Path) -> int:
     old = list(x509.load_pem_x509_crl(crl_path.read_bytes())) if crl_path.exists() else []
     kept = [e for e in old if e.serial_number != serial]
     new = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(dt.datetime.now(dt.UTC)).build()
-    crl_path.write_bytes(_crl_pem(ca_key, ca_cert, [*kept, new]))
+    crl_path.write_bytes(crl_pem(ca_key, ca_cert, [*kept, new]))
     _name_crl_in_config(d)
     return serial
 

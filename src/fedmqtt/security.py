@@ -17,10 +17,8 @@ layout (this directory mounted at ``/mosquitto/secure``).
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
 import secrets
@@ -28,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmqtt.certificates import cert_pem, crl_pem, issue, key_pem, make_ca
 from fedmqtt.errors import ConfigError
 from fedmqtt.files import atomic_write
 from fedmqtt.signing import new_key
@@ -274,12 +273,12 @@ def init_broker(
     out.mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
 
-    ca_key, ca_cert = _make_ca(valid_days)
-    _write_private(out / "ca.key", _key_pem(ca_key))
-    (out / "ca.crt").write_bytes(_cert_pem(ca_cert))
-    server_key, server_cert = _issue(ca_key, ca_cert, "fedmqtt broker", hosts, server=True, days=valid_days)
-    _write_private(out / "server.key", _key_pem(server_key))
-    (out / "server.crt").write_bytes(_cert_pem(server_cert))
+    ca_key, ca_cert = make_ca(valid_days)
+    _write_private(out / "ca.key", key_pem(ca_key))
+    (out / "ca.crt").write_bytes(cert_pem(ca_cert))
+    server_key, server_cert = issue(ca_key, ca_cert, "fedmqtt broker", hosts, server=True, days=valid_days)
+    _write_private(out / "server.key", key_pem(server_key))
+    (out / "server.crt").write_bytes(cert_pem(server_cert))
 
     identities: dict[str, Identity] = {}
     hashes = []
@@ -287,16 +286,16 @@ def init_broker(
         password = secrets.token_urlsafe(24)
         cert = key = None
         if client_certs:
-            k, c = _issue(ca_key, ca_cert, user, (), server=False, days=valid_days)
+            k, c = issue(ca_key, ca_cert, user, (), server=False, days=valid_days)
             cert, key = out / "clients" / f"{user}.crt", out / "clients" / f"{user}.key"
-            _write_private(key, _key_pem(k))
-            cert.write_bytes(_cert_pem(c))
+            _write_private(key, key_pem(k))
+            cert.write_bytes(cert_pem(c))
         identities[user] = Identity(user, password, cert, key, out / "env" / f"{user}.env")
         hashes.append(f"{user}:{mosquitto_password_hash(password)}")
     _write_private(out / "passwd", "\n".join(hashes) + "\n")
     (out / "acl").write_text(acl_text(topics, names, aggregator, [watcher] if watcher else []))
     if client_certs:  # Mosquitto checks every client certificate against the CA's CRL: start with an empty one
-        (out / "crl.pem").write_bytes(_crl_pem(ca_key, ca_cert))
+        (out / "crl.pem").write_bytes(crl_pem(ca_key, ca_cert))
     config = out / "mosquitto.conf"
     config.write_text(secure_config(out, port, bind, client_certs, run_as=_user_name()))
 
@@ -317,95 +316,3 @@ def init_broker(
         head = f"# fedmqtt identity {user!r}: keep this file on its device only.\n"
         _write_private(ident.env_file, head + body)
     return profile
-
-
-# ---- certificates (cryptography) ----------------------------------------------------------------------
-def _make_ca(days: int) -> tuple[object, object]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmqtt local CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, encipher_only=False,
-                                     decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _issue(ca_key: object, ca_cert: object, common_name: str, hosts: Iterable[str], *, server: bool,
-           days: int) -> tuple[object, object]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    assert isinstance(ca_cert, x509.Certificate)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-    )
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
-def _crl_pem(ca_key: object, ca_cert: object, revoked: Iterable[object] = ()) -> bytes:
-    """A certificate revocation list of ``revoked`` (``x509.RevokedCertificate``) signed by the CA. It is
-    valid as long as the CA: an expired CRL would lock every device out."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    assert isinstance(ca_cert, x509.Certificate)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
-               .last_update(dt.datetime.now(dt.UTC)).next_update(ca_cert.not_valid_after_utc))
-    for entry in revoked:
-        assert isinstance(entry, x509.RevokedCertificate)
-        builder = builder.add_revoked_certificate(entry)
-    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: object) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _cert_pem(cert: object) -> bytes:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    assert isinstance(cert, x509.Certificate)
-    return cert.public_bytes(serialization.Encoding.PEM)
