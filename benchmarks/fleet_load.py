@@ -135,12 +135,12 @@ class Worker:
         self.sent = self.resent = self.departures = 0
         self.errors: Counter[str] = Counter()
         self.version = 0
+        self.rng = np.random.default_rng()
         self.template: dict[str, np.ndarray] = {}
         self.fingerprint = ""
 
     def update(self, agent: str, update_id: str, base: int) -> bytes:
-        rng = np.random.default_rng()
-        delta = {k: (rng.standard_normal(v.shape) * 1e-3).astype(v.dtype) for k, v in self.template.items()}
+        delta = {k: (self.rng.standard_normal(v.shape) * 1e-3).astype(v.dtype) for k, v in self.template.items()}
         return codec.encode_update(delta, agent=agent, update_id=update_id, base_version=base, num_samples=100,
                                    model_fingerprint=self.fingerprint)
 

@@ -166,12 +166,11 @@ class Aggregator(Service):
         """One update from ``agent``'s topic, through the core; its ack and any new version are released
         once its journal record is durable."""
         self.recover()
-        started = time.perf_counter()
         now = time.monotonic()
         self._take(*core.receive(self.state, agent, payload, self.rules, now), now)
         if self.strategy.mode == "sync" and self._flush_due(now):
             self.close_round()  # at once: a round takes its first arrivals, not whatever came until a timer
-        self.handling.add(time.perf_counter() - started)
+        self.handling.add(time.monotonic() - now)
 
     def close_round(self) -> bool:
         """Sync mode, or an overdue step: the strategy's flush; True when it made a new version."""

@@ -64,15 +64,16 @@ def run_aggregator(s: dict[str, Any]) -> None:
         exporter = Exporter()
         port = exporter.start(s["metrics_port"], s["metrics_bind"])
         err.print(f"aggregator: Prometheus metrics on http://{s['metrics_bind']}:{port}/metrics")
-    saved = [-1]
+    saved = -1  # the version in the --save-model file
 
     def tick() -> None:
+        nonlocal saved
         if exporter is not None:
             exporter.update(agg.metrics(), agg.handling.snapshot())
-        if s["save_model"] is not None and agg.committed_version != saved[0]:
+        if s["save_model"] is not None and agg.committed_version != saved:
             c = agg.committed
             model_file.save(s["save_model"], c.params, c.version, c.epoch)
-            saved[0] = c.version
+            saved = c.version
             log.debug("model version %d saved to %s", c.version, s["save_model"])
 
     try:
@@ -81,4 +82,4 @@ def run_aggregator(s: dict[str, Any]) -> None:
         if exporter is not None:
             exporter.stop()
     if s["save_model"] is not None:
-        err.print(f"aggregator: model version {saved[0]} saved to {s['save_model']}")
+        err.print(f"aggregator: model version {saved} saved to {s['save_model']}")

@@ -294,8 +294,8 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
 def _client_update(checked: Checked, history: Mapping[int, Params], strategy: Strategy,
                    max_norm: float | None, num_samples: int) -> ClientUpdate:
     """What the strategy wants from a checked update; raises InvalidUpdate (base_unavailable, non_finite,
-    norm). numpy on the hot path: the jitted strategy takes numpy arrays, and small element-wise work here
-    costs less than extra JAX dispatches."""
+    norm). numpy throughout: the strategies take numpy arrays (FedAsync and FedBuff's running sum stay on
+    the host), and element-wise work here costs less than JAX dispatches."""
     info = checked.info
     base = history.get(info.base_version)
     wants_weights = strategy.wants == "weights"

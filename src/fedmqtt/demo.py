@@ -92,37 +92,34 @@ class _Run:
     save_model: str | Path | None
 
     async def __call__(self, cfg: BrokerConfig, kind: str) -> DemoResult:
-        return await _run(cfg, kind, self)
-
-
-async def _run(cfg: BrokerConfig, kind: str, r: _Run) -> DemoResult:
-    task, strategy, agents, seconds, seed = r.task, r.strategy, r.agents, r.seconds, r.seed
-    on_progress = r.on_progress
-    connect = mqtt_connector(cfg)
-    evaluator = task.trainer(seed)
-    evaluate = task.evaluate_fn(evaluator)
-    agg_cfg = AggregatorConfig(timing=Timing(round_size=agents if strategy.mode == "sync" else None,
-                                             round_deadline=30.0))
-    async with Aggregator(connect, evaluator.initial, strategy, agg_cfg, evaluate=evaluate) as agg:
-        await agg.wait_connected()
-        fleet_cfg = FleetConfig(agents=agents, base_seconds=r.base_seconds, sigma=r.sigma, seed=seed)
-        started = time.monotonic()
-        async with Fleet(connect, task, fleet_cfg) as fleet:
-            while (elapsed := time.monotonic() - started) < seconds and not r.stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(r.stop.wait(), min(1.0, max(seconds - elapsed, 0.0)))
-                if on_progress:
-                    on_progress(time.monotonic() - started, agg.metrics())
-            sent = fleet.updates_sent
-            per_agent = [{"agent": a.agent_id, "seconds_per_round": round(r.base_seconds * f, 3),
-                          "sent": a.updates_sent, **a.acks} for a, f in zip(fleet.agents, fleet.factors, strict=True)]
-        params = agg.numpy_params()
-        final = evaluate(params)
-        m = agg.metrics()
-        if r.save_model is not None:
-            model_file.save(r.save_model, params, agg.version, agg.state.epoch)
-    return DemoResult(version=m.version, accepted=m.accepted, rejected=m.rejected,
-                      accuracy=round(float(final["accuracy"]), 4), broker=kind, strategy=strategy.name,
-                      agents=agents, seconds=round(time.monotonic() - started, 1), updates_sent=sent,
-                      rejected_by_reason=m.rejected_by_reason, staleness_mean=m.staleness_mean,
-                      interrupted=r.stop.is_set(), per_agent=per_agent)
+        """The aggregator and the fleet on the broker at ``cfg``, until ``seconds`` or ``stop``."""
+        task, strategy, agents, seconds, seed = self.task, self.strategy, self.agents, self.seconds, self.seed
+        connect = mqtt_connector(cfg)
+        evaluator = task.trainer(seed)
+        evaluate = task.evaluate_fn(evaluator)
+        agg_cfg = AggregatorConfig(timing=Timing(round_size=agents if strategy.mode == "sync" else None,
+                                                 round_deadline=30.0))
+        async with Aggregator(connect, evaluator.initial, strategy, agg_cfg, evaluate=evaluate) as agg:
+            await agg.wait_connected()
+            fleet_cfg = FleetConfig(agents=agents, base_seconds=self.base_seconds, sigma=self.sigma, seed=seed)
+            started = time.monotonic()
+            async with Fleet(connect, task, fleet_cfg) as fleet:
+                while (elapsed := time.monotonic() - started) < seconds and not self.stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), min(1.0, max(seconds - elapsed, 0.0)))
+                    if self.on_progress:
+                        self.on_progress(time.monotonic() - started, agg.metrics())
+                sent = fleet.updates_sent
+                per_agent = [{"agent": a.agent_id, "seconds_per_round": round(self.base_seconds * f, 3),
+                              "sent": a.updates_sent, **a.acks}
+                             for a, f in zip(fleet.agents, fleet.factors, strict=True)]
+            params = agg.numpy_params()
+            final = evaluate(params)
+            m = agg.metrics()
+            if self.save_model is not None:
+                model_file.save(self.save_model, params, agg.version, agg.state.epoch)
+        return DemoResult(version=m.version, accepted=m.accepted, rejected=m.rejected,
+                          accuracy=round(float(final["accuracy"]), 4), broker=kind, strategy=strategy.name,
+                          agents=agents, seconds=round(time.monotonic() - started, 1), updates_sent=sent,
+                          rejected_by_reason=m.rejected_by_reason, staleness_mean=m.staleness_mean,
+                          interrupted=self.stop.is_set(), per_agent=per_agent)

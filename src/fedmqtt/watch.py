@@ -36,27 +36,29 @@ async def watch(broker: str, topics: Topics, raw: bool = False, out: Console | N
                 await t.subscribe(topics.status_wildcard, qos=1)
                 console.print(f"[dim]watching {topics.base} on {broker}[/dim]")
                 attempt = 0
-                while not stop.is_set():
-                    got = asyncio.ensure_future(inbox.get())
-                    halt = asyncio.ensure_future(stop.wait())
-                    lost = asyncio.ensure_future(t.closed())
-                    done, _ = await asyncio.wait({got, halt, lost}, return_when=asyncio.FIRST_COMPLETED)
-                    for f in (got, halt, lost):
-                        f.cancel()
-                    if got not in done:
-                        if lost in done:
-                            raise TransportError("connection lost")
-                        return
-                    msg = got.result()
-                    try:
-                        show(console, topics, msg.topic, msg.payload, raw)
-                        if recorder is not None and msg.topic == topics.metrics:
-                            recorder.metrics(time.monotonic() - started, Metrics.model_validate_json(msg.payload))
-                    except ValueError as exc:  # anyone may publish here on an open broker: report, keep watching
-                        console.print(f"[yellow]unreadable message on {msg.topic}: {str(exc)[:120]}[/yellow]")
-                    seen += 1
-                    if limit is not None and seen >= limit:
-                        return
+                halt, lost = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(t.closed())
+                try:
+                    while True:
+                        got = asyncio.ensure_future(inbox.get())
+                        done, _ = await asyncio.wait({got, halt, lost}, return_when=asyncio.FIRST_COMPLETED)
+                        if got not in done:
+                            got.cancel()
+                            if lost in done:
+                                raise TransportError("connection lost")
+                            return
+                        msg = got.result()
+                        try:
+                            show(console, topics, msg.topic, msg.payload, raw)
+                            if recorder is not None and msg.topic == topics.metrics:
+                                recorder.metrics(time.monotonic() - started, Metrics.model_validate_json(msg.payload))
+                        except ValueError as exc:  # anyone may publish here on an open broker: report, go on
+                            console.print(f"[yellow]unreadable message on {msg.topic}: {str(exc)[:120]}[/yellow]")
+                        seen += 1
+                        if limit is not None and seen >= limit:
+                            return
+                finally:
+                    halt.cancel()
+                    lost.cancel()
         except TransportError as exc:
             attempt += 1
             wait = backoff(attempt, 10.0)
