@@ -78,6 +78,12 @@ class CountingTransport:
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         await self._inner.subscribe(topic, qos)
 
+    async def unsubscribe(self, topic: str) -> None:
+        await self._inner.unsubscribe(topic)
+
+    async def peek(self, topic: str, qos: int = 1) -> None:
+        await self._inner.peek(topic, qos)
+
     async def closed(self) -> None:
         await self._inner.closed()
 

@@ -229,7 +229,24 @@ def hostile_corpus(rng: np.random.Generator, current: Callable[[], int]) -> list
         good("h-bad_metadata", base=b), **{"fedmqtt.base_version": ["-1", "1.5", "x", ""][i % 4]}))
     add("schema", lambda i: rewrite(good("h-schema", base=b), **{"fedmqtt.schema": str(2 + i)}))
     add("kind", lambda i: codec.encode_model(PARAMS, version=i))
+    add("compression", lambda i: compressed_hostile(i, b))
     return out
+
+
+def compressed_hostile(i: int, base: int) -> bytes:
+    """Compressed updates (protocol 1.1) that each break one rule of their form: an unknown form, top-k
+    positions out of range, repeated or unsorted, int8 scales that are NaN, Inf or negative."""
+    topk = {f"{k}#{part}": (np.arange(2, dtype=np.int32) if part == "idx" else np.full(2, 0.01, np.float32))
+            for k in PARAMS for part in ("idx", "val")}
+    int8 = {**{k: np.ones(v.shape, np.int8) for k, v in PARAMS.items()},
+            **{f"{k}#scale": np.float32(0.01).reshape(()) for k in PARAMS}}
+    bad_idx = [[0, 4], [-5, 1], [1, 1], [1, 0]][i % 4]  # l1/bias has 4 entries
+    bad_scale = [np.nan, np.inf, -0.5][i % 3]
+    form, tensors = [("topk", {**topk, "l1/bias#idx": np.array(bad_idx, np.int32)}),
+                     ("int8", {**int8, "out/kernel#scale": np.float32(bad_scale).reshape(())}),
+                     (["int4", "zstd", "TOPK", ""][i % 4], int8)][i % 3]
+    return codec.encode_update(tensors, agent="h-compression", update_id=f"c{i}", base_version=base,
+                               num_samples=1, model_fingerprint=FP, extra={"fedmqtt.compression": form})
 
 
 def rewrite(payload: bytes, **changes: str) -> bytes:

@@ -1,7 +1,9 @@
 """The edge agent: take the newest global model, train E local steps, publish the delta, repeat.
 
 It never waits for other agents: after each local round it starts again from the newest model it holds
-(in ``sync`` mode, announced by the model's ``fedmqtt.mode``, it trains once per version instead).
+(in ``sync`` mode, announced by the model's ``fedmqtt.mode``, it trains once per version instead). It takes
+the model when a round starts (pull delivery: the retained copy, not every version; see ``_next_model``) and
+sends its update compressed when ``compression`` says so (top-k with error feedback; compression.py).
 Presence is a retained status with a last will that marks it offline; the connection is re-made with
 jittered exponential backoff; updates wait in an outbox until the aggregator acknowledges them (on disk
 with ``outbox_dir``, so that a reboot keeps them; see outbox.py).
@@ -21,11 +23,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from fedmqtt import codec, signing
+from fedmqtt.compression import Compression, ErrorFeedback, compress
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
 from fedmqtt.outbox import Outbox, Pending
@@ -53,6 +56,10 @@ class AgentConfig:
     outbox_dir: str | Path | None = None  # unacknowledged updates on disk, in <outbox_dir>/<agent id>/
     dp: ClientDP | None = None  # client-level DP: clip and noise every delta before it leaves (fedmqtt.privacy)
     model_key: str | None = None  # the aggregator's Ed25519 public key (base64): adopt only models it signed
+    # "pull": take the retained model when a local round is about to start (subscribe, take it, unsubscribe);
+    # "push": stay subscribed and receive every version (a model per version on every device's link)
+    model_delivery: Literal["pull", "push"] = "pull"
+    compression: Compression = field(default_factory=Compression)  # how updates travel (compression.py)
 
 
 class GlobalModel(NamedTuple):
@@ -103,6 +110,14 @@ class EdgeAgent(Service):
         self.privacy = ClientPrivacy(self.config.dp, self.agent_id) if self.config.dp is not None else None
         if self.config.model_key is not None:
             signing.check_public(self.config.model_key)
+        if self.config.compression.method != "none" and self.config.encoding != "delta":
+            raise ConfigError("compressed updates are deltas; use encoding='delta'")
+        self._feedback = ErrorFeedback()  # top-k: what earlier updates left out
+        self._rng = np.random.default_rng()  # stochastic rounding
+        self._pulling = False  # subscribed to the model topic to take the next model (pull delivery)
+        self._fresh = False  # a model arrived since the pull started
+        self._model_subscribed = False  # pull: subscribed until a usable model comes
+        self.models_received = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def loops(self) -> dict[str, Loop]:
@@ -142,7 +157,13 @@ class EdgeAgent(Service):
     async def _on_connect(self, t: Transport) -> None:
         await self._publish_status(t, "online")
         await t.subscribe(self.topics.acks(self.agent_id), qos=1)
-        await t.subscribe(self.topics.model, qos=1)
+        if self.config.model_delivery == "push" or self._pulling:
+            await t.subscribe(self.topics.model, qos=1)
+            self._model_subscribed = True
+            self._model_changed.set()  # a training loop waiting for a connection looks again
+        elif self._model_subscribed:  # a kept session may still hold the subscription
+            await t.unsubscribe(self.topics.model)
+            self._model_subscribed = False
         for update_id, pending in list(self.outbox.items()):  # re-send what was never acked
             await self._send(update_id, pending.payload)
 
@@ -171,8 +192,10 @@ class EdgeAgent(Service):
         held = self.model.info if self.model else None
         # Within one epoch versions only grow (an older retained copy is ignored); a new epoch means the
         # aggregator started afresh and its version counter restarted.
+        self.models_received += 1
         if held is None or info.epoch != held.epoch or info.version >= held.version:
             self.model = GlobalModel(info, decoded.tensors)
+            self._fresh = True
             self._model_changed.set()
 
     def _on_ack_message(self, payload: bytes) -> None:
@@ -219,7 +242,8 @@ class EdgeAgent(Service):
                         self.model.info.version if self.model else None)
             self._future_base = 0
             self.model = None
-            self._resubscribe = asyncio.get_running_loop().create_task(self._retake(t))
+            if self.config.model_delivery == "push":  # pull takes the retained model before the next round
+                self._resubscribe = asyncio.get_running_loop().create_task(self._retake(t))
 
     async def _retake(self, t: Transport) -> None:
         with contextlib.suppress(TransportError):  # lost with the connection: the next connect subscribes anew
@@ -227,15 +251,55 @@ class EdgeAgent(Service):
 
     # ---- training and sending -------------------------------------------------------------------
     async def _next_model(self) -> GlobalModel:
-        """The newest model; in sync mode, one newer than the last this agent trained on."""
+        """The newest model; in sync mode, one newer than the last this agent trained on.
+
+        Pull delivery: the agent peeks at the retained model (subscribe and unsubscribe at once, so that
+        only the retained copy comes); only when that brings nothing usable (no model yet, or in sync mode
+        the version it already trained on) does it stay subscribed until a new version comes. Its link
+        then carries one model per local round, not one per global version."""
+        pull = self.config.model_delivery == "pull"
         while True:
             m = self.model
             last = self.trained_versions[-1] if self.trained_versions else None
             trained = last is not None and m is not None and m.info.epoch == last[0] and m.info.version <= last[1]
-            if m is not None and not (m.info.mode == "sync" and trained):
+            if m is not None and not (m.info.mode == "sync" and trained) and (not pull or self._fresh):
+                if self._pulling:
+                    await self._end_pull()
+                self._fresh = False  # the next round pulls again
                 return m
+            if pull and not self._pulling:
+                await self._start_pull()
+                continue  # what the peek brought is in self.model already
+            if pull and not self._model_subscribed:
+                await self._subscribe_model()
+                continue
             self._model_changed.clear()
             await self._model_changed.wait()
+
+    async def _start_pull(self) -> None:
+        self._pulling, self._fresh = True, False
+        t = self.transport
+        if t is not None and self.connected.is_set():  # else the next connect subscribes
+            with contextlib.suppress(TransportError):
+                await t.peek(self.topics.model, qos=1)
+
+    async def _subscribe_model(self) -> None:
+        t = self.transport
+        if t is not None and self.connected.is_set():
+            with contextlib.suppress(TransportError):
+                await t.subscribe(self.topics.model, qos=1)
+                self._model_subscribed = True
+                return
+        self._model_changed.clear()  # not connected: the next connect subscribes and wakes the loop
+        await self._model_changed.wait()
+
+    async def _end_pull(self) -> None:
+        self._pulling = False
+        t = self.transport
+        if self._model_subscribed and t is not None and self.connected.is_set():
+            with contextlib.suppress(TransportError):  # a session that is lost ends its subscription anyway
+                await t.unsubscribe(self.topics.model)
+                self._model_subscribed = False
 
     async def _training_loop(self) -> None:
         cfg = self.config
@@ -249,12 +313,19 @@ class EdgeAgent(Service):
             tensors = delta_of(new, model.params) if cfg.encoding == "delta" else new
             if self.privacy is not None:
                 tensors = self.privacy(tensors)
+            extra: dict[str, str] = {}
+            if cfg.compression.method != "none":
+                sent = (self._feedback(tensors, cfg.compression, self._rng)
+                        if cfg.compression.method == "topk" and cfg.compression.error_feedback
+                        else compress(tensors, cfg.compression, self._rng))
+                tensors, extra = sent.tensors, sent.metadata
             self.trained_versions.append((model.info.epoch, model.info.version))
             del self.trained_versions[:-100]
             update_id = uuid.uuid4().hex
             payload = codec.encode_update(
                 tensors, agent=self.agent_id, update_id=update_id, base_version=model.info.version,
-                num_samples=self.data.num_samples, encoding=cfg.encoding, model_fingerprint=self.fingerprint)
+                num_samples=self.data.num_samples, encoding=cfg.encoding, model_fingerprint=self.fingerprint,
+                extra=extra)
             remaining = cfg.round_seconds - (time.monotonic() - started)
             if remaining > 0:
                 await asyncio.sleep(remaining)

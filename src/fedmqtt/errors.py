@@ -40,6 +40,7 @@ class Reason(StrEnum):
     ONE_PER_ROUND = "one_per_round"  # sync: the agent already has an update in this round
     RATE_LIMITED = "rate_limited"  # the device sends faster than Limits.admission.max_rate
     SHARE_EXCEEDED = "share_exceeded"  # the device holds too many of the recent accepted updates
+    COMPRESSION = "compression"  # an unknown compressed form, or one whose indices or scales are invalid
 
 
 class FedMQTTError(Exception):

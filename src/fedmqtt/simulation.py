@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedmqtt import codec, core
+from fedmqtt.compression import Compression, ErrorFeedback, compress
 from fedmqtt.core import Limits
 from fedmqtt.privacy import ClientDP, ClientPrivacy
 from fedmqtt.strategies.base import Strategy
@@ -52,12 +53,14 @@ class Result:
     attacker_share: float  # attackers' fraction of all arrivals
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (arrivals, accuracy)
+    uplink_bytes: int = 0  # every update payload, as encoded
 
 
 def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sigma_speed: float = 0.75,
              attackers: frozenset[int] = frozenset(), attack: Attack | None = None,
              client_dp: ClientDP | None = None, limits: Limits | None = None, eval_points: int = 0,
-             round_size: int | None = None, prox_rho: float = 0.0) -> Result:
+             round_size: int | None = None, prox_rho: float = 0.0,
+             compression: Compression | None = None) -> Result:
     """Run ``updates`` arrivals through the core; returns the final test accuracy and counts."""
     n = task.num_clients
     rng = np.random.default_rng(seed)
@@ -68,6 +71,9 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
     data = [task.data_for(i, seed) for i in range(n)]
     speeds = rng.lognormal(0.0, sigma_speed, n) if sigma_speed else np.ones(n)
     dp = [ClientPrivacy(client_dp, str(i)) for i in range(n)] if client_dp else None
+    feedback = [ErrorFeedback() for _ in range(n)]  # top-k: each agent's residual
+    compress_rng = np.random.default_rng([seed, 0xC0])
+    uplink = 0  # update bytes as encoded
     base: list[tuple[int, dict[str, Any]]] = [(0, trainer.initial)] * n
     queue = [(float(speeds[i] * rng.uniform(1.0, 1.1)), i) for i in range(n)]
     heapq.heapify(queue)
@@ -96,8 +102,16 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
         if len(norms) < 200 and i not in attackers:
             norms.append(float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))))
         agent, update_id = f"sim-{i}", f"u{arrival}"
+        extra: dict[str, str] = {}
+        if compression is not None and compression.method != "none":
+            sent = (feedback[i](delta, compression, compress_rng)
+                    if compression.method == "topk" and compression.error_feedback
+                    else compress(delta, compression, compress_rng))
+            delta, extra = sent.tensors, sent.metadata
         payload = codec.encode_update(delta, agent=agent, update_id=update_id, base_version=base_version,
-                                      num_samples=data[i].num_samples, model_fingerprint=rules.reference.fingerprint)
+                                      num_samples=data[i].num_samples, model_fingerprint=rules.reference.fingerprint,
+                                      extra=extra)
+        uplink += len(payload)
         state, effects = core.receive(state, agent, payload, rules)
         applied += sum(r.accepted for r in effects.replies)
         deferred += not any(r.update_id == update_id for r in effects.replies)
@@ -118,4 +132,4 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
             curve.append((arrival, accuracy()))
     rejected = dict(state.counters.rejected)
     return Result(accuracy(), state.version, applied, sum(rejected.values()), deferred,
-                  statistics.median(norms) if norms else 0.0, attacked / updates, rejected, curve)
+                  statistics.median(norms) if norms else 0.0, attacked / updates, rejected, curve, uplink)

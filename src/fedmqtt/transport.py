@@ -110,6 +110,12 @@ class Transport(Protocol):
                         tb: TracebackType | None) -> None: ...
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
     async def subscribe(self, topic: str, qos: int = 1) -> None: ...
+    async def unsubscribe(self, topic: str) -> None: ...
+    async def peek(self, topic: str, qos: int = 1) -> None:
+        """Subscribe and unsubscribe at once (both packets go out before either reply): the broker sends what
+        is retained on ``topic`` and nothing published later. Returns once both are acknowledged; the
+        retained message, if any, has then been handed to ``on_message`` (a broker sends it before the
+        UNSUBACK; MQTT allows one to drop it, so a caller that got nothing subscribes properly)."""
     async def closed(self) -> None:
         """Return when the connection ends; TransportError when it was lost."""
 
@@ -222,6 +228,18 @@ class MqttTransport:
             await self._client.subscribe(topic, qos=qos, timeout=self._timeout)
         except aiomqtt.MqttError as exc:
             raise TransportError(f"subscribe to {topic} failed: {exc}") from exc
+
+    async def unsubscribe(self, topic: str) -> None:
+        try:
+            await self._client.unsubscribe(topic, timeout=self._timeout)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"unsubscribe from {topic} failed: {exc}") from exc
+
+    async def peek(self, topic: str, qos: int = 1) -> None:
+        # gather starts both calls before awaiting either reply: SUBSCRIBE and UNSUBSCRIBE leave back to back
+        sub = asyncio.ensure_future(self.subscribe(topic, qos))
+        unsub = asyncio.ensure_future(self.unsubscribe(topic))
+        await asyncio.gather(sub, unsub)
 
     async def closed(self) -> None:
         # The message iterator waits on aiomqtt's queue (never filled: see _delivery) and on the connection,
@@ -352,6 +370,15 @@ class MemoryTransport:
         for t, payload in list(self.broker.retained.items()):
             if topic_matches(topic, t):
                 self.deliver(Message(t, payload, True))
+
+    async def unsubscribe(self, topic: str) -> None:
+        self.filters = [f for f in self.filters if f != topic]
+
+    async def peek(self, topic: str, qos: int = 1) -> None:
+        for t, payload in list(self.broker.retained.items()):
+            if topic_matches(topic, t):
+                self.deliver(Message(t, payload, True))
+        await asyncio.sleep(0)  # handed over before this returns, as from a broker
 
     async def closed(self) -> None:
         await self._lost.wait()

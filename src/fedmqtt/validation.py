@@ -3,7 +3,8 @@
 Order (cheapest first, and so that a reason is never masked by a later one): size → header length (bounded
 by the model's own header size before it is parsed) and parse, each tensor's byte range included → schema →
 kind → metadata → agent matches topic → duplicate → base version not in the future → not stale →
-fingerprint → tensor names → shapes → dtypes → finite values → delta norm bound. Everything up to the dtypes
+fingerprint → compression (an announced form must be known; its indices and scales are checked once the
+header passed) → tensor names → shapes → dtypes → finite values → delta norm bound. Everything up to the dtypes
 is read from the header alone; tensor data is touched only after all of it passed, so refusing a hostile
 payload costs about as much as reading its header.
 """
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedmqtt import codec, dedup
+from fedmqtt import codec, compression, dedup
 from fedmqtt.errors import CodecError, InvalidUpdate, Reason
 from fedmqtt.schemas import parse_update_metadata
 from fedmqtt.types import Array, UpdateInfo, is_id
@@ -26,13 +27,13 @@ class Reference(NamedTuple):
 
     fingerprint: str
     spec: Mapping[str, tuple[tuple[int, ...], np.dtype[np.generic]]]
-    max_header: int  # bytes: an honest update's header is shorter (its tensors, fedmqtt's metadata, 16 KiB more)
+    max_header: int  # bytes: an honest update's header is shorter (two entries per tensor, metadata, 16 KiB more)
     wire: Mapping[str, tuple[list[int], str]]  # per tensor: shape and dtype as a safetensors header writes them
 
     @classmethod
     def of(cls, params: Mapping[str, Array]) -> Reference:
         spec = {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in params.items()}
-        max_header = sum(len(k.encode()) + 128 for k in spec) + (16 << 10)
+        max_header = sum(2 * len(k.encode()) + 256 for k in spec) + (16 << 10)  # compressed: two entries each
         wire = {k: (list(shape), codec.dtype_code(dtype)) for k, (shape, dtype) in spec.items()}
         return cls(codec.fingerprint(params), spec, max_header, wire)
 
@@ -81,6 +82,11 @@ def check_update(
             raise InvalidUpdate(Reason.STALE, f"staleness {staleness} > max_staleness {max_staleness}")
         if info.fingerprint != reference.fingerprint:
             raise InvalidUpdate(Reason.FINGERPRINT, "fingerprint differs from the global model's")
+        method = compression.method_of(metadata, info.encoding)
+        if method != "none":
+            compression.check_header(method, header, reference.spec)
+            tensors = compression.expand(method, codec.tensors_of(payload, where), reference.spec)
+            return Checked(info, tensors, staleness)
         names = header.keys() - {"__metadata__"}
         if names != reference.spec.keys():
             missing = sorted(reference.spec.keys() - names)[:3]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmqtt import codec
+from fedmqtt.compression import Compression, compress
 
 HERE = Path(__file__).parent
 
@@ -38,6 +39,17 @@ def main() -> None:
                    "tensors": {k: {"dtype": "F32", "shape": list(v.shape), "values": v.ravel().tolist()}
                                for k, v in delta.items()}},
     }
+    # Compressed forms of the same delta (protocol 1.1): the dense delta each one stands for is in expected.json.
+    compressed = {}
+    for label, setting in (("float16", "float16"), ("int8", "int8"), ("topk", "topk:0.34")):
+        sent = compress(delta, Compression.parse(setting), np.random.default_rng(7))
+        payload = codec.encode_update(sent.tensors, agent="edge-1", update_id=f"0123456789abcd{label[:2]}",
+                                      base_version=7, num_samples=42, model_fingerprint=fp, extra=sent.metadata)
+        (HERE / f"update_edge-1_{label}.safetensors").write_bytes(payload)
+        compressed[label] = {"metadata": codec.decode(payload).metadata,
+                             "dense": {k: {"shape": list(v.shape), "values": v.ravel().tolist()}
+                                       for k, v in sent.dense.items()}}
+    expected["compressed_updates"] = compressed
     (HERE / "expected.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
     print("fingerprint", fp)
 

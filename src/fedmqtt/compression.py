@@ -1,0 +1,205 @@
+"""Compressed updates (protocol 1.1, docs/protocol.md 3.5): float16, int8 with stochastic rounding, top-k.
+
+Pure functions. The agent side turns a dense delta into the tensors that travel (:func:`compress`) and keeps
+what top-k left out for the next update (:class:`ErrorFeedback`); the aggregator side checks a compressed
+payload's header against the model (:func:`check_header`, before any tensor is read) and rebuilds the dense
+delta (:func:`expand`), refusing out-of-range or repeated indices and non-finite scales.
+
+Wire forms, announced by ``fedmqtt.compression`` (for every model tensor ``<name>``):
+
+- ``float16``: ``<name>`` as F16, the model's shape.
+- ``int8``: ``<name>`` as I8, the model's shape, and ``<name>#scale`` as F32 of shape ``[]`` (one scale per
+  tensor) or ``[rows]`` (one per first-axis row); the value is ``scale * q``.
+- ``topk``: ``<name>#idx`` as I32 and ``<name>#val`` as F32, both of shape ``[k]`` with ``0 <= k <= size``:
+  strictly increasing positions into the flattened (C order) tensor, and the values there; the rest is 0.
+
+>>> import numpy as np
+>>> delta = {"w": np.array([[0.5, -2.0], [0.01, 1.0]], np.float32)}
+>>> sent = compress(delta, Compression.parse("topk:0.5"), np.random.default_rng(0))
+>>> sent.metadata, sent.tensors["w#idx"].tolist(), sent.dense["w"].tolist()
+({'fedmqtt.compression': 'topk'}, [1, 3], [[0.0, -2.0], [0.0, 1.0]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from fedmqtt.errors import ConfigError, InvalidUpdate, Reason
+from fedmqtt.types import Array
+
+Method = Literal["none", "float16", "int8", "topk"]
+METHODS: tuple[str, ...] = ("float16", "int8", "topk")
+KEY = "fedmqtt.compression"
+Spec = Mapping[str, tuple[tuple[int, ...], np.dtype[np.generic]]]  # validation.Reference.spec
+
+
+class Compression(NamedTuple):
+    """How an agent compresses its updates. ``parse`` reads the CLI form: ``none``, ``float16``, ``int8``
+    (a scale per row), ``int8-tensor`` (a scale per tensor), ``topk:0.01`` or ``topk:1%``."""
+
+    method: Method = "none"
+    fraction: float = 0.01  # topk: the share of each tensor's entries sent
+    per_row: bool = True  # int8: a scale per first-axis row (tensors of two or more dimensions)
+    error_feedback: bool = True  # topk: add what was left out to the next update
+
+    @classmethod
+    def parse(cls, text: str) -> Compression:
+        name, _, arg = text.strip().partition(":")
+        if name in ("none", "float16", "int8") and not arg:
+            return cls(name)  # type: ignore[arg-type]
+        if name == "int8-tensor" and not arg:
+            return cls("int8", per_row=False)
+        if name == "topk":
+            try:
+                fraction = float(arg[:-1]) / 100 if arg.endswith("%") else float(arg or "0.01")
+            except ValueError:
+                fraction = math.nan
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"topk needs a fraction in (0, 1], as topk:0.01 or topk:1%; got {arg!r}")
+            return cls("topk", fraction)
+        raise ConfigError(f"unknown compression {text!r}: none, float16, int8, int8-tensor, topk:<fraction>")
+
+    def __str__(self) -> str:
+        if self.method == "topk":
+            return f"topk:{self.fraction:g}"
+        return "int8-tensor" if self.method == "int8" and not self.per_row else self.method
+
+
+class Compressed(NamedTuple):
+    tensors: dict[str, Array]  # what travels
+    metadata: dict[str, str]  # extra update metadata announcing the form
+    dense: dict[str, Array]  # what the aggregator will rebuild (for error feedback)
+
+
+def compress(delta: Mapping[str, Array], setting: Compression, rng: np.random.Generator) -> Compressed:
+    """The wire tensors for ``delta`` (float32 deltas) under ``setting``."""
+    if setting.method == "none":
+        return Compressed(dict(delta), {}, dict(delta))
+    out: dict[str, Array] = {}
+    dense: dict[str, Array] = {}
+    for name, value in delta.items():
+        x = np.asarray(value, np.float32)
+        if setting.method == "float16":
+            out[name] = x.astype(np.float16)
+            dense[name] = out[name].astype(np.float32)
+        elif setting.method == "int8":
+            q, scale = _quantise(x, setting.per_row and x.ndim >= 2, rng)
+            out[name], out[f"{name}#scale"] = q, scale
+            dense[name] = _dequantise(q, scale)
+        else:
+            flat = x.ravel()
+            k = min(flat.size, max(1, math.ceil(setting.fraction * flat.size))) if flat.size else 0
+            idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]) if k else np.zeros(0, np.int64)
+            out[f"{name}#idx"] = idx.astype(np.int32)
+            out[f"{name}#val"] = flat[idx]
+            full = np.zeros(flat.size, np.float32)
+            full[idx] = flat[idx]
+            dense[name] = full.reshape(x.shape)
+    return Compressed(out, {KEY: setting.method}, dense)
+
+
+def _quantise(x: Array, per_row: bool, rng: np.random.Generator) -> tuple[Array, Array]:
+    """Symmetric int8 with stochastic rounding (unbiased: E[scale * q] = x)."""
+    rows = x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
+    peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
+    scale = (peak / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[:, None]
+    q = np.floor(rows / safe + rng.random(rows.shape, dtype=np.float32))
+    q = np.clip(q, -127, 127).astype(np.int8).reshape(x.shape)
+    return q, (scale if per_row else scale.reshape(()))
+
+
+def _dequantise(q: Array, scale: Array) -> Array:
+    rows = q.reshape(scale.shape[0], -1) if scale.ndim else q.reshape(1, -1)
+    return (rows.astype(np.float32) * np.reshape(scale, (-1, 1))).reshape(q.shape)
+
+
+class ErrorFeedback:
+    """The residual an agent keeps: what compression left out of earlier updates, added to the next one
+    (error feedback, as in Deep Gradient Compression and EF-SGD) so that nothing is lost, only delayed."""
+
+    def __init__(self) -> None:
+        self.residual: dict[str, Array] = {}
+
+    def __call__(self, delta: Mapping[str, Array], setting: Compression, rng: np.random.Generator) -> Compressed:
+        corrected = {k: np.add(v, self.residual[k], dtype=np.float32) if k in self.residual else
+                     np.asarray(v, np.float32) for k, v in delta.items()}
+        sent = compress(corrected, setting, rng)
+        self.residual = {k: np.subtract(corrected[k], sent.dense[k]) for k in corrected}
+        return sent
+
+
+# ---- the aggregator side ------------------------------------------------------------------------------
+def method_of(metadata: Mapping[str, str], encoding: str) -> Method:
+    """The announced form (``none`` when absent); InvalidUpdate(compression) for an unknown one."""
+    method = metadata.get(KEY)
+    if method is None:
+        return "none"
+    if method not in METHODS:
+        raise InvalidUpdate(Reason.COMPRESSION, f"unknown {KEY} {method!r}; known: {', '.join(METHODS)}")
+    if encoding != "delta":
+        raise InvalidUpdate(Reason.COMPRESSION, f"{KEY} {method} needs fedmqtt.encoding delta, not {encoding}")
+    return method  # type: ignore[return-value]
+
+
+def _expected(method: Method, name: str, shape: tuple[int, ...]) -> dict[str, tuple[list[list[int]] | None, str]]:
+    """Per wire tensor: the shapes allowed (None: [k], checked apart) and the dtype code."""
+    if method == "float16":
+        return {name: ([list(shape)], "F16")}
+    if method == "int8":
+        rows = [[], [shape[0]]] if len(shape) >= 1 else [[]]
+        return {name: ([list(shape)], "I8"), f"{name}#scale": (rows, "F32")}
+    return {f"{name}#idx": (None, "I32"), f"{name}#val": (None, "F32")}
+
+
+def check_header(method: Method, header: Mapping[str, object], spec: Spec) -> None:
+    """Names, shapes and dtypes of a compressed payload against the model, from its header alone."""
+    expected: dict[str, tuple[list[list[int]] | None, str]] = {}
+    for name, (shape, _) in spec.items():
+        expected.update(_expected(method, name, shape))
+    names = header.keys() - {"__metadata__"}
+    if names != expected.keys():
+        missing, extra = sorted(expected.keys() - names)[:3], sorted(names - expected.keys())[:3]
+        raise InvalidUpdate(Reason.TENSOR_NAMES, f"{method}: missing {missing}, unexpected {extra}")
+    for wire_name, (shapes, code) in expected.items():
+        entry = header[wire_name]
+        assert isinstance(entry, dict)  # codec.header_metadata checked every entry
+        if entry["dtype"] != code:
+            raise InvalidUpdate(Reason.DTYPE, f"{wire_name}: dtype {entry['dtype']} != {code}")
+        got = entry.get("shape")
+        if shapes is not None and got not in shapes:
+            raise InvalidUpdate(Reason.SHAPE, f"{wire_name}: shape {got} not one of {shapes}")
+    if method == "topk":
+        for name, (shape, _) in spec.items():
+            k_idx, k_val = header[f"{name}#idx"]["shape"], header[f"{name}#val"]["shape"]  # type: ignore[index]
+            size = math.prod(shape)
+            if len(k_idx) != 1 or k_idx != k_val or k_idx[0] > size:
+                raise InvalidUpdate(Reason.SHAPE, f"{name}: top-k shapes {k_idx} and {k_val} must both be [k], "
+                                                  f"k <= {size}")
+
+
+def expand(method: Method, tensors: Mapping[str, Array], spec: Spec) -> dict[str, Array]:
+    """The dense delta, in the model's dtypes, from wire tensors that passed :func:`check_header`."""
+    out: dict[str, Array] = {}
+    for name, (shape, dtype) in spec.items():
+        if method == "float16":
+            out[name] = tensors[name].astype(dtype)
+        elif method == "int8":
+            scale = np.asarray(tensors[f"{name}#scale"], np.float32)
+            if not np.isfinite(scale).all() or (scale < 0).any():
+                raise InvalidUpdate(Reason.COMPRESSION, f"{name}#scale holds a negative, NaN or Inf scale")
+            out[name] = _dequantise(tensors[name], scale).astype(dtype, copy=False)
+        else:
+            idx, val = tensors[f"{name}#idx"].astype(np.int64), tensors[f"{name}#val"]
+            size = math.prod(shape)
+            if idx.size and (idx[0] < 0 or idx[-1] >= size or (np.diff(idx) <= 0).any()):
+                raise InvalidUpdate(Reason.COMPRESSION,
+                                    f"{name}#idx must be strictly increasing positions in [0, {size})")
+            full = np.zeros(size, dtype)
+            full[idx] = val
+            out[name] = full.reshape(shape)
+    return out

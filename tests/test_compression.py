@@ -1,0 +1,200 @@
+"""compression.py: each form's round trip and error bound, error feedback, and the aggregator's strict decoder."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmqtt import codec, core, dedup
+from fedmqtt.compression import Compression, ErrorFeedback, compress
+from fedmqtt.core import Limits
+from fedmqtt.errors import ConfigError, InvalidUpdate
+from fedmqtt.strategies import fedbuff
+from fedmqtt.validation import Reference, check_update
+
+PARAMS = {"l1/kernel": np.zeros((16, 8), np.float32), "l1/bias": np.zeros(8, np.float32),
+          "out/kernel": np.zeros((8, 3), np.float32)}
+FP = codec.fingerprint(PARAMS)
+REF = Reference.of(PARAMS)
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def random_delta(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in PARAMS.items()}
+
+
+def payload(tensors: dict[str, np.ndarray], method: str | None, agent: str = "a", **meta: str) -> bytes:
+    extra = {"fedmqtt.compression": method} if method else {}
+    return codec.encode_update(tensors, agent=agent, update_id=uuid.uuid4().hex, base_version=0, num_samples=5,
+                               model_fingerprint=FP, extra={**extra, **meta})
+
+
+def check(p: bytes) -> dict[str, np.ndarray]:
+    return check_update(p, "a", reference=REF, version=0, max_staleness=4, seen=dedup.Seen()).tensors
+
+
+@pytest.mark.parametrize("setting", ["float16", "int8", "int8-tensor", "topk:0.1", "topk:100%"])
+def test_the_aggregator_rebuilds_exactly_what_the_agent_says_it_sent(setting: str) -> None:
+    delta = random_delta()
+    sent = compress(delta, Compression.parse(setting), np.random.default_rng(1))
+    got = check(payload(sent.tensors, sent.metadata["fedmqtt.compression"]))
+    for k in PARAMS:
+        assert got[k].dtype == np.float32 and got[k].shape == PARAMS[k].shape
+        np.testing.assert_array_equal(got[k], sent.dense[k])
+    wire = len(payload(sent.tensors, sent.metadata["fedmqtt.compression"]))
+    assert wire < len(payload(delta, None)) or setting == "topk:100%"
+
+
+def test_each_form_stays_within_its_error_bound() -> None:
+    delta = random_delta()
+    f16 = compress(delta, Compression("float16"), np.random.default_rng(0)).dense
+    i8 = compress(delta, Compression("int8"), np.random.default_rng(0)).dense
+    top = compress(delta, Compression("topk", 0.25), np.random.default_rng(0)).dense
+    for k, x in delta.items():
+        assert np.abs(f16[k] - x).max() <= np.abs(x).max() * 2**-10
+        step = np.abs(x).max(axis=tuple(range(1, x.ndim)), keepdims=True) / 127 if x.ndim >= 2 else np.abs(x).max() / 127
+        assert (np.abs(i8[k] - x) <= step * (1 + 1e-5)).all()  # stochastic rounding: within one step
+        kept = top[k] != 0
+        assert kept.sum() == np.ceil(0.25 * x.size)
+        assert np.abs(x[kept]).min() >= np.abs(x[~kept]).max()  # the largest magnitudes are the ones kept
+
+
+def test_int8_stochastic_rounding_is_unbiased() -> None:
+    x = {"w": np.full((4, 64), 0.3, np.float32), "b": np.linspace(-1, 1, 64, dtype=np.float32)}
+    x["w"][:, 0] = 1.0  # the scale is 1/127: 0.3 lies between two steps
+    rng = np.random.default_rng(0)
+    mean = {k: np.mean([compress(x, Compression("int8"), rng).dense[k] for _ in range(2000)], axis=0) for k in x}
+    for k in x:
+        np.testing.assert_allclose(mean[k], x[k], atol=2e-3)
+    assert np.unique(compress(x, Compression("int8"), rng).dense["w"][:, 1:]).size == 2  # two steps, not one
+
+
+def test_error_feedback_delivers_everything_eventually() -> None:
+    """With error feedback the sum of what was sent plus the residual equals the sum of the deltas, and
+    entries too small for any single top-k update still get through."""
+    ef = ErrorFeedback()
+    rng = np.random.default_rng(0)
+    deltas = [random_delta(i) for i in range(30)]
+    total_sent = {k: np.zeros_like(v) for k, v in PARAMS.items()}
+    for d in deltas:
+        sent = ef(d, Compression("topk", 0.05), rng)
+        for k in total_sent:
+            total_sent[k] += sent.dense[k]
+    for k in PARAMS:
+        np.testing.assert_allclose(total_sent[k] + ef.residual[k], sum(d[k] for d in deltas), atol=1e-4)
+    reached = sum(int((total_sent[k] != 0).sum()) for k in PARAMS)
+    assert reached > 0.5 * sum(v.size for v in PARAMS.values())  # without feedback: at most 30 × 5 %, same entries
+
+
+def test_the_cli_forms_parse_and_bad_ones_say_what_is_allowed() -> None:
+    assert Compression.parse("topk:1%") == Compression("topk", 0.01)
+    assert Compression.parse("int8-tensor") == Compression("int8", per_row=False)
+    assert str(Compression.parse("topk:0.05")) == "topk:0.05"
+    for bad in ("topk:0", "topk:2", "topk:x", "gzip", "float16:3"):
+        with pytest.raises(ConfigError, match=r"topk|unknown compression"):
+            Compression.parse(bad)
+
+
+# ---- the strict decoder -----------------------------------------------------------------------------
+def topk_tensors(k: int = 4, **over: np.ndarray) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name in PARAMS:
+        out[f"{name}#idx"] = np.arange(k, dtype=np.int32)
+        out[f"{name}#val"] = np.full(k, 0.01, np.float32)
+    return {**out, **over}
+
+
+def int8_tensors(**over: np.ndarray) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, v in PARAMS.items():
+        out[name] = np.ones(v.shape, np.int8)
+        out[f"{name}#scale"] = np.float32(0.01).reshape(())
+    return {**out, **over}
+
+
+MALFORMED = {
+    "unknown method": (lambda: payload(int8_tensors(), "int4"), "compression"),
+    "weights encoding": (lambda: payload(int8_tensors(), "int8", **{"fedmqtt.encoding": "weights"}), "compression"),
+    "index out of range": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.array([0, 1, 2, 8], np.int32)}),
+                                           "topk"), "compression"),
+    "negative index": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.array([-1, 1, 2, 3], np.int32)}),
+                                       "topk"), "compression"),
+    "repeated index": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.array([0, 1, 1, 3], np.int32)}),
+                                       "topk"), "compression"),
+    "unsorted index": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.array([3, 1, 2, 0], np.int32)}),
+                                       "topk"), "compression"),
+    "k above size": (lambda: payload(topk_tensors(9), "topk"), "shape"),
+    "k differs": (lambda: payload(topk_tensors(**{"l1/bias#val": np.zeros(3, np.float32)}), "topk"), "shape"),
+    "2-d indices": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.arange(4, dtype=np.int32).reshape(2, 2)}),
+                                    "topk"), "shape"),
+    "float indices": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.arange(4, dtype=np.float32)}), "topk"),
+                      "dtype"),
+    "int64 indices": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.arange(4, dtype=np.int64)}), "topk"),
+                      "dtype"),
+    "missing values": (lambda: payload({k: v for k, v in topk_tensors().items() if k != "out/kernel#val"},
+                                       "topk"), "tensor_names"),
+    "dense tensor in top-k": (lambda: payload({**topk_tensors(), "l1/bias": np.zeros(8, np.float32)}, "topk"),
+                              "tensor_names"),
+    "NaN value": (lambda: payload(topk_tensors(**{"l1/bias#val": np.array([0, np.nan, 0, 0], np.float32)}),
+                                  "topk"), "non_finite"),
+    "missing scale": (lambda: payload({k: v for k, v in int8_tensors().items() if k != "l1/bias#scale"},
+                                      "int8"), "tensor_names"),
+    "scale shape": (lambda: payload(int8_tensors(**{"l1/kernel#scale": np.ones(8, np.float32)}), "int8"), "shape"),
+    "NaN scale": (lambda: payload(int8_tensors(**{"l1/kernel#scale": np.float32(np.nan).reshape(())}), "int8"),
+                  "compression"),
+    "negative scale": (lambda: payload(int8_tensors(**{"l1/kernel#scale": np.float32(-1).reshape(())}), "int8"),
+                       "compression"),
+    "int16 quanta": (lambda: payload(int8_tensors(**{"l1/bias": np.ones(8, np.int16)}), "int8"), "dtype"),
+    "float16 Inf": (lambda: payload({k: np.full(v.shape, np.inf, np.float16) for k, v in PARAMS.items()},
+                                    "float16"), "non_finite"),
+    "float32 under float16": (lambda: payload(dict(PARAMS), "float16"), "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_every_malformed_compressed_form_is_refused_with_its_reason_and_changes_nothing(case: str) -> None:
+    make, reason = MALFORMED[case]
+    rules = core.rules(fedbuff(1), PARAMS, Limits(max_staleness=4, max_update_norm=100.0))
+    state = core.init(rules, PARAMS, epoch="t")
+    after, effects = core.receive(state, "a", make(), rules)
+    (reply,) = effects.replies
+    assert (reply.accepted, reply.reason) == (False, reason), reply.detail
+    assert after.params is state.params and after.version == 0 and effects.records == ()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 10), min_size=0, max_size=8), st.booleans())
+def test_any_index_list_is_either_expanded_exactly_or_refused(idx: list[int], nan: bool) -> None:
+    values = np.linspace(0.1, 0.8, len(idx), dtype=np.float32)
+    if nan and idx:
+        values[0] = np.nan
+    tensors = topk_tensors(**{"l1/bias#idx": np.array(idx, np.int32), "l1/bias#val": values})
+    well_formed = idx == sorted(set(idx)) and all(0 <= i < 8 for i in idx)
+    if not well_formed:
+        with pytest.raises(InvalidUpdate, match="compression"):
+            check(payload(tensors, "topk"))
+        return
+    dense = check(payload(tensors, "topk"))  # NaN values pass here: the core's finite check refuses them
+    expect = np.zeros(8, np.float32)
+    expect[idx] = values
+    np.testing.assert_array_equal(dense["l1/bias"], expect)  # NaN equals NaN here
+
+
+def test_the_vectors_decode_to_the_dense_deltas_they_document() -> None:
+    expected = json.loads((VECTORS / "expected.json").read_text())
+    params = {k: np.asarray(v["values"], np.float32).reshape(v["shape"])
+              for k, v in expected["model"]["tensors"].items()}
+    ref = Reference.of(params)
+    for label, want in expected["compressed_updates"].items():
+        raw = (VECTORS / f"update_edge-1_{label}.safetensors").read_bytes()
+        got = check_update(raw, "edge-1", reference=ref, version=7, max_staleness=4, seen=dedup.Seen()).tensors
+        assert codec.decode(raw).metadata == want["metadata"]
+        for k, v in want["dense"].items():
+            np.testing.assert_array_equal(got[k].ravel(), np.asarray(v["values"], np.float32))
