@@ -61,6 +61,31 @@ async def test_multi_agent_federation_learns(broker: BrokerConfig, federation: s
         assert max(counters.staleness) > 0
 
 
+async def test_pull_delivery_takes_one_model_per_round_where_push_takes_every_version(
+        broker: BrokerConfig, federation: str) -> None:
+    task, topics, connect, agg = services(broker, federation, agents=5)
+    async with agg:
+        await agg.wait_connected()
+        fast = [EdgeAgent(connect, f"fast-{i}", task.trainer(0), task.data_for(i),
+                          AgentConfig(topics=topics, round_seconds=0.02)) for i in range(3)]
+        pull, push = (EdgeAgent(connect, f"slow-{mode}", task.trainer(0), task.data_for(3 + k),
+                                AgentConfig(topics=topics, round_seconds=0.5, model_delivery=mode))  # type: ignore[arg-type]
+                      for k, mode in enumerate(("pull", "push")))
+        for a in [*fast, pull, push]:
+            await a.__aenter__()
+        try:
+            await pull.wait_updates(6, timeout=60)
+            await push.wait_updates(6, timeout=60)
+        finally:
+            for a in [*fast, pull, push]:
+                await a.__aexit__(None, None, None)
+    rounds = len(pull.trained_versions)
+    assert agg.version > 10 * rounds  # the fast agents made many versions meanwhile
+    assert rounds <= pull.models_received <= rounds + 2  # a model per round (the next round's, in flight)
+    assert push.models_received > 5 * len(push.trained_versions)
+    assert pull.acks["accepted"] >= 6 and pull.acks["rejected"] == 0
+
+
 async def test_late_joiner_gets_newest_retained_model(broker: BrokerConfig, federation: str) -> None:
     task, topics, connect, agg = services(broker, federation, agents=2)
     async with agg:

@@ -236,6 +236,11 @@ def edge(
     prox_rho: Annotated[float, typer.Option(min=0.0, help="FedAsync proximal term rho (0 = off)")] = 0.0,
     dp_clip: Annotated[float | None, typer.Option(help="client DP: clip each delta to this L2 norm")] = None,
     dp_noise: Annotated[float, typer.Option(min=0.0, help="client DP: noise multiplier sigma")] = 0.0,
+    compression: Annotated[str, typer.Option(
+        help="how updates travel: none, float16, int8, int8-tensor or topk:<fraction> (e.g. topk:1%, with "
+             "error feedback)")] = "none",
+    model_delivery: Annotated[str, typer.Option(
+        help="pull: take the retained model when a round starts; push: receive every version")] = "pull",
     outbox_dir: Annotated[str | None, typer.Option(
         help="keep unacknowledged updates on disk here, so they survive a reboot")] = None,
     model_key: Annotated[str | None, typer.Option(
@@ -260,6 +265,10 @@ def edge(
     _names(agent_id, prefix, federation)
     check_task(task)
     _broker_url(broker)
+    check_choice(model_delivery, ("pull", "push"), "model delivery")
+    from fedmqtt.compression import Compression
+
+    Compression.parse(compression)
     if print_config:
         print_config_and_exit(settings)
     from fedmqtt.edge_cli import run_edge

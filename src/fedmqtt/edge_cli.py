@@ -7,6 +7,7 @@ from typing import Any
 
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.cli_run import err, run, serve
+from fedmqtt.compression import Compression
 from fedmqtt.tasks import get_task, index_of
 from fedmqtt.topics import Topics
 from fedmqtt.transport import BrokerConfig, mqtt_connector
@@ -25,7 +26,8 @@ def run_edge(s: dict[str, Any]) -> None:
         else get_task(s["task"], seed=s["seed"])
     index = s["shard"] if s["shard"] is not None else index_of(s["agent_id"], task.num_clients)
     cfg = AgentConfig(topics=Topics(s["prefix"], s["federation"]), local_steps=s["local_steps"],
-                      round_seconds=s["round_seconds"], outbox_dir=s["outbox_dir"], model_key=s["model_key"])
+                      round_seconds=s["round_seconds"], outbox_dir=s["outbox_dir"], model_key=s["model_key"],
+                      compression=Compression.parse(s["compression"]), model_delivery=s["model_delivery"])
     if s["dp_clip"] is not None:
         from fedmqtt.privacy import ClientDP
 
