@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmqtt import codec, core, dedup
-from fedmqtt.compression import Compression, ErrorFeedback, compress
+from fedmqtt.compression import Compression, ErrorFeedback, check_header, compress, compress_model, expand
 from fedmqtt.core import Limits
 from fedmqtt.errors import ConfigError, InvalidUpdate
 from fedmqtt.strategies import fedbuff
@@ -198,3 +198,20 @@ def test_the_vectors_decode_to_the_dense_deltas_they_document() -> None:
         assert codec.decode(raw).metadata == want["metadata"]
         for k, v in want["dense"].items():
             np.testing.assert_array_equal(got[k].ravel(), np.asarray(v["values"], np.float32))
+
+
+@pytest.mark.parametrize("form", ["float16", "int8"])
+def test_a_compressed_model_expands_to_within_half_a_step_of_the_model(form: str) -> None:
+    params = random_delta(3)
+    packed = compress_model(params, form)
+    raw = codec.encode_model(packed.tensors, 5, model_fingerprint=FP, extra=packed.metadata)
+    header, _ = codec.read_header(raw)
+    check_header(form, header, REF.spec)
+    got = expand(form, codec.decode(raw).tensors, REF.spec)
+    data = len(raw) - 8 - codec.read_header(raw)[1]  # tensor bytes: 2 per weight, or 1 plus a scale per row
+    rows = sum(v.shape[0] if v.ndim >= 2 else 1 for v in params.values())
+    assert data == sum(v.size for v in params.values()) * (2 if form == "float16" else 1) + (form == "int8") * 4 * rows
+    for k, x in params.items():
+        step = np.abs(x).max(axis=tuple(range(1, x.ndim)), keepdims=True) / 127 if x.ndim >= 2 else np.abs(x).max() / 127
+        bound = np.maximum(np.abs(x) * 2**-11, 2**-25) if form == "float16" else step / 2  # 2**-25: subnormals
+        assert (np.abs(got[k] - x) <= bound * (1 + 1e-5)).all()

@@ -16,6 +16,7 @@ import pytest
 from fedmqtt import codec
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.compression import Compression
 from fedmqtt.schemas import Ack, Status
 from fedmqtt.strategies import fedasync
 from fedmqtt.tasks import get_task
@@ -84,6 +85,36 @@ async def test_pull_delivery_takes_one_model_per_round_where_push_takes_every_ve
     assert rounds <= pull.models_received <= rounds + 2  # a model per round (the next round's, in flight)
     assert push.models_received > 5 * len(push.trained_versions)
     assert pull.acks["accepted"] >= 6 and pull.acks["rejected"] == 0
+
+
+@pytest.mark.parametrize("forms", [("int8",), ()])
+async def test_a_compressed_model_download_is_used_when_published_and_the_full_one_otherwise(
+        broker: BrokerConfig, federation: str, forms: tuple[str, ...]) -> None:
+    task = get_task("digits", num_clients=2)
+    topics = Topics(federation=federation)
+    connect = mqtt_connector(broker)
+    trainer = task.trainer(0)
+    agg = Aggregator(connect, trainer.initial, fedasync(),
+                     AggregatorConfig(topics=topics, client_id=f"agg-{federation}", model_forms=forms))
+    async with agg:
+        await agg.wait_connected()
+        agent = EdgeAgent(connect, "slim-0", task.trainer(0), task.data_for(0),
+                          AgentConfig(topics=topics, model_download="int8", compression=Compression("topk", 0.1)))
+        seen: list[str] = []
+        inner = agent._on_message
+        agent._on_message = lambda m: (seen.append(m.topic), inner(m))[1]  # type: ignore[method-assign]
+        async with agent:
+            await agent.wait_updates(5, timeout=60)
+            held = agent.model
+        assert agent.acks["accepted"] >= 5 and agent.acks["rejected"] == 0
+        assert held is not None
+        models = [t for t in seen if t.startswith(topics.model)]
+        if forms:  # the full model at most once: before the aggregator's first int8 copy was retained
+            assert models.count(topics.model) <= 1 and models[-1] == topics.model_form("int8")
+            assert models.count(topics.model_form("int8")) >= len(agent.trained_versions) - 1
+        else:
+            assert set(models) == {topics.model} and len(models) >= len(agent.trained_versions)
+        assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in held.params.values())
 
 
 async def test_late_joiner_gets_newest_retained_model(broker: BrokerConfig, federation: str) -> None:

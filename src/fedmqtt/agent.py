@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from fedmqtt import codec, signing
+from fedmqtt import codec, compression, signing
 from fedmqtt.compression import Compression, ErrorFeedback, compress
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
@@ -60,6 +60,9 @@ class AgentConfig:
     # "push": stay subscribed and receive every version (a model per version on every device's link)
     model_delivery: Literal["pull", "push"] = "pull"
     compression: Compression = field(default_factory=Compression)  # how updates travel (compression.py)
+    # the model as it travels to the device: "float32" (model topic), or "float16" / "int8" (model/<form>,
+    # published when the aggregator's model_forms include it; else the agent takes the float32 model)
+    model_download: Literal["float32", "float16", "int8"] = "float32"
 
 
 class GlobalModel(NamedTuple):
@@ -116,8 +119,12 @@ class EdgeAgent(Service):
         self._rng = np.random.default_rng()  # stochastic rounding
         self._pulling = False  # subscribed to the model topic to take the next model (pull delivery)
         self._fresh = False  # a model arrived since the pull started
-        self._model_subscribed = False  # pull: subscribed until a usable model comes
+        self._model_subscribed: str | None = None  # pull: the topic subscribed to until a usable model comes
         self.models_received = 0
+        form = self.config.model_download
+        self._model_topic = self.topics.model if form == "float32" else self.topics.model_form(form)
+        self._form_seen = form == "float32"  # the aggregator publishes the chosen form (seen once)
+        self._spec = {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in trainer.initial.items()}
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def loops(self) -> dict[str, Loop]:
@@ -158,17 +165,19 @@ class EdgeAgent(Service):
         await self._publish_status(t, "online")
         await t.subscribe(self.topics.acks(self.agent_id), qos=1)
         if self.config.model_delivery == "push" or self._pulling:
-            await t.subscribe(self.topics.model, qos=1)
-            self._model_subscribed = True
+            topic = self._waiting_topic()
+            await t.subscribe(topic, qos=1)
+            self._model_subscribed = topic
             self._model_changed.set()  # a training loop waiting for a connection looks again
         elif self._model_subscribed:  # a kept session may still hold the subscription
-            await t.unsubscribe(self.topics.model)
-            self._model_subscribed = False
+            await t.unsubscribe(self._model_subscribed)
+            self._model_subscribed = None
         for update_id, pending in list(self.outbox.items()):  # re-send what was never acked
             await self._send(update_id, pending.payload)
 
     def _on_message(self, msg: Message) -> None:
-        if msg.topic == self.topics.model:
+        if msg.topic in (self._model_topic, self.topics.model):
+            self._form_seen = self._form_seen or msg.topic == self._model_topic
             self._on_model(msg.payload)
         elif msg.topic == self.topics.acks(self.agent_id):
             self._on_ack_message(msg.payload)
@@ -180,10 +189,17 @@ class EdgeAgent(Service):
                 signing.verify(payload, self.config.model_key)
             decoded = codec.decode(payload)
             info = parse_model_metadata(decoded.metadata)
+            tensors = decoded.tensors
+            form = decoded.metadata.get(compression.KEY)
+            if form is not None:  # a compressed download: checked against this agent's own model, expanded
+                if form not in compression.MODEL_FORMS:
+                    raise IncompatibleModel(f"unknown model form {form!r}")
+                compression.check_header(form, codec.read_header(payload)[0], self._spec)  # type: ignore[arg-type]
+                tensors = compression.expand(form, tensors, self._spec)  # type: ignore[arg-type]
             # the tensors themselves, not only the fingerprint the payload claims
-            if info.fingerprint != self.fingerprint or codec.fingerprint(decoded.tensors) != self.fingerprint:
+            if info.fingerprint != self.fingerprint or codec.fingerprint(tensors) != self.fingerprint:
                 raise IncompatibleModel("the global model's parameter tree differs from this agent's model")
-            if not all(np.isfinite(t).all() for t in decoded.tensors.values() if t.dtype.kind == "f"):
+            if not all(np.isfinite(t).all() for t in tensors.values() if t.dtype.kind == "f"):
                 raise IncompatibleModel("the global model holds NaN or Inf")
         except (CodecError, InvalidUpdate, IncompatibleModel) as exc:
             self.error = f"global model refused: {exc}"
@@ -194,7 +210,7 @@ class EdgeAgent(Service):
         # aggregator started afresh and its version counter restarted.
         self.models_received += 1
         if held is None or info.epoch != held.epoch or info.version >= held.version:
-            self.model = GlobalModel(info, decoded.tensors)
+            self.model = GlobalModel(info, tensors)
             self._fresh = True
             self._model_changed.set()
 
@@ -247,7 +263,7 @@ class EdgeAgent(Service):
 
     async def _retake(self, t: Transport) -> None:
         with contextlib.suppress(TransportError):  # lost with the connection: the next connect subscribes anew
-            await t.subscribe(self.topics.model, qos=1)
+            await t.subscribe(self._waiting_topic(), qos=1)
 
     # ---- training and sending -------------------------------------------------------------------
     async def _next_model(self) -> GlobalModel:
@@ -281,14 +297,17 @@ class EdgeAgent(Service):
         t = self.transport
         if t is not None and self.connected.is_set():  # else the next connect subscribes
             with contextlib.suppress(TransportError):
-                await t.peek(self.topics.model, qos=1)
+                await t.peek(self._model_topic, qos=1)
+                if not self._fresh and self._model_topic != self.topics.model:  # no such form published (yet)
+                    await t.peek(self.topics.model, qos=1)
 
     async def _subscribe_model(self) -> None:
         t = self.transport
         if t is not None and self.connected.is_set():
             with contextlib.suppress(TransportError):
-                await t.subscribe(self.topics.model, qos=1)
-                self._model_subscribed = True
+                topic = self._waiting_topic()
+                await t.subscribe(topic, qos=1)
+                self._model_subscribed = topic
                 return
         self._model_changed.clear()  # not connected: the next connect subscribes and wakes the loop
         await self._model_changed.wait()
@@ -298,8 +317,12 @@ class EdgeAgent(Service):
         t = self.transport
         if self._model_subscribed and t is not None and self.connected.is_set():
             with contextlib.suppress(TransportError):  # a session that is lost ends its subscription anyway
-                await t.unsubscribe(self.topics.model)
-                self._model_subscribed = False
+                await t.unsubscribe(self._model_subscribed)
+                self._model_subscribed = None
+
+    def _waiting_topic(self) -> str:
+        """Where to wait for the next version: the chosen form once the aggregator is seen publishing it."""
+        return self._model_topic if self._form_seen else self.topics.model
 
     async def _training_loop(self) -> None:
         cfg = self.config

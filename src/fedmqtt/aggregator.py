@@ -29,9 +29,10 @@ from typing import Any, Literal
 import numpy as np
 
 from fedmqtt import codec, core, ownership
+from fedmqtt.compression import MODEL_FORMS, compress_model
 from fedmqtt.core import Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability, Store, Volatile
-from fedmqtt.errors import StateError, TransportError
+from fedmqtt.errors import ConfigError, StateError, TransportError
 from fedmqtt.files import Fsync
 from fedmqtt.histogram import Durations
 from fedmqtt.presence import Presence
@@ -65,6 +66,7 @@ class AggregatorConfig:
     session_expiry: int = 3600  # the broker queues updates this long while the aggregator is away
     backoff_max: float = 10.0
     signing_key: str | Path | None = None  # Ed25519 PEM file: sign every model published (protocol 1.1)
+    model_forms: tuple[str, ...] = ()  # also publish the model compressed (float16, int8) on model/<form>
 
 
 class Aggregator(Service):
@@ -84,6 +86,8 @@ class Aggregator(Service):
         self.committed = self.state  # the newest state whose version may be published (its records are durable)
         self._evaluate = evaluate
         self._signer = Signer.from_file(cfg.signing_key) if cfg.signing_key is not None else None
+        if set(cfg.model_forms) - set(MODEL_FORMS):
+            raise ConfigError(f"model forms {list(cfg.model_forms)}: each one of {', '.join(MODEL_FORMS)}")
         self._recovered = False
         self.presence = Presence(cfg.max_online)
         self.eval: dict[str, float] = {}
@@ -123,12 +127,17 @@ class Aggregator(Service):
         """The current global parameters as numpy arrays."""
         return {k: np.asarray(v) for k, v in self.state.params.items()}
 
-    def model_payload(self) -> bytes:
-        """The newest committed model, encoded for the retained model topic."""
+    def model_payload(self, form: str | None = None) -> bytes:
+        """The newest committed model, encoded for the retained model topic (or, with ``form``, compressed
+        for ``model/<form>``)."""
         s = self.committed
-        payload = codec.encode_model({k: np.asarray(v) for k, v in s.params.items()}, s.version,
-                                     mode=self.strategy.mode, model_fingerprint=self.rules.reference.fingerprint,
-                                     extra={"fedmqtt.epoch": s.epoch})
+        params = {k: np.asarray(v) for k, v in s.params.items()}
+        extra = {"fedmqtt.epoch": s.epoch}
+        if form is not None:
+            packed = compress_model(params, form)
+            params, extra = packed.tensors, {**extra, **packed.metadata}
+        payload = codec.encode_model(params, s.version, mode=self.strategy.mode,
+                                     model_fingerprint=self.rules.reference.fingerprint, extra=extra)
         return self._signer.sign(payload) if self._signer is not None else payload
 
     def metrics(self) -> Metrics:
@@ -343,6 +352,8 @@ class Aggregator(Service):
                     version, payload = self.committed_version, self.model_payload()
                     self._own.append((version, self.committed.epoch))
                     await t.publish(self.topics.model, payload, qos=1, retain=True)
+                    for form in cfg.model_forms:
+                        await t.publish(self.topics.model_form(form), self.model_payload(form), qos=1, retain=True)
                     self._published_version = version
                     self.changed()
                 if time.monotonic() - last_metrics >= cfg.metrics_interval:

@@ -190,6 +190,9 @@ def aggregator(
     signing_key: Annotated[str | None, typer.Option(
         envvar="FEDMQTT_SIGNING_KEY_FILE", help="Ed25519 private key (PEM) to sign every model with "
         "(`broker init` makes one)")] = None,
+    model_forms: Annotated[str, typer.Option(
+        help="also publish the model compressed for slow links, comma-separated: float16, int8 (retained on "
+             "model/<form>)")] = "",
     init_model: Annotated[Path | None, typer.Option(
         help="start from these weights (safetensors, e.g. from --save-model) when there is no state yet")] = None,
     save_model: Annotated[Path | None, typer.Option(
@@ -213,6 +216,8 @@ def aggregator(
         raise typer.BadParameter("--ephemeral keeps no state; drop --state-dir or --ephemeral")
     if init_model is not None and not init_model.is_file():
         raise ConfigError(f"--init-model {init_model}: no such file")
+    for form in filter(None, model_forms.split(",")):
+        check_choice(form.strip(), ("float16", "int8"), "model form")
     if print_config:
         print_config_and_exit(settings)
     from fedmqtt.aggregator_cli import run_aggregator
@@ -241,6 +246,8 @@ def edge(
              "error feedback)")] = "none",
     model_delivery: Annotated[str, typer.Option(
         help="pull: take the retained model when a round starts; push: receive every version")] = "pull",
+    model_download: Annotated[str, typer.Option(
+        help="float32, or float16 / int8 where the aggregator publishes them (--model-forms)")] = "float32",
     outbox_dir: Annotated[str | None, typer.Option(
         help="keep unacknowledged updates on disk here, so they survive a reboot")] = None,
     model_key: Annotated[str | None, typer.Option(
@@ -266,6 +273,7 @@ def edge(
     check_task(task)
     _broker_url(broker)
     check_choice(model_delivery, ("pull", "push"), "model delivery")
+    check_choice(model_download, ("float32", "float16", "int8"), "model download")
     from fedmqtt.compression import Compression
 
     Compression.parse(compression)

@@ -3,7 +3,8 @@
 Pure functions. The agent side turns a dense delta into the tensors that travel (:func:`compress`) and keeps
 what top-k left out for the next update (:class:`ErrorFeedback`); the aggregator side checks a compressed
 payload's header against the model (:func:`check_header`, before any tensor is read) and rebuilds the dense
-delta (:func:`expand`), refusing out-of-range or repeated indices and non-finite scales.
+delta (:func:`expand`), refusing out-of-range or repeated indices and non-finite scales. The float16 and int8
+forms also serve compressed model downloads (:func:`compress_model`), checked and expanded the same way.
 
 Wire forms, announced by ``fedmqtt.compression`` (for every model tensor ``<name>``):
 
@@ -102,13 +103,13 @@ def compress(delta: Mapping[str, Array], setting: Compression, rng: np.random.Ge
     return Compressed(out, {KEY: setting.method}, dense)
 
 
-def _quantise(x: Array, per_row: bool, rng: np.random.Generator) -> tuple[Array, Array]:
-    """Symmetric int8 with stochastic rounding (unbiased: E[scale * q] = x)."""
+def _quantise(x: Array, per_row: bool, rng: np.random.Generator | None) -> tuple[Array, Array]:
+    """Symmetric int8 with stochastic rounding (unbiased: E[scale * q] = x), or to nearest without ``rng``."""
     rows = x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
     peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
     scale = (peak / 127.0).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)[:, None]
-    q = np.floor(rows / safe + rng.random(rows.shape, dtype=np.float32))
+    q = np.floor(rows / safe + rng.random(rows.shape, dtype=np.float32)) if rng is not None else np.rint(rows / safe)
     q = np.clip(q, -127, 127).astype(np.int8).reshape(x.shape)
     return q, (scale if per_row else scale.reshape(()))
 
@@ -116,6 +117,24 @@ def _quantise(x: Array, per_row: bool, rng: np.random.Generator) -> tuple[Array,
 def _dequantise(q: Array, scale: Array) -> Array:
     rows = q.reshape(scale.shape[0], -1) if scale.ndim else q.reshape(1, -1)
     return (rows.astype(np.float32) * np.reshape(scale, (-1, 1))).reshape(q.shape)
+
+
+MODEL_FORMS: tuple[str, ...] = ("float16", "int8")
+
+
+def compress_model(params: Mapping[str, Array], form: str) -> Compressed:
+    """A global model for a compressed download (``float16``, or ``int8`` with a scale per row, rounded to
+    nearest): about 1/2 or 1/4 of the float32 bytes. Agents train from it and send deltas against it."""
+    if form not in MODEL_FORMS:
+        raise ConfigError(f"unknown model form {form!r}: {', '.join(MODEL_FORMS)}")
+    out: dict[str, Array] = {}
+    for name, value in params.items():
+        x = np.asarray(value, np.float32)
+        if form == "float16":
+            out[name] = x.astype(np.float16)
+        else:
+            out[name], out[f"{name}#scale"] = _quantise(x, x.ndim >= 2, None)
+    return Compressed(out, {KEY: form}, {})
 
 
 class ErrorFeedback:

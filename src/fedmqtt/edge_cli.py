@@ -27,7 +27,8 @@ def run_edge(s: dict[str, Any]) -> None:
     index = s["shard"] if s["shard"] is not None else index_of(s["agent_id"], task.num_clients)
     cfg = AgentConfig(topics=Topics(s["prefix"], s["federation"]), local_steps=s["local_steps"],
                       round_seconds=s["round_seconds"], outbox_dir=s["outbox_dir"], model_key=s["model_key"],
-                      compression=Compression.parse(s["compression"]), model_delivery=s["model_delivery"])
+                      compression=Compression.parse(s["compression"]), model_delivery=s["model_delivery"],
+                      model_download=s["model_download"])
     if s["dp_clip"] is not None:
         from fedmqtt.privacy import ClientDP
 

@@ -68,7 +68,7 @@ def link_mix(n: int, mix: dict[str, float], seed: int = 0) -> list[LinkClass]:
     if unknown:
         raise ConfigError(f"unknown link classes {sorted(unknown)}; known: {', '.join(CLASSES)}")
     total = sum(mix.values())
-    counts = {k: int(round(n * v / total)) for k, v in mix.items()}
+    counts = {k: round(n * v / total) for k, v in mix.items()}
     first = next(iter(mix))
     counts[first] += n - sum(counts.values())
     links = [CLASSES[k] for k, c in counts.items() for _ in range(c)]

@@ -37,6 +37,10 @@ class Topics:
     def model(self) -> str:
         return f"{self.base}/model"
 
+    def model_form(self, form: str) -> str:
+        """The retained model in a compressed form (``float16``, ``int8``), for agents on slow links."""
+        return f"{self.base}/model/{form}"
+
     @property
     def metrics(self) -> str:
         return f"{self.base}/metrics"
