@@ -13,14 +13,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I32": np.int32, "I64": np.int64}
+VECTORS = Path(__file__).parent / "vectors"
+DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I32": np.int32, "I64": np.int64, "I8": np.int8}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
@@ -56,6 +56,40 @@ def fingerprint(tensors: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def expand(meta: dict[str, str], tensors: dict[str, np.ndarray], shapes: dict[str, list[int]]
+           ) -> dict[str, np.ndarray]:
+    """Section 3.5: the dense float32 delta a compressed update stands for."""
+    form = meta.get("fedmqtt.compression")
+    out = {}
+    for name, shape in shapes.items():
+        if form is None or form == "float16":
+            out[name] = tensors[name].astype(np.float32)
+        elif form == "int8":
+            q, scale = tensors[name].astype(np.float32), tensors[f"{name}#scale"]
+            out[name] = q * (scale.reshape([-1] + [1] * (len(shape) - 1)) if scale.shape else scale)
+        elif form == "topk":
+            idx, val = tensors[f"{name}#idx"], tensors[f"{name}#val"]
+            assert list(idx) == sorted(set(idx)) and all(0 <= i < np.prod(shape) for i in idx)
+            flat = np.zeros(int(np.prod(shape)), np.float32)
+            flat[idx] = val
+            out[name] = flat.reshape(shape)
+        else:
+            raise ValueError(form)
+    return out
+
+
+def test_independent_decoder_reads_every_compressed_vector() -> None:
+    expected = json.loads((VECTORS / "expected.json").read_text())
+    shapes = {k: v["shape"] for k, v in expected["model"]["tensors"].items()}
+    for label, want in expected["compressed_updates"].items():
+        meta, tensors = parse((VECTORS / f"update_edge-1_{label}.safetensors").read_bytes())
+        assert meta == want["metadata"] and meta["fedmqtt.compression"] == label
+        assert fingerprint({k: np.zeros(s, np.float32) for k, s in shapes.items()}) == meta["fedmqtt.fingerprint"]
+        dense = expand(meta, tensors, shapes)
+        for k, v in want["dense"].items():
+            np.testing.assert_array_equal(dense[k].ravel(), np.asarray(v["values"], np.float32))
+
+
 # ---- processes -------------------------------------------------------------------------------------
 @pytest.fixture
 def federation_processes(broker, federation: str) -> Iterator[str]:  # type: ignore[no-untyped-def]
@@ -77,6 +111,8 @@ def federation_processes(broker, federation: str) -> Iterator[str]:  # type: ign
                 p.kill()
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_independent_client_decodes_model_and_its_update_is_applied(broker, federation_processes: str) -> None:  # type: ignore[no-untyped-def]
     base = f"fedmqtt/{federation_processes}"
     me = f"proto-{uuid.uuid4().hex[:6]}"
@@ -128,12 +164,30 @@ def test_independent_client_decodes_model_and_its_update_is_applied(broker, fede
         assert ack["update_id"] == update_id
         assert ack["status"] == "accepted", ack
         assert ack["version"] > int(meta["fedmqtt.version"])
+
+        # The same, compressed (3.5): a top-k update with two entries per tensor.
+        sparse_id = uuid.uuid4().hex
+        sparse: dict[str, np.ndarray] = {}
+        for name, t in tensors.items():
+            sparse[f"{name}#idx"] = np.array([0, t.size - 1], np.int32)
+            sparse[f"{name}#val"] = np.array([1e-3, -1e-3], np.float32)
+        payload = build({"fedmqtt.schema": "1", "fedmqtt.kind": "update", "fedmqtt.agent": me,
+                         "fedmqtt.update_id": sparse_id, "fedmqtt.base_version": str(ack["version"]),
+                         "fedmqtt.num_samples": "10", "fedmqtt.encoding": "delta", "fedmqtt.compression": "topk",
+                         "fedmqtt.fingerprint": meta["fedmqtt.fingerprint"]}, sparse)
+        client.publish(f"{base}/updates/{me}", payload, qos=1).wait_for_publish(10)
+        ack = None
+        while time.monotonic() < deadline and ack is None:
+            topic, body = inbox.get(timeout=5)
+            if topic.endswith("/acks"):
+                ack = json.loads(body)
+        assert ack is not None and ack["update_id"] == sparse_id and ack["status"] == "accepted", ack
         # Metrics count the three edges' updates and ours.
-        while time.monotonic() < deadline and int(metrics.get("accepted", 0)) < 4:  # type: ignore[call-overload]
+        while time.monotonic() < deadline and int(metrics.get("accepted", 0)) < 5:  # type: ignore[call-overload]
             topic, body = inbox.get(timeout=5)
             if topic.endswith("/metrics"):
                 metrics = json.loads(body)
-        assert metrics["accepted"] >= 4 and metrics["rejected"] == 0
+        assert metrics["accepted"] >= 5 and metrics["rejected"] == 0
     finally:
         client.loop_stop()
         client.disconnect()
