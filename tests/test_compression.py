@@ -61,9 +61,10 @@ def test_each_form_stays_within_its_error_bound() -> None:
         assert np.abs(f16[k] - x).max() <= np.abs(x).max() * 2**-10
         step = np.abs(x).max(axis=tuple(range(1, x.ndim)), keepdims=True) / 127 if x.ndim >= 2 else np.abs(x).max() / 127
         assert (np.abs(i8[k] - x) <= step * (1 + 1e-5)).all()  # stochastic rounding: within one step
-        kept = top[k] != 0
-        assert kept.sum() == np.ceil(0.25 * x.size)
-        assert np.abs(x[kept]).min() >= np.abs(x[~kept]).max()  # the largest magnitudes are the ones kept
+    flat = np.concatenate([delta[k].ravel() for k in sorted(delta)])
+    kept = np.concatenate([top[k].ravel() for k in sorted(top)]) != 0
+    assert kept.sum() == np.ceil(0.25 * flat.size)  # a quarter of the model, wherever the largest are
+    assert np.abs(flat[kept]).min() >= np.abs(flat[~kept]).max()
 
 
 def test_int8_stochastic_rounding_is_unbiased() -> None:
@@ -103,12 +104,11 @@ def test_the_cli_forms_parse_and_bad_ones_say_what_is_allowed() -> None:
 
 
 # ---- the strict decoder -----------------------------------------------------------------------------
+SIZE = sum(v.size for v in PARAMS.values())  # 160 entries, flattened in name order
+
+
 def topk_tensors(k: int = 4, **over: np.ndarray) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for name in PARAMS:
-        out[f"{name}#idx"] = np.arange(k, dtype=np.int32)
-        out[f"{name}#val"] = np.full(k, 0.01, np.float32)
-    return {**out, **over}
+    return {"#idx": np.arange(k, dtype=np.int32), "#val": np.full(k, 0.01, np.float32), **over}
 
 
 def int8_tensors(**over: np.ndarray) -> dict[str, np.ndarray]:
@@ -122,27 +122,28 @@ def int8_tensors(**over: np.ndarray) -> dict[str, np.ndarray]:
 MALFORMED = {
     "unknown method": (lambda: payload(int8_tensors(), "int4"), "compression"),
     "weights encoding": (lambda: payload(int8_tensors(), "int8", **{"fedmqtt.encoding": "weights"}), "compression"),
-    "index out of range": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.array([0, 1, 2, 8], np.int32)}),
+    "index out of range": (lambda: payload(topk_tensors(**{"#idx": np.array([0, 1, 2, SIZE], np.int32)}),
                                            "topk"), "compression"),
-    "negative index": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.array([-1, 1, 2, 3], np.int32)}),
+    "negative index": (lambda: payload(topk_tensors(**{"#idx": np.array([-1, 1, 2, 3], np.int32)}),
                                        "topk"), "compression"),
-    "repeated index": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.array([0, 1, 1, 3], np.int32)}),
+    "repeated index": (lambda: payload(topk_tensors(**{"#idx": np.array([0, 1, 1, 3], np.int32)}),
                                        "topk"), "compression"),
-    "unsorted index": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.array([3, 1, 2, 0], np.int32)}),
+    "unsorted index": (lambda: payload(topk_tensors(**{"#idx": np.array([3, 1, 2, 0], np.int32)}),
                                        "topk"), "compression"),
-    "k above size": (lambda: payload(topk_tensors(9), "topk"), "shape"),
-    "k differs": (lambda: payload(topk_tensors(**{"l1/bias#val": np.zeros(3, np.float32)}), "topk"), "shape"),
-    "2-d indices": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.arange(4, dtype=np.int32).reshape(2, 2)}),
+    "k above size": (lambda: payload(topk_tensors(SIZE + 1), "topk"), "shape"),
+    "k differs": (lambda: payload(topk_tensors(**{"#val": np.zeros(3, np.float32)}), "topk"), "shape"),
+    "2-d indices": (lambda: payload(topk_tensors(**{"#idx": np.arange(4, dtype=np.int32).reshape(2, 2)}),
                                     "topk"), "shape"),
-    "float indices": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.arange(4, dtype=np.float32)}), "topk"),
+    "float indices": (lambda: payload(topk_tensors(**{"#idx": np.arange(4, dtype=np.float32)}), "topk"),
                       "dtype"),
-    "int64 indices": (lambda: payload(topk_tensors(**{"l1/bias#idx": np.arange(4, dtype=np.int64)}), "topk"),
+    "int64 indices": (lambda: payload(topk_tensors(**{"#idx": np.arange(4, dtype=np.int64)}), "topk"),
                       "dtype"),
-    "missing values": (lambda: payload({k: v for k, v in topk_tensors().items() if k != "out/kernel#val"},
-                                       "topk"), "tensor_names"),
+    "missing values": (lambda: payload({"#idx": np.arange(4, dtype=np.int32)}, "topk"), "tensor_names"),
     "dense tensor in top-k": (lambda: payload({**topk_tensors(), "l1/bias": np.zeros(8, np.float32)}, "topk"),
                               "tensor_names"),
-    "NaN value": (lambda: payload(topk_tensors(**{"l1/bias#val": np.array([0, np.nan, 0, 0], np.float32)}),
+    "per-tensor top-k": (lambda: payload({f"{k}#{p}": np.zeros(1, np.int32 if p == "idx" else np.float32)
+                                          for k in PARAMS for p in ("idx", "val")}, "topk"), "tensor_names"),
+    "NaN value": (lambda: payload(topk_tensors(**{"#val": np.array([0, np.nan, 0, 0], np.float32)}),
                                   "topk"), "non_finite"),
     "missing scale": (lambda: payload({k: v for k, v in int8_tensors().items() if k != "l1/bias#scale"},
                                       "int8"), "tensor_names"),
@@ -170,21 +171,22 @@ def test_every_malformed_compressed_form_is_refused_with_its_reason_and_changes_
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(-3, 10), min_size=0, max_size=8), st.booleans())
+@given(st.lists(st.integers(-3, SIZE + 2), min_size=0, max_size=12), st.booleans())
 def test_any_index_list_is_either_expanded_exactly_or_refused(idx: list[int], nan: bool) -> None:
     values = np.linspace(0.1, 0.8, len(idx), dtype=np.float32)
     if nan and idx:
         values[0] = np.nan
-    tensors = topk_tensors(**{"l1/bias#idx": np.array(idx, np.int32), "l1/bias#val": values})
-    well_formed = idx == sorted(set(idx)) and all(0 <= i < 8 for i in idx)
+    tensors = {"#idx": np.array(idx, np.int32), "#val": values}
+    well_formed = idx == sorted(set(idx)) and all(0 <= i < SIZE for i in idx)
     if not well_formed:
         with pytest.raises(InvalidUpdate, match="compression"):
             check(payload(tensors, "topk"))
         return
     dense = check(payload(tensors, "topk"))  # NaN values pass here: the core's finite check refuses them
-    expect = np.zeros(8, np.float32)
+    expect = np.zeros(SIZE, np.float32)
     expect[idx] = values
-    np.testing.assert_array_equal(dense["l1/bias"], expect)  # NaN equals NaN here
+    flat = np.concatenate([dense[k].ravel() for k in sorted(dense)])  # name order: l1/bias, l1/kernel, out/...
+    np.testing.assert_array_equal(flat, expect)  # NaN equals NaN here
 
 
 def test_the_vectors_decode_to_the_dense_deltas_they_document() -> None:

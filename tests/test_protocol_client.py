@@ -67,12 +67,14 @@ def expand(meta: dict[str, str], tensors: dict[str, np.ndarray], shapes: dict[st
         elif form == "int8":
             q, scale = tensors[name].astype(np.float32), tensors[f"{name}#scale"]
             out[name] = q * (scale.reshape([-1] + [1] * (len(shape) - 1)) if scale.shape else scale)
-        elif form == "topk":
-            idx, val = tensors[f"{name}#idx"], tensors[f"{name}#val"]
-            assert list(idx) == sorted(set(idx)) and all(0 <= i < np.prod(shape) for i in idx)
-            flat = np.zeros(int(np.prod(shape)), np.float32)
+        elif form == "topk":  # one selection over the model flattened in name order
+            sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
+            idx, val = tensors["#idx"], tensors["#val"]
+            assert list(idx) == sorted(set(idx)) and all(0 <= i < sum(sizes.values()) for i in idx)
+            flat = np.zeros(sum(sizes.values()), np.float32)
             flat[idx] = val
-            out[name] = flat.reshape(shape)
+            at = sum(sizes[n] for n in sorted(shapes) if n < name)
+            out[name] = flat[at : at + sizes[name]].reshape(shape)
         else:
             raise ValueError(form)
     return out
@@ -165,12 +167,10 @@ def test_independent_client_decodes_model_and_its_update_is_applied(broker, fede
         assert ack["status"] == "accepted", ack
         assert ack["version"] > int(meta["fedmqtt.version"])
 
-        # The same, compressed (3.5): a top-k update with two entries per tensor.
+        # The same, compressed (3.5): a top-k update with three entries.
         sparse_id = uuid.uuid4().hex
-        sparse: dict[str, np.ndarray] = {}
-        for name, t in tensors.items():
-            sparse[f"{name}#idx"] = np.array([0, t.size - 1], np.int32)
-            sparse[f"{name}#val"] = np.array([1e-3, -1e-3], np.float32)
+        n = sum(t.size for t in tensors.values())
+        sparse = {"#idx": np.array([0, n // 2, n - 1], np.int32), "#val": np.array([1e-3, -1e-3, 1e-3], np.float32)}
         payload = build({"fedmqtt.schema": "1", "fedmqtt.kind": "update", "fedmqtt.agent": me,
                          "fedmqtt.update_id": sparse_id, "fedmqtt.base_version": str(ack["version"]),
                          "fedmqtt.num_samples": "10", "fedmqtt.encoding": "delta", "fedmqtt.compression": "topk",

@@ -11,14 +11,16 @@ Wire forms, announced by ``fedmqtt.compression`` (for every model tensor ``<name
 - ``float16``: ``<name>`` as F16, the model's shape.
 - ``int8``: ``<name>`` as I8, the model's shape, and ``<name>#scale`` as F32 of shape ``[]`` (one scale per
   tensor) or ``[rows]`` (one per first-axis row); the value is ``scale * q``.
-- ``topk``: ``<name>#idx`` as I32 and ``<name>#val`` as F32, both of shape ``[k]`` with ``0 <= k <= size``:
-  strictly increasing positions into the flattened (C order) tensor, and the values there; the rest is 0.
+- ``topk`` (for the whole model, not per tensor): ``#idx`` as I32 and ``#val`` as F32, both of shape
+  ``[k]`` with ``0 <= k <= n``: strictly increasing positions into the model flattened (tensors in name
+  order, as in the fingerprint, each row-major; n entries in all), and the values there; the rest is 0.
+  Two header entries whatever the model, so a small model's update is not mostly header.
 
 >>> import numpy as np
->>> delta = {"w": np.array([[0.5, -2.0], [0.01, 1.0]], np.float32)}
->>> sent = compress(delta, Compression.parse("topk:0.5"), np.random.default_rng(0))
->>> sent.metadata, sent.tensors["w#idx"].tolist(), sent.dense["w"].tolist()
-({'fedmqtt.compression': 'topk'}, [1, 3], [[0.0, -2.0], [0.0, 1.0]])
+>>> delta = {"w": np.array([[0.5, -2.0], [0.01, 1.0]], np.float32), "b": np.array([0.1], np.float32)}
+>>> sent = compress(delta, Compression.parse("topk:0.4"), np.random.default_rng(0))
+>>> sent.metadata, sent.tensors["#idx"].tolist(), sent.dense["w"].tolist()
+({'fedmqtt.compression': 'topk'}, [2, 4], [[0.0, -2.0], [0.0, 1.0]])
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Compression(NamedTuple):
     (a scale per row), ``int8-tensor`` (a scale per tensor), ``topk:0.01`` or ``topk:1%``."""
 
     method: Method = "none"
-    fraction: float = 0.01  # topk: the share of each tensor's entries sent
+    fraction: float = 0.01  # topk: the share of the model's entries sent
     per_row: bool = True  # int8: a scale per first-axis row (tensors of two or more dimensions)
     error_feedback: bool = True  # topk: add what was left out to the next update
 
@@ -80,6 +82,8 @@ def compress(delta: Mapping[str, Array], setting: Compression, rng: np.random.Ge
     """The wire tensors for ``delta`` (float32 deltas) under ``setting``."""
     if setting.method == "none":
         return Compressed(dict(delta), {}, dict(delta))
+    if setting.method == "topk":
+        return _topk(delta, setting.fraction)
     out: dict[str, Array] = {}
     dense: dict[str, Array] = {}
     for name, value in delta.items():
@@ -87,20 +91,32 @@ def compress(delta: Mapping[str, Array], setting: Compression, rng: np.random.Ge
         if setting.method == "float16":
             out[name] = x.astype(np.float16)
             dense[name] = out[name].astype(np.float32)
-        elif setting.method == "int8":
+        else:
             q, scale = _quantise(x, setting.per_row and x.ndim >= 2, rng)
             out[name], out[f"{name}#scale"] = q, scale
             dense[name] = _dequantise(q, scale)
-        else:
-            flat = x.ravel()
-            k = min(flat.size, max(1, math.ceil(setting.fraction * flat.size))) if flat.size else 0
-            idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]) if k else np.zeros(0, np.int64)
-            out[f"{name}#idx"] = idx.astype(np.int32)
-            out[f"{name}#val"] = flat[idx]
-            full = np.zeros(flat.size, np.float32)
-            full[idx] = flat[idx]
-            dense[name] = full.reshape(x.shape)
     return Compressed(out, {KEY: setting.method}, dense)
+
+
+def _topk(delta: Mapping[str, Array], fraction: float) -> Compressed:
+    names = sorted(delta)
+    flat = np.concatenate([np.asarray(delta[n], np.float32).ravel() for n in names]) if names else np.zeros(0)
+    n = flat.size
+    k = min(n, max(1, math.ceil(fraction * n))) if n else 0
+    idx = np.sort(np.argpartition(np.abs(flat), n - k)[n - k:]) if k else np.zeros(0, np.int64)
+    kept = np.zeros(n, np.float32)
+    kept[idx] = flat[idx]
+    return Compressed({"#idx": idx.astype(np.int32), "#val": flat[idx]}, {KEY: "topk"},
+                      _unflatten(kept, {m: np.shape(delta[m]) for m in names}))
+
+
+def _unflatten(flat: Array, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Array]:
+    out, at = {}, 0
+    for name in sorted(shapes):
+        size = math.prod(shapes[name])
+        out[name] = flat[at : at + size].reshape(shapes[name])
+        at += size
+    return out
 
 
 def _quantise(x: Array, per_row: bool, rng: np.random.Generator | None) -> tuple[Array, Array]:
@@ -169,17 +185,18 @@ def _expected(method: Method, name: str, shape: tuple[int, ...]) -> dict[str, tu
     """Per wire tensor: the shapes allowed (None: [k], checked apart) and the dtype code."""
     if method == "float16":
         return {name: ([list(shape)], "F16")}
-    if method == "int8":
-        rows = [[], [shape[0]]] if len(shape) >= 1 else [[]]
-        return {name: ([list(shape)], "I8"), f"{name}#scale": (rows, "F32")}
-    return {f"{name}#idx": (None, "I32"), f"{name}#val": (None, "F32")}
+    rows = [[], [shape[0]]] if len(shape) >= 1 else [[]]
+    return {name: ([list(shape)], "I8"), f"{name}#scale": (rows, "F32")}
 
 
 def check_header(method: Method, header: Mapping[str, object], spec: Spec) -> None:
     """Names, shapes and dtypes of a compressed payload against the model, from its header alone."""
     expected: dict[str, tuple[list[list[int]] | None, str]] = {}
-    for name, (shape, _) in spec.items():
-        expected.update(_expected(method, name, shape))
+    if method == "topk":
+        expected = {"#idx": (None, "I32"), "#val": (None, "F32")}
+    else:
+        for name, (shape, _) in spec.items():
+            expected.update(_expected(method, name, shape))
     names = header.keys() - {"__metadata__"}
     if names != expected.keys():
         missing, extra = sorted(expected.keys() - names)[:3], sorted(names - expected.keys())[:3]
@@ -193,16 +210,23 @@ def check_header(method: Method, header: Mapping[str, object], spec: Spec) -> No
         if shapes is not None and got not in shapes:
             raise InvalidUpdate(Reason.SHAPE, f"{wire_name}: shape {got} not one of {shapes}")
     if method == "topk":
-        for name, (shape, _) in spec.items():
-            k_idx, k_val = header[f"{name}#idx"]["shape"], header[f"{name}#val"]["shape"]  # type: ignore[index]
-            size = math.prod(shape)
-            if len(k_idx) != 1 or k_idx != k_val or k_idx[0] > size:
-                raise InvalidUpdate(Reason.SHAPE, f"{name}: top-k shapes {k_idx} and {k_val} must both be [k], "
-                                                  f"k <= {size}")
+        k_idx, k_val = header["#idx"]["shape"], header["#val"]["shape"]  # type: ignore[index]
+        size = sum(math.prod(shape) for shape, _ in spec.values())
+        if len(k_idx) != 1 or k_idx != k_val or k_idx[0] > size:
+            raise InvalidUpdate(Reason.SHAPE, f"top-k shapes {k_idx} and {k_val} must both be [k], k <= {size}")
 
 
 def expand(method: Method, tensors: Mapping[str, Array], spec: Spec) -> dict[str, Array]:
     """The dense delta, in the model's dtypes, from wire tensors that passed :func:`check_header`."""
+    if method == "topk":
+        idx, val = tensors["#idx"].astype(np.int64), tensors["#val"]
+        size = sum(math.prod(shape) for shape, _ in spec.values())
+        if idx.size and (idx[0] < 0 or idx[-1] >= size or (np.diff(idx) <= 0).any()):
+            raise InvalidUpdate(Reason.COMPRESSION, f"#idx must be strictly increasing positions in [0, {size})")
+        full = np.zeros(size, np.float32)
+        full[idx] = val
+        parts = _unflatten(full, {name: shape for name, (shape, _) in spec.items()})
+        return {name: parts[name].astype(dtype, copy=False) for name, (_, dtype) in spec.items()}
     out: dict[str, Array] = {}
     for name, (shape, dtype) in spec.items():
         if method == "float16":
@@ -212,13 +236,4 @@ def expand(method: Method, tensors: Mapping[str, Array], spec: Spec) -> dict[str
             if not np.isfinite(scale).all() or (scale < 0).any():
                 raise InvalidUpdate(Reason.COMPRESSION, f"{name}#scale holds a negative, NaN or Inf scale")
             out[name] = _dequantise(tensors[name], scale).astype(dtype, copy=False)
-        else:
-            idx, val = tensors[f"{name}#idx"].astype(np.int64), tensors[f"{name}#val"]
-            size = math.prod(shape)
-            if idx.size and (idx[0] < 0 or idx[-1] >= size or (np.diff(idx) <= 0).any()):
-                raise InvalidUpdate(Reason.COMPRESSION,
-                                    f"{name}#idx must be strictly increasing positions in [0, {size})")
-            full = np.zeros(size, dtype)
-            full[idx] = val
-            out[name] = full.reshape(shape)
     return out
