@@ -228,7 +228,7 @@ def expand(method: Method, tensors: Mapping[str, Array], spec: Spec) -> dict[str
         parts = _unflatten(full, {name: shape for name, (shape, _) in spec.items()})
         return {name: parts[name].astype(dtype, copy=False) for name, (_, dtype) in spec.items()}
     out: dict[str, Array] = {}
-    for name, (shape, dtype) in spec.items():
+    for name, (_, dtype) in spec.items():
         if method == "float16":
             out[name] = tensors[name].astype(dtype)
         elif method == "int8":
