@@ -117,7 +117,8 @@ class EdgeAgent(Service):
             raise ConfigError("compressed updates are deltas; use encoding='delta'")
         self._feedback = ErrorFeedback()  # top-k: what earlier updates left out
         self._rng = np.random.default_rng()  # stochastic rounding
-        self._pulling = False  # subscribed to the model topic to take the next model (pull delivery)
+        self._pulling = False  # taking the next model (pull delivery)
+        self._peeked = False  # ... and has peeked at the retained one on this connection
         self._fresh = False  # a model arrived since the pull started
         self._model_subscribed: str | None = None  # pull: the topic subscribed to until a usable model comes
         self.models_received = 0
@@ -164,14 +165,14 @@ class EdgeAgent(Service):
     async def _on_connect(self, t: Transport) -> None:
         await self._publish_status(t, "online")
         await t.subscribe(self.topics.acks(self.agent_id), qos=1)
-        if self.config.model_delivery == "push" or self._pulling:
-            topic = self._waiting_topic()
-            await t.subscribe(topic, qos=1)
-            self._model_subscribed = topic
+        if self.config.model_delivery == "push":
+            await t.subscribe(self._waiting_topic(), qos=1)
+        else:
+            if self._model_subscribed:  # a kept session may still hold the subscription
+                await t.unsubscribe(self._model_subscribed)
+                self._model_subscribed = None
+            self._peeked = False  # a pull in progress peeks again on this connection
             self._model_changed.set()  # a training loop waiting for a connection looks again
-        elif self._model_subscribed:  # a kept session may still hold the subscription
-            await t.unsubscribe(self._model_subscribed)
-            self._model_subscribed = None
         for update_id, pending in list(self.outbox.items()):  # re-send what was never acked
             await self._send(update_id, pending.payload)
 
@@ -283,8 +284,8 @@ class EdgeAgent(Service):
                     await self._end_pull()
                 self._fresh = False  # the next round pulls again
                 return m
-            if pull and not self._pulling:
-                await self._start_pull()
+            if pull and not self._peeked:
+                await self._peek()
                 continue  # what the peek brought is in self.model already
             if pull and not self._model_subscribed:
                 await self._subscribe_model()
@@ -292,14 +293,19 @@ class EdgeAgent(Service):
             self._model_changed.clear()
             await self._model_changed.wait()
 
-    async def _start_pull(self) -> None:
-        self._pulling, self._fresh = True, False
+    async def _peek(self) -> None:
+        if not self._pulling:
+            self._pulling, self._fresh = True, False
         t = self.transport
-        if t is not None and self.connected.is_set():  # else the next connect subscribes
-            with contextlib.suppress(TransportError):
-                await t.peek(self._model_topic, qos=1)
-                if not self._fresh and self._model_topic != self.topics.model:  # no such form published (yet)
-                    await t.peek(self.topics.model, qos=1)
+        if t is None or not self.connected.is_set():  # the next connect wakes the loop
+            self._model_changed.clear()
+            await self._model_changed.wait()
+            return
+        with contextlib.suppress(TransportError):  # lost with the connection: the next one peeks again
+            await t.peek(self._model_topic, qos=1)
+            if not self._fresh and self._model_topic != self.topics.model:  # no such form published (yet)
+                await t.peek(self.topics.model, qos=1)
+            self._peeked = True
 
     async def _subscribe_model(self) -> None:
         t = self.transport
@@ -309,11 +315,11 @@ class EdgeAgent(Service):
                 await t.subscribe(topic, qos=1)
                 self._model_subscribed = topic
                 return
-        self._model_changed.clear()  # not connected: the next connect subscribes and wakes the loop
+        self._model_changed.clear()  # not connected: the next connect wakes the loop
         await self._model_changed.wait()
 
     async def _end_pull(self) -> None:
-        self._pulling = False
+        self._pulling, self._peeked = False, False
         t = self.transport
         if self._model_subscribed and t is not None and self.connected.is_set():
             with contextlib.suppress(TransportError):  # a session that is lost ends its subscription anyway

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Self
 
@@ -73,13 +73,14 @@ class Fleet(Service):
 
     stop_grace = 30.0  # each slot closes its agent cleanly (an "offline" status) when the fleet stops
 
-    def __init__(self, connect: Connector, task: Task, config: FleetConfig | None = None,
+    def __init__(self, connect: Connector | Sequence[Connector], task: Task, config: FleetConfig | None = None,
                  on_ack: Callable[[str, Ack], None] | None = None) -> None:
+        """``connect`` is one connector for every agent, or one per agent (agent i uses ``connect[i]``: each
+        behind its own emulated link, say)."""
         self.config = cfg = config or FleetConfig()
         super().__init__("fleet")
-        self._agents_connect = connect
+        self._agents_connect = list(connect) if isinstance(connect, Sequence) else [connect] * cfg.agents
         self.task = task
-        self._connect = connect
         self._on_ack = on_ack
         self.factors = speed_factors(cfg.agents, cfg.sigma, cfg.seed)
         shared = task.trainer(cfg.seed, prox_rho=cfg.prox_rho) if cfg.share_trainer else None
@@ -101,7 +102,7 @@ class Fleet(Service):
         agent_id = f"{self.config.id_prefix}{i}"
         on_ack = self._on_ack
         callback = (lambda ack, a=agent_id: on_ack(a, ack)) if on_ack else None
-        return EdgeAgent(self._agents_connect, agent_id, self._trainers[i], self._data[i], self._agent_cfgs[i],
+        return EdgeAgent(self._agents_connect[i], agent_id, self._trainers[i], self._data[i], self._agent_cfgs[i],
                          on_ack=callback)
 
     def warm_up(self) -> None:

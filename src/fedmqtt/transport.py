@@ -13,8 +13,10 @@ is read only to be dropped. A client that wants to ``await`` messages puts an :c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -207,6 +209,12 @@ class MqttTransport:
             await self._client.__aenter__()
         except aiomqtt.MqttError as exc:
             raise TransportError(f"cannot connect: {exc}") from exc
+        # No Nagle: a small packet (an ack, the UNSUBSCRIBE right behind a SUBSCRIBE in peek) goes out at
+        # once, not a round trip later behind unacknowledged data, which on a slow link costs seconds.
+        sock = self._client._client.socket()  # aiomqtt's paho client: the one way to reach the socket
+        if isinstance(sock, socket.socket):  # an SSLSocket is one too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
