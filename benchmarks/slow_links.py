@@ -47,6 +47,14 @@ CONFIGS = {
 }
 
 
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (and its waited-for children), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -100,7 +108,7 @@ async def hub_role(a: argparse.Namespace) -> None:
                    "cpu_seconds": cpu_seconds(os.getpid())}
     finally:
         broker.stop()
-    Path(a.out).write_text(json.dumps(out))
+    write_json(a.out, out)
 
 
 # ---- the fleet: every device, in the fleet namespace ------------------------------------------------------
@@ -160,9 +168,8 @@ async def fleet_role(a: argparse.Namespace) -> None:
     async with fleet:
         await stop.wait()
         agents = [{"acks": dict(ag.acks), "sent": ag.updates_sent, **counts[i]} for i, ag in enumerate(fleet.agents)]
-    Path(a.out).write_text(json.dumps({"agents": agents, "factors": fleet.factors,
-                                       "cpu_seconds": cpu_seconds(os.getpid()),
-                                       "config": replace(fleet.config, agent=agent).conditions()}))
+    write_json(a.out, {"agents": agents, "factors": fleet.factors, "cpu_seconds": cpu_seconds(os.getpid()),
+                       "config": replace(fleet.config, agent=agent).conditions()})
 
 
 # ---- one run: network, hub, fleet -------------------------------------------------------------------------
@@ -214,7 +221,7 @@ async def run_one(name: str, seed: int, a: argparse.Namespace, tmp: Path) -> dic
                         await asyncio.wait_for(p.wait(), 60)
                     except TimeoutError:
                         p.kill()
-    h, f = json.loads(hub_out.read_text()), json.loads(fleet_out.read_text())
+    h, f = read_json(hub_out), read_json(fleet_out)
     for c in h["curve"]:
         c["t"] = round(c["t"] - t0, 2)
     return {"config": name, "seed": seed, "compression": compression, "download": download, "delivery": delivery,
@@ -310,7 +317,7 @@ async def main_role(a: argparse.Namespace) -> None:
                   + f", up/device {s['up_bytes_per_device'] / 1e6:.2f} MB, down/device "
                   f"{s['down_bytes_per_device'] / 1e6:.2f} MB, models/accepted {s['models_per_accepted']:.2f}, "
                   f"CPU {s['cpu_share']:.0%}", flush=True)
-            (out / f"slow-links-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "results": results}))
+            write_json(out / f"slow-links-{stamp}.json", {"argv": sys.argv, "results": results})
     print("\n| configuration | final accuracy | accepted | "
           + " | ".join(f"time to {t:g} (s)" for t in targets)
           + " | up per device (kB) | down per device (kB) | up per accepted (kB) | down per accepted (kB) "

@@ -237,12 +237,12 @@ def compressed_hostile(i: int, base: int) -> bytes:
     """Compressed updates (protocol 1.1) that each break one rule of their form: an unknown form, top-k
     positions out of range, repeated or unsorted, int8 scales that are NaN, Inf or negative."""
     topk = {"#idx": np.arange(2, dtype=np.int32), "#val": np.full(2, 0.01, np.float32)}
-    int8 = {**{k: np.ones(v.shape, np.int8) for k, v in PARAMS.items()},
-            **{f"{k}#scale": np.float32(0.01).reshape(()) for k in PARAMS}}
-    bad_idx = [[0, sum(v.size for v in PARAMS.values())], [-5, 1], [1, 1], [1, 0]][i % 4]
+    n = sum(v.size for v in PARAMS.values())
+    int8 = {"#q": np.ones(n, np.int8), "#scale": np.full(-(-n // 256), 0.01, np.float32)}
+    bad_idx = [[0, n], [-5, 1], [1, 1], [1, 0]][i % 4]
     bad_scale = [np.nan, np.inf, -0.5][i % 3]
     form, tensors = [("topk", {**topk, "#idx": np.array(bad_idx, np.int32)}),
-                     ("int8", {**int8, "out/kernel#scale": np.float32(bad_scale).reshape(())}),
+                     ("int8", {**int8, "#scale": np.full(-(-n // 256), bad_scale, np.float32)}),
                      (["int4", "zstd", "TOPK", ""][i % 4], int8)][i % 3]
     return codec.encode_update(tensors, agent="h-compression", update_id=f"c{i}", base_version=base,
                                num_samples=1, model_fingerprint=FP, extra={"fedmqtt.compression": form})

@@ -60,23 +60,26 @@ def expand(meta: dict[str, str], tensors: dict[str, np.ndarray], shapes: dict[st
            ) -> dict[str, np.ndarray]:
     """Section 3.5: the dense float32 delta a compressed update stands for."""
     form = meta.get("fedmqtt.compression")
-    out = {}
-    for name, shape in shapes.items():
-        if form is None or form == "float16":
+    sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
+    total = sum(sizes.values())
+    flat = np.zeros(total, np.float32)  # int8 and topk: the model laid end to end in name order
+    if form == "int8":
+        q, scale = tensors["#q"], tensors["#scale"]
+        assert q.shape == (total,) and scale.shape == ((total + 255) // 256,) and (scale >= 0).all()
+        flat = q.astype(np.float32) * np.repeat(scale, 256)[:total]
+    elif form == "topk":
+        idx, val = tensors["#idx"], tensors["#val"]
+        assert list(idx) == sorted(set(idx)) and all(0 <= i < total for i in idx)
+        flat[idx] = val
+    elif form not in (None, "float16"):
+        raise ValueError(form)
+    out, at = {}, 0
+    for name in sorted(shapes):
+        if form in (None, "float16"):
             out[name] = tensors[name].astype(np.float32)
-        elif form == "int8":
-            q, scale = tensors[name].astype(np.float32), tensors[f"{name}#scale"]
-            out[name] = q * (scale.reshape([-1] + [1] * (len(shape) - 1)) if scale.shape else scale)
-        elif form == "topk":  # one selection over the model flattened in name order
-            sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
-            idx, val = tensors["#idx"], tensors["#val"]
-            assert list(idx) == sorted(set(idx)) and all(0 <= i < sum(sizes.values()) for i in idx)
-            flat = np.zeros(sum(sizes.values()), np.float32)
-            flat[idx] = val
-            at = sum(sizes[n] for n in sorted(shapes) if n < name)
-            out[name] = flat[at : at + sizes[name]].reshape(shape)
         else:
-            raise ValueError(form)
+            out[name] = flat[at : at + sizes[name]].reshape(shapes[name])
+        at += sizes[name]
     return out
 
 

@@ -6,15 +6,15 @@ payload's header against the model (:func:`check_header`, before any tensor is r
 delta (:func:`expand`), refusing out-of-range or repeated indices and non-finite scales. The float16 and int8
 forms also serve compressed model downloads (:func:`compress_model`), checked and expanded the same way.
 
-Wire forms, announced by ``fedmqtt.compression`` (for every model tensor ``<name>``):
+Wire forms, announced by ``fedmqtt.compression``. int8 and top-k work on the model **flattened**: its
+tensors laid end to end in name order (as in the fingerprint), each row-major, n entries in all; they have
+two header entries whatever the model, so that a small model's update is not mostly header.
 
-- ``float16``: ``<name>`` as F16, the model's shape.
-- ``int8``: ``<name>`` as I8, the model's shape, and ``<name>#scale`` as F32 of shape ``[]`` (one scale per
-  tensor) or ``[rows]`` (one per first-axis row); the value is ``scale * q``.
-- ``topk`` (for the whole model, not per tensor): ``#idx`` as I32 and ``#val`` as F32, both of shape
-  ``[k]`` with ``0 <= k <= n``: strictly increasing positions into the model flattened (tensors in name
-  order, as in the fingerprint, each row-major; n entries in all), and the values there; the rest is 0.
-  Two header entries whatever the model, so a small model's update is not mostly header.
+- ``float16``: every model tensor ``<name>`` as F16, the model's shape.
+- ``int8``: ``#q`` as I8 of shape ``[n]`` and ``#scale`` as F32 of shape ``[ceil(n / 256)]``: entry i is
+  ``q[i] * scale[i // 256]`` (a scale per block of 256 entries).
+- ``topk``: ``#idx`` as I32 and ``#val`` as F32, both of shape ``[k]`` with ``0 <= k <= n``: strictly
+  increasing positions into the flattened model and the values there; the rest is 0.
 
 >>> import numpy as np
 >>> delta = {"w": np.array([[0.5, -2.0], [0.01, 1.0]], np.float32), "b": np.array([0.1], np.float32)}
@@ -41,12 +41,11 @@ Spec = Mapping[str, tuple[tuple[int, ...], np.dtype[np.generic]]]  # validation.
 
 
 class Compression(NamedTuple):
-    """How an agent compresses its updates. ``parse`` reads the CLI form: ``none``, ``float16``, ``int8``
-    (a scale per row), ``int8-tensor`` (a scale per tensor), ``topk:0.01`` or ``topk:1%``."""
+    """How an agent compresses its updates. ``parse`` reads the CLI form: ``none``, ``float16``, ``int8``,
+    ``topk:0.01`` or ``topk:1%``."""
 
     method: Method = "none"
     fraction: float = 0.01  # topk: the share of the model's entries sent
-    per_row: bool = True  # int8: a scale per first-axis row (tensors of two or more dimensions)
     error_feedback: bool = True  # topk: add what was left out to the next update
 
     @classmethod
@@ -54,8 +53,6 @@ class Compression(NamedTuple):
         name, _, arg = text.strip().partition(":")
         if name in ("none", "float16", "int8") and not arg:
             return cls(name)  # type: ignore[arg-type]
-        if name == "int8-tensor" and not arg:
-            return cls("int8", per_row=False)
         if name == "topk":
             try:
                 fraction = float(arg[:-1]) / 100 if arg.endswith("%") else float(arg or "0.01")
@@ -64,12 +61,10 @@ class Compression(NamedTuple):
             if not 0 < fraction <= 1:
                 raise ConfigError(f"topk needs a fraction in (0, 1], as topk:0.01 or topk:1%; got {arg!r}")
             return cls("topk", fraction)
-        raise ConfigError(f"unknown compression {text!r}: none, float16, int8, int8-tensor, topk:<fraction>")
+        raise ConfigError(f"unknown compression {text!r}: none, float16, int8, topk:<fraction>")
 
     def __str__(self) -> str:
-        if self.method == "topk":
-            return f"topk:{self.fraction:g}"
-        return "int8-tensor" if self.method == "int8" and not self.per_row else self.method
+        return f"topk:{self.fraction:g}" if self.method == "topk" else self.method
 
 
 class Compressed(NamedTuple):
@@ -84,30 +79,35 @@ def compress(delta: Mapping[str, Array], setting: Compression, rng: np.random.Ge
         return Compressed(dict(delta), {}, dict(delta))
     if setting.method == "topk":
         return _topk(delta, setting.fraction)
-    out: dict[str, Array] = {}
-    dense: dict[str, Array] = {}
-    for name, value in delta.items():
-        x = np.asarray(value, np.float32)
-        if setting.method == "float16":
-            out[name] = x.astype(np.float16)
-            dense[name] = out[name].astype(np.float32)
-        else:
-            q, scale = _quantise(x, setting.per_row and x.ndim >= 2, rng)
-            out[name], out[f"{name}#scale"] = q, scale
-            dense[name] = _dequantise(q, scale)
-    return Compressed(out, {KEY: setting.method}, dense)
+    if setting.method == "int8":
+        return _int8(delta, rng)
+    tensors: dict[str, Array] = {k: np.asarray(v, np.float32).astype(np.float16) for k, v in delta.items()}
+    return Compressed(tensors, {KEY: "float16"}, {k: v.astype(np.float32) for k, v in tensors.items()})
+
+
+def _flatten(delta: Mapping[str, Array]) -> Array:
+    names = sorted(delta)
+    return np.concatenate([np.asarray(delta[n], np.float32).ravel() for n in names]) if names else np.zeros(0)
+
+
+def _shapes(delta: Mapping[str, Array]) -> dict[str, tuple[int, ...]]:
+    return {name: np.shape(value) for name, value in delta.items()}
+
+
+def _int8(delta: Mapping[str, Array], rng: np.random.Generator | None) -> Compressed:
+    q, scale = _quantise(_flatten(delta), rng)
+    return Compressed({"#q": q, "#scale": scale}, {KEY: "int8"}, _unflatten(_dequantise(q, scale), _shapes(delta)))
 
 
 def _topk(delta: Mapping[str, Array], fraction: float) -> Compressed:
-    names = sorted(delta)
-    flat = np.concatenate([np.asarray(delta[n], np.float32).ravel() for n in names]) if names else np.zeros(0)
+    flat = _flatten(delta)
     n = flat.size
     k = min(n, max(1, math.ceil(fraction * n))) if n else 0
     idx = np.sort(np.argpartition(np.abs(flat), n - k)[n - k:]) if k else np.zeros(0, np.int64)
     kept = np.zeros(n, np.float32)
     kept[idx] = flat[idx]
     return Compressed({"#idx": idx.astype(np.int32), "#val": flat[idx]}, {KEY: "topk"},
-                      _unflatten(kept, {m: np.shape(delta[m]) for m in names}))
+                      _unflatten(kept, _shapes(delta)))
 
 
 def _unflatten(flat: Array, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Array]:
@@ -119,38 +119,40 @@ def _unflatten(flat: Array, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, 
     return out
 
 
-def _quantise(x: Array, per_row: bool, rng: np.random.Generator | None) -> tuple[Array, Array]:
-    """Symmetric int8 with stochastic rounding (unbiased: E[scale * q] = x), or to nearest without ``rng``."""
-    rows = x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
-    peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
-    scale = (peak / 127.0).astype(np.float32)
+BLOCK = 256  # int8: entries per scale
+
+
+def _quantise(flat: Array, rng: np.random.Generator | None) -> tuple[Array, Array]:
+    """Symmetric int8, a scale per block of :data:`BLOCK` entries (max |x| / 127), with stochastic rounding
+    (unbiased: E[scale * q] = x), or rounded to nearest without ``rng``."""
+    n = flat.size
+    padded = np.zeros(-(-n // BLOCK) * BLOCK, np.float32)
+    padded[:n] = flat
+    blocks = padded.reshape(-1, BLOCK)
+    scale = (np.abs(blocks).max(axis=1) / 127.0).astype(np.float32) if n else np.zeros(0, np.float32)
     safe = np.where(scale > 0, scale, 1.0)[:, None]
-    q = np.floor(rows / safe + rng.random(rows.shape, dtype=np.float32)) if rng is not None else np.rint(rows / safe)
-    q = np.clip(q, -127, 127).astype(np.int8).reshape(x.shape)
-    return q, (scale if per_row else scale.reshape(()))
+    q = np.floor(blocks / safe + rng.random(blocks.shape, dtype=np.float32)) if rng is not None \
+        else np.rint(blocks / safe)
+    return np.clip(q, -127, 127).astype(np.int8).ravel()[:n], scale
 
 
 def _dequantise(q: Array, scale: Array) -> Array:
-    rows = q.reshape(scale.shape[0], -1) if scale.ndim else q.reshape(1, -1)
-    return (rows.astype(np.float32) * np.reshape(scale, (-1, 1))).reshape(q.shape)
+    out: Array = q.astype(np.float32) * np.repeat(np.asarray(scale, np.float32), BLOCK)[: q.size]
+    return out
 
 
 MODEL_FORMS: tuple[str, ...] = ("float16", "int8")
 
 
 def compress_model(params: Mapping[str, Array], form: str) -> Compressed:
-    """A global model for a compressed download (``float16``, or ``int8`` with a scale per row, rounded to
-    nearest): about 1/2 or 1/4 of the float32 bytes. Agents train from it and send deltas against it."""
+    """A global model for a compressed download (``float16``, or ``int8`` rounded to nearest): about 1/2 or
+    1/4 of the float32 bytes. Agents train from it and send deltas against it."""
     if form not in MODEL_FORMS:
         raise ConfigError(f"unknown model form {form!r}: {', '.join(MODEL_FORMS)}")
-    out: dict[str, Array] = {}
-    for name, value in params.items():
-        x = np.asarray(value, np.float32)
-        if form == "float16":
-            out[name] = x.astype(np.float16)
-        else:
-            out[name], out[f"{name}#scale"] = _quantise(x, x.ndim >= 2, None)
-    return Compressed(out, {KEY: form}, {})
+    if form == "int8":
+        packed = _int8(params, None)
+        return packed._replace(dense={})
+    return Compressed({k: np.asarray(v, np.float32).astype(np.float16) for k, v in params.items()}, {KEY: form}, {})
 
 
 class ErrorFeedback:
@@ -181,59 +183,49 @@ def method_of(metadata: Mapping[str, str], encoding: str) -> Method:
     return method  # type: ignore[return-value]
 
 
-def _expected(method: Method, name: str, shape: tuple[int, ...]) -> dict[str, tuple[list[list[int]] | None, str]]:
-    """Per wire tensor: the shapes allowed (None: [k], checked apart) and the dtype code."""
-    if method == "float16":
-        return {name: ([list(shape)], "F16")}
-    rows = [[], [shape[0]]] if len(shape) >= 1 else [[]]
-    return {name: ([list(shape)], "I8"), f"{name}#scale": (rows, "F32")}
-
-
 def check_header(method: Method, header: Mapping[str, object], spec: Spec) -> None:
     """Names, shapes and dtypes of a compressed payload against the model, from its header alone."""
-    expected: dict[str, tuple[list[list[int]] | None, str]] = {}
-    if method == "topk":
-        expected = {"#idx": (None, "I32"), "#val": (None, "F32")}
+    n = sum(math.prod(shape) for shape, _ in spec.values())
+    expected: dict[str, tuple[list[int] | None, str]]  # per wire tensor: its shape (None: [k]) and dtype
+    if method == "float16":
+        expected = {name: (list(shape), "F16") for name, (shape, _) in spec.items()}
+    elif method == "int8":
+        expected = {"#q": ([n], "I8"), "#scale": ([-(-n // BLOCK)], "F32")}
     else:
-        for name, (shape, _) in spec.items():
-            expected.update(_expected(method, name, shape))
+        expected = {"#idx": (None, "I32"), "#val": (None, "F32")}
     names = header.keys() - {"__metadata__"}
     if names != expected.keys():
         missing, extra = sorted(expected.keys() - names)[:3], sorted(names - expected.keys())[:3]
         raise InvalidUpdate(Reason.TENSOR_NAMES, f"{method}: missing {missing}, unexpected {extra}")
-    for wire_name, (shapes, code) in expected.items():
+    for wire_name, (shape, code) in expected.items():
         entry = header[wire_name]
         assert isinstance(entry, dict)  # codec.header_metadata checked every entry
         if entry["dtype"] != code:
             raise InvalidUpdate(Reason.DTYPE, f"{wire_name}: dtype {entry['dtype']} != {code}")
-        got = entry.get("shape")
-        if shapes is not None and got not in shapes:
-            raise InvalidUpdate(Reason.SHAPE, f"{wire_name}: shape {got} not one of {shapes}")
+        if shape is not None and entry.get("shape") != shape:
+            raise InvalidUpdate(Reason.SHAPE, f"{wire_name}: shape {entry.get('shape')} != {shape}")
     if method == "topk":
         k_idx, k_val = header["#idx"]["shape"], header["#val"]["shape"]  # type: ignore[index]
-        size = sum(math.prod(shape) for shape, _ in spec.values())
-        if len(k_idx) != 1 or k_idx != k_val or k_idx[0] > size:
-            raise InvalidUpdate(Reason.SHAPE, f"top-k shapes {k_idx} and {k_val} must both be [k], k <= {size}")
+        if len(k_idx) != 1 or k_idx != k_val or k_idx[0] > n:
+            raise InvalidUpdate(Reason.SHAPE, f"top-k shapes {k_idx} and {k_val} must both be [k], k <= {n}")
 
 
 def expand(method: Method, tensors: Mapping[str, Array], spec: Spec) -> dict[str, Array]:
     """The dense delta, in the model's dtypes, from wire tensors that passed :func:`check_header`."""
-    if method == "topk":
+    shapes = {name: shape for name, (shape, _) in spec.items()}
+    if method == "float16":
+        return {name: tensors[name].astype(dtype) for name, (_, dtype) in spec.items()}
+    n = sum(math.prod(shape) for shape in shapes.values())
+    if method == "int8":
+        scale = np.asarray(tensors["#scale"], np.float32)
+        if not np.isfinite(scale).all() or (scale < 0).any():
+            raise InvalidUpdate(Reason.COMPRESSION, "#scale holds a negative, NaN or Inf scale")
+        full = _dequantise(tensors["#q"], scale)
+    else:
         idx, val = tensors["#idx"].astype(np.int64), tensors["#val"]
-        size = sum(math.prod(shape) for shape, _ in spec.values())
-        if idx.size and (idx[0] < 0 or idx[-1] >= size or (np.diff(idx) <= 0).any()):
-            raise InvalidUpdate(Reason.COMPRESSION, f"#idx must be strictly increasing positions in [0, {size})")
-        full = np.zeros(size, np.float32)
+        if idx.size and (idx[0] < 0 or idx[-1] >= n or (np.diff(idx) <= 0).any()):
+            raise InvalidUpdate(Reason.COMPRESSION, f"#idx must be strictly increasing positions in [0, {n})")
+        full = np.zeros(n, np.float32)
         full[idx] = val
-        parts = _unflatten(full, {name: shape for name, (shape, _) in spec.items()})
-        return {name: parts[name].astype(dtype, copy=False) for name, (_, dtype) in spec.items()}
-    out: dict[str, Array] = {}
-    for name, (_, dtype) in spec.items():
-        if method == "float16":
-            out[name] = tensors[name].astype(dtype)
-        elif method == "int8":
-            scale = np.asarray(tensors[f"{name}#scale"], np.float32)
-            if not np.isfinite(scale).all() or (scale < 0).any():
-                raise InvalidUpdate(Reason.COMPRESSION, f"{name}#scale holds a negative, NaN or Inf scale")
-            out[name] = _dequantise(tensors[name], scale).astype(dtype, copy=False)
-    return out
+    parts = _unflatten(full, shapes)
+    return {name: parts[name].astype(dtype, copy=False) for name, (_, dtype) in spec.items()}

@@ -247,7 +247,9 @@ class MqttTransport:
         # gather starts both calls before awaiting either reply: SUBSCRIBE and UNSUBSCRIBE leave back to back
         sub = asyncio.ensure_future(self.subscribe(topic, qos))
         unsub = asyncio.ensure_future(self.unsubscribe(topic))
-        await asyncio.gather(sub, unsub)
+        for outcome in await asyncio.gather(sub, unsub, return_exceptions=True):  # both retrieved, then raised
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def closed(self) -> None:
         # The message iterator waits on aiomqtt's queue (never filled: see _delivery) and on the connection,
