@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+SELF = str(Path(__file__).resolve())
+ROOT = Path(SELF).parents[1]
 FEDERATION = "links"
 # name: (update compression, model download, model delivery)
 CONFIGS = {
@@ -181,7 +182,7 @@ async def run_one(name: str, seed: int, a: argparse.Namespace, tmp: Path) -> dic
     mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
     net = EmulatedNetwork(link_mix(30, mix, seed), seed=seed)
     port = free_port()
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, SELF]
     common = ["--port", str(port), "--seed", str(seed), "--task", a.task]
     hub_out, fleet_out = tmp / f"{name}-{seed}-hub.json", tmp / f"{name}-{seed}-fleet.json"
     series: list[dict[str, Any]] = []
@@ -297,10 +298,9 @@ async def main_role(a: argparse.Namespace) -> None:
         raise SystemExit(f"cannot emulate links: {why}")
     os.nice(-5)  # the links must not wait for the CPU behind the devices' training
     out = Path(a.results)
-    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tmp = out / f"slow-links-{stamp}"
-    tmp.mkdir()
+    tmp.mkdir(parents=True)  # noqa: ASYNC240  (once, before anything runs)
     targets = [float(t) for t in a.targets.split(",")]
     print(f"# {' '.join(sys.argv)}\n# {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"links {a.mix}; {a.strategy}, base {a.base_seconds} s, sigma {a.sigma}, {a.seconds:.0f} s per run",
