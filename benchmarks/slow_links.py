@@ -300,7 +300,7 @@ async def main_role(a: argparse.Namespace) -> None:
     out = Path(a.results)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tmp = out / f"slow-links-{stamp}"
-    tmp.mkdir(parents=True)  # noqa: ASYNC240  (once, before anything runs)
+    tmp.mkdir(parents=True)
     targets = [float(t) for t in a.targets.split(",")]
     print(f"# {' '.join(sys.argv)}\n# {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"links {a.mix}; {a.strategy}, base {a.base_seconds} s, sigma {a.sigma}, {a.seconds:.0f} s per run",
