@@ -12,15 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmqtt import codec, core, dedup
-from fedmqtt.compression import Compression, ErrorFeedback, check_header, compress, compress_model, expand
+from fedmqtt.compression import BLOCK, Compression, ErrorFeedback, check_header, compress, compress_model, expand
 from fedmqtt.core import Limits
 from fedmqtt.errors import ConfigError, InvalidUpdate
 from fedmqtt.strategies import fedbuff
 from fedmqtt.validation import Reference, check_update
 
-PARAMS = {"l1/kernel": np.zeros((16, 8), np.float32), "l1/bias": np.zeros(8, np.float32),
-          "out/kernel": np.zeros((8, 3), np.float32)}
+PARAMS = {"l1/kernel": np.zeros((64, 20), np.float32), "l1/bias": np.zeros(20, np.float32),
+          "out/kernel": np.zeros((20, 3), np.float32)}  # 1,360 entries: three int8 blocks
 FP = codec.fingerprint(PARAMS)
+SIZE = sum(v.size for v in PARAMS.values())  # entries of the model flattened in name order
+BLOCKS = -(-SIZE // BLOCK)
 REF = Reference.of(PARAMS)
 VECTORS = Path(__file__).parent / "vectors"
 
@@ -60,7 +62,7 @@ def test_each_form_stays_within_its_error_bound() -> None:
     for k, x in delta.items():
         assert np.abs(f16[k] - x).max() <= np.abs(x).max() * 2**-10
     flat, flat_i8 = (np.concatenate([d[k].ravel() for k in sorted(d)]) for d in (delta, i8))
-    step = np.repeat(np.abs(np.pad(flat, (0, -flat.size % 256))).reshape(-1, 256).max(axis=1) / 127, 256)[:flat.size]
+    step = np.repeat(np.abs(np.pad(flat, (0, -flat.size % BLOCK))).reshape(-1, BLOCK).max(axis=1) / 127, BLOCK)[:SIZE]
     assert (np.abs(flat_i8 - flat) <= step * (1 + 1e-5)).all()  # stochastic rounding: within one step of its block
     flat = np.concatenate([delta[k].ravel() for k in sorted(delta)])
     kept = np.concatenate([top[k].ravel() for k in sorted(top)]) != 0
@@ -69,13 +71,13 @@ def test_each_form_stays_within_its_error_bound() -> None:
 
 
 def test_int8_stochastic_rounding_is_unbiased() -> None:
-    x = {"w": np.full((4, 64), 0.3, np.float32), "b": np.linspace(-1, 1, 64, dtype=np.float32)}
-    x["w"][:, 0] = 1.0  # each block's scale is 1/127: 0.3 lies between two steps
+    x = {"w": np.full((8, 64), 0.3, np.float32), "b": np.linspace(-1, 1, 512, dtype=np.float32)}
+    x["w"][0, 0] = 1.0  # both blocks' scale is 1/127: 0.3 lies between two steps
     rng = np.random.default_rng(0)
     mean = {k: np.mean([compress(x, Compression("int8"), rng).dense[k] for _ in range(2000)], axis=0) for k in x}
     for k in x:
         np.testing.assert_allclose(mean[k], x[k], atol=2e-3)
-    assert np.unique(compress(x, Compression("int8"), rng).dense["w"][:, 1:]).size == 2  # two steps, not one
+    assert np.unique(compress(x, Compression("int8"), rng).dense["w"].ravel()[1:]).size == 2  # two steps, not one
 
 
 def test_error_feedback_delivers_everything_eventually() -> None:
@@ -104,15 +106,14 @@ def test_the_cli_forms_parse_and_bad_ones_say_what_is_allowed() -> None:
 
 
 # ---- the strict decoder -----------------------------------------------------------------------------
-SIZE = sum(v.size for v in PARAMS.values())  # 160 entries, flattened in name order
 
 
 def topk_tensors(k: int = 4, **over: np.ndarray) -> dict[str, np.ndarray]:
     return {"#idx": np.arange(k, dtype=np.int32), "#val": np.full(k, 0.01, np.float32), **over}
 
 
-def int8_tensors(**over: np.ndarray) -> dict[str, np.ndarray]:  # 160 entries: one block
-    return {"#q": np.ones(SIZE, np.int8), "#scale": np.full(1, 0.01, np.float32), **over}
+def int8_tensors(**over: np.ndarray) -> dict[str, np.ndarray]:
+    return {"#q": np.ones(SIZE, np.int8), "#scale": np.full(BLOCKS, 0.01, np.float32), **over}
 
 
 MALFORMED = {
@@ -142,13 +143,13 @@ MALFORMED = {
     "NaN value": (lambda: payload(topk_tensors(**{"#val": np.array([0, np.nan, 0, 0], np.float32)}),
                                   "topk"), "non_finite"),
     "missing scale": (lambda: payload({"#q": np.ones(SIZE, np.int8)}, "int8"), "tensor_names"),
-    "scale per block too many": (lambda: payload(int8_tensors(**{"#scale": np.ones(2, np.float32)}), "int8"),
-                                 "shape"),
+    "a scale too many": (lambda: payload(int8_tensors(**{"#scale": np.ones(BLOCKS + 1, np.float32)}), "int8"),
+                         "shape"),
     "scalar scale": (lambda: payload(int8_tensors(**{"#scale": np.float32(1).reshape(())}), "int8"), "shape"),
     "quanta short": (lambda: payload(int8_tensors(**{"#q": np.ones(SIZE - 1, np.int8)}), "int8"), "shape"),
-    "NaN scale": (lambda: payload(int8_tensors(**{"#scale": np.full(1, np.nan, np.float32)}), "int8"),
+    "NaN scale": (lambda: payload(int8_tensors(**{"#scale": np.array([0.1, np.nan, 0.1], np.float32)}), "int8"),
                   "compression"),
-    "negative scale": (lambda: payload(int8_tensors(**{"#scale": np.full(1, -1, np.float32)}), "int8"),
+    "negative scale": (lambda: payload(int8_tensors(**{"#scale": np.array([0.1, 0.1, -1], np.float32)}), "int8"),
                        "compression"),
     "int16 quanta": (lambda: payload(int8_tensors(**{"#q": np.ones(SIZE, np.int16)}), "int8"), "dtype"),
     "per-tensor int8": (lambda: payload({k: np.ones(v.shape, np.int8) for k, v in PARAMS.items()}, "int8"),
@@ -210,11 +211,11 @@ def test_a_compressed_model_expands_to_within_half_a_step_of_the_model(form: str
     header, _ = codec.read_header(raw)
     check_header(form, header, REF.spec)
     got = expand(form, codec.decode(raw).tensors, REF.spec)
-    data = len(raw) - 8 - codec.read_header(raw)[1]  # tensor bytes: 2 per weight, or 1 plus 4 per 256
-    assert data == SIZE * 2 if form == "float16" else data == SIZE + 4 * -(-SIZE // 256)
+    data = len(raw) - 8 - codec.read_header(raw)[1]  # tensor bytes: 2 per weight, or 1 plus 4 per block
+    assert data == (SIZE * 2 if form == "float16" else SIZE + 4 * -(-SIZE // BLOCK))
     flat, flat_got = (np.concatenate([d[k].ravel() for k in sorted(d)]) for d in (params, got))
     if form == "float16":
         bound = np.maximum(np.abs(flat) * 2**-11, 2**-25)  # 2**-25: subnormals
     else:
-        bound = np.repeat(np.abs(np.pad(flat, (0, -SIZE % 256))).reshape(-1, 256).max(axis=1) / 254, 256)[:SIZE]
+        bound = np.repeat(np.abs(np.pad(flat, (0, -SIZE % BLOCK))).reshape(-1, BLOCK).max(axis=1) / 254, BLOCK)[:SIZE]
     assert (np.abs(flat_got - flat) <= bound * (1 + 1e-5)).all()

@@ -238,11 +238,11 @@ def compressed_hostile(i: int, base: int) -> bytes:
     positions out of range, repeated or unsorted, int8 scales that are NaN, Inf or negative."""
     topk = {"#idx": np.arange(2, dtype=np.int32), "#val": np.full(2, 0.01, np.float32)}
     n = sum(v.size for v in PARAMS.values())
-    int8 = {"#q": np.ones(n, np.int8), "#scale": np.full(-(-n // 256), 0.01, np.float32)}
+    int8 = {"#q": np.ones(n, np.int8), "#scale": np.full(-(-n // 512), 0.01, np.float32)}
     bad_idx = [[0, n], [-5, 1], [1, 1], [1, 0]][i % 4]
     bad_scale = [np.nan, np.inf, -0.5][i % 3]
     form, tensors = [("topk", {**topk, "#idx": np.array(bad_idx, np.int32)}),
-                     ("int8", {**int8, "#scale": np.full(-(-n // 256), bad_scale, np.float32)}),
+                     ("int8", {**int8, "#scale": np.full(-(-n // 512), bad_scale, np.float32)}),
                      (["int4", "zstd", "TOPK", ""][i % 4], int8)][i % 3]
     return codec.encode_update(tensors, agent="h-compression", update_id=f"c{i}", base_version=base,
                                num_samples=1, model_fingerprint=FP, extra={"fedmqtt.compression": form})

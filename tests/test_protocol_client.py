@@ -65,8 +65,8 @@ def expand(meta: dict[str, str], tensors: dict[str, np.ndarray], shapes: dict[st
     flat = np.zeros(total, np.float32)  # int8 and topk: the model laid end to end in name order
     if form == "int8":
         q, scale = tensors["#q"], tensors["#scale"]
-        assert q.shape == (total,) and scale.shape == ((total + 255) // 256,) and (scale >= 0).all()
-        flat = q.astype(np.float32) * np.repeat(scale, 256)[:total]
+        assert q.shape == (total,) and scale.shape == ((total + 511) // 512,) and (scale >= 0).all()
+        flat = q.astype(np.float32) * np.repeat(scale, 512)[:total]
     elif form == "topk":
         idx, val = tensors["#idx"], tensors["#val"]
         assert list(idx) == sorted(set(idx)) and all(0 <= i < total for i in idx)

@@ -11,8 +11,8 @@ tensors laid end to end in name order (as in the fingerprint), each row-major, n
 two header entries whatever the model, so that a small model's update is not mostly header.
 
 - ``float16``: every model tensor ``<name>`` as F16, the model's shape.
-- ``int8``: ``#q`` as I8 of shape ``[n]`` and ``#scale`` as F32 of shape ``[ceil(n / 256)]``: entry i is
-  ``q[i] * scale[i // 256]`` (a scale per block of 256 entries).
+- ``int8``: ``#q`` as I8 of shape ``[n]`` and ``#scale`` as F32 of shape ``[ceil(n / 512)]``: entry i is
+  ``q[i] * scale[i // 512]`` (a scale per block of 512 entries).
 - ``topk``: ``#idx`` as I32 and ``#val`` as F32, both of shape ``[k]`` with ``0 <= k <= n``: strictly
   increasing positions into the flattened model and the values there; the rest is 0.
 
@@ -119,7 +119,7 @@ def _unflatten(flat: Array, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, 
     return out
 
 
-BLOCK = 256  # int8: entries per scale
+BLOCK = 512  # int8: entries per scale (overhead 0.8 %; quantisation error grows with a block's largest entry)
 
 
 def _quantise(flat: Array, rng: np.random.Generator | None) -> tuple[Array, Array]:
