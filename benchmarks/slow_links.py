@@ -349,7 +349,8 @@ def main() -> None:
     ap.add_argument("--max-staleness", type=int, default=64)
     ap.add_argument("--base-seconds", type=float, default=1.0, help="median device compute time per round")
     ap.add_argument("--sigma", type=float, default=1.0, help="lognormal spread of device speeds")
-    ap.add_argument("--mix", default="cellular=0.6,rural=0.3,wifi=0.1", help="link classes and their shares")
+    ap.add_argument("--mix", default="cellular=0.5,narrowband=0.5",
+                    help="link classes and their shares (cellular, narrowband, wifi)")
     ap.add_argument("--targets", default="0.8,0.85")
     ap.add_argument("--results", default=str(ROOT / "results"))
     # hub and fleet processes

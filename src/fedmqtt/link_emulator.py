@@ -54,15 +54,15 @@ class LinkClass(NamedTuple):
     queue_ms: float = 500.0  # a packet that would wait longer than this for the link is dropped (drop-tail)
 
 
-#: Link classes of IoT fleets: LTE-M/NB-IoT-class cellular, a weaker rural cellular link, a Wi-Fi site.
+#: Link classes of IoT fleets: LTE-M-like cellular, an NB-IoT-like narrowband link, a Wi-Fi site.
 CELLULAR = LinkClass("cellular", down_kbit=1000, up_kbit=256, delay_ms=100, loss=0.01)
-RURAL = LinkClass("rural", down_kbit=256, up_kbit=64, delay_ms=200, loss=0.02)
+NARROWBAND = LinkClass("narrowband", down_kbit=256, up_kbit=64, delay_ms=200, loss=0.02)
 WIFI = LinkClass("wifi", down_kbit=20_000, up_kbit=5_000, delay_ms=10, loss=0.001)
-CLASSES = {c.name: c for c in (CELLULAR, RURAL, WIFI)}
+CLASSES = {c.name: c for c in (CELLULAR, NARROWBAND, WIFI)}
 
 
 def link_mix(n: int, mix: dict[str, float], seed: int = 0) -> list[LinkClass]:
-    """``n`` links in the given proportions (e.g. ``{"cellular": 0.6, "rural": 0.2, "wifi": 0.2}``),
+    """``n`` links in the given proportions (e.g. ``{"cellular": 0.6, "narrowband": 0.2, "wifi": 0.2}``),
     shuffled with ``seed`` so that link class and device speed are independent."""
     unknown = set(mix) - CLASSES.keys()
     if unknown:
