@@ -55,6 +55,10 @@ def assert_one_error_line(done: subprocess.CompletedProcess[str], *words: str) -
     (["edge", "--agent-id", "bad/id"], ["agent id 'bad/id'"]),
     (["edge"], ["no agent id", "FEDMQTT_AGENT_ID"]),
     (["edge", "--agent-id", "a1", "--broker", "localhost:1883"], ["must start with mqtt://"]),
+    (["edge", "--agent-id", "a1", "--compression", "gzip"], ["unknown compression 'gzip'", "topk:<fraction>"]),
+    (["edge", "--agent-id", "a1", "--compression", "topk:200%"], ["topk needs a fraction in (0, 1]"]),
+    (["edge", "--agent-id", "a1", "--model-download", "int4"], ["unknown model download 'int4'"]),
+    (["aggregator", "--ephemeral", "--model-forms", "int8,bf16"], ["unknown model form 'bf16'"]),
     (["report", "/nonexistent-run"], ["no recorded run"]),
     (["broker", "run", "--kind", "nope"], ["unknown broker kind"]),
 ])
