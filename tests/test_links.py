@@ -15,8 +15,6 @@ import pytest
 from fedmqtt.broker import free_port, has_mosquitto
 from fedmqtt.link_emulator import EmulatedNetwork, LinkClass
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
 LOSSY = LinkClass("lossy", down_kbit=1000, up_kbit=256, delay_ms=50, loss=0.05)
 ACCEPTED = re.compile(r"accepted (\d+), rejected (\d+)")
 
@@ -41,6 +39,8 @@ def _accepted(lines: list[str]) -> tuple[int, int]:
     return (int(last[-1][1]), int(last[-1][2])) if last else (0, 0)
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 async def test_updates_and_models_cross_lossy_slow_links(tmp_path: Path) -> None:
     _needs(EmulatedNetwork.available())
     if not has_mosquitto():
@@ -89,3 +89,30 @@ async def test_updates_and_models_cross_lossy_slow_links(tmp_path: Path) -> None
     # every link carried traffic both ways and lost packets on the way: TCP and MQTT recovered from it
     assert all(s["up"]["bytes"] > 0 and s["down"]["bytes"] > 0 for s in stats)
     assert sum(s["up"]["lost"] + s["down"]["lost"] for s in stats) > 0
+
+
+# ---- the link's arithmetic, without root: what each packet's delivery time and fate would be ---------------
+def test_a_link_serialises_at_its_rate_delays_and_drops_when_its_queue_is_full() -> None:
+    import random as _random
+
+    from fedmqtt.link_emulator import _Pipe
+
+    loop = asyncio.new_event_loop()
+    try:
+        read_fd, write_fd = os.pipe()
+        pipe = _Pipe(loop, write_fd, kbit=80, delay_ms=100, loss=0.0, queue_ms=500, rng=_random.Random(0))
+        for _ in range(8):  # 8 × 1,000 bytes at once on a 10,000 byte/s link
+            pipe.offer(b"x" * 1000, now=10.0)
+        due = [t for t, _ in pipe._due]
+        assert due == pytest.approx([10.0 + 0.1 * (i + 1) + 0.1 for i in range(6)])  # 0.1 s each, then 100 ms
+        assert pipe.stats.overflow == 2  # the 7th would wait 0.6 s > 500 ms
+        pipe.offer(b"y" * 1000, now=11.0)  # once the queue has drained, a packet goes straight through
+        assert pipe._due[-1][0] == pytest.approx(11.2)
+        lossy = _Pipe(loop, write_fd, kbit=1e6, delay_ms=0, loss=0.25, queue_ms=500, rng=_random.Random(1))
+        for i in range(4000):
+            lossy.offer(b"z", now=float(i))
+        assert 900 < lossy.stats.lost < 1100 and len(lossy._due) == 4000 - lossy.stats.lost
+        os.close(read_fd)
+        os.close(write_fd)
+    finally:
+        loop.close()
