@@ -62,6 +62,9 @@ class BrokerConfig:
     cert_file: str | None = None
     key_file: str | None = None
     keepalive: int = 30
+    # seconds a connect, publish or subscribe may wait for the broker's reply: long enough for a model or an
+    # update to cross a narrowband link behind a few retransmissions (a lost connection fails them at once)
+    timeout: float = 60.0
     max_payload: int = 64 << 20
     protocol: int = 5  # 5 (MQTT 5) or 4 (MQTT 3.1.1, e.g. the embedded broker); payloads are the same
 
@@ -140,7 +143,7 @@ def mqtt_connector(config: BrokerConfig) -> Connector:
 
     def connect(opts: ConnectOptions) -> Transport:
         return MqttTransport(config, opts.client_id, will=opts.will, clean_start=opts.clean_start,
-                             session_expiry=opts.session_expiry, on_message=opts.on_message)
+                             session_expiry=opts.session_expiry, on_message=opts.on_message, timeout=config.timeout)
 
     return connect
 
