@@ -296,6 +296,10 @@ async def main_role(a: argparse.Namespace) -> None:
     why = EmulatedNetwork.available()
     if why:
         raise SystemExit(f"cannot emulate links: {why}")
+    me = asyncio.current_task()
+    assert me is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop the processes and remove the namespaces on the way out
+        asyncio.get_running_loop().add_signal_handler(sig, me.cancel)
     os.nice(-5)  # the links must not wait for the CPU behind the devices' training
     out = Path(a.results)
     stamp = time.strftime("%Y%m%d-%H%M%S")
