@@ -28,7 +28,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from fedmqtt import codec, compression, signing
-from fedmqtt.compression import Compression, ErrorFeedback, compress
+from fedmqtt.compression import Compression, Compressor
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
 from fedmqtt.outbox import Outbox, Pending
@@ -115,8 +115,7 @@ class EdgeAgent(Service):
             signing.check_public(self.config.model_key)
         if self.config.compression.method != "none" and self.config.encoding != "delta":
             raise ConfigError("compressed updates are deltas; use encoding='delta'")
-        self._feedback = ErrorFeedback()  # top-k: what earlier updates left out
-        self._rng = np.random.default_rng()  # stochastic rounding
+        self._compressor = Compressor(self.config.compression)  # with top-k's residual
         self._pulling = False  # taking the next model (pull delivery)
         self._peeked = False  # ... and has peeked at the retained one on this connection
         self._fresh = False  # a model arrived since the pull started
@@ -206,10 +205,10 @@ class EdgeAgent(Service):
             self.error = f"global model refused: {exc}"
             log.error("%s: %s", self.agent_id, self.error)
             return
+        self.models_received += 1
         held = self.model.info if self.model else None
         # Within one epoch versions only grow (an older retained copy is ignored); a new epoch means the
         # aggregator started afresh and its version counter restarted.
-        self.models_received += 1
         if held is None or info.epoch != held.epoch or info.version >= held.version:
             self.model = GlobalModel(info, tensors)
             self._fresh = True
@@ -344,9 +343,7 @@ class EdgeAgent(Service):
                 tensors = self.privacy(tensors)
             extra: dict[str, str] = {}
             if cfg.compression.method != "none":
-                sent = (self._feedback(tensors, cfg.compression, self._rng)
-                        if cfg.compression.method == "topk" and cfg.compression.error_feedback
-                        else compress(tensors, cfg.compression, self._rng))
+                sent = self._compressor(tensors)
                 tensors, extra = sent.tensors, sent.metadata
             self.trained_versions.append((model.info.epoch, model.info.version))
             del self.trained_versions[:-100]

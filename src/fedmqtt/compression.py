@@ -170,6 +170,21 @@ class ErrorFeedback:
         return sent
 
 
+class Compressor:
+    """One agent's compression: its setting, its error-feedback residual (top-k) and its random numbers
+    (stochastic rounding). ``compressor(delta)`` gives what to send."""
+
+    def __init__(self, setting: Compression, rng: np.random.Generator | None = None) -> None:
+        self.setting = setting
+        self.feedback = ErrorFeedback()
+        self._rng = rng or np.random.default_rng()
+
+    def __call__(self, delta: Mapping[str, Array]) -> Compressed:
+        if self.setting.method == "topk" and self.setting.error_feedback:
+            return self.feedback(delta, self.setting, self._rng)
+        return compress(delta, self.setting, self._rng)
+
+
 # ---- the aggregator side ------------------------------------------------------------------------------
 def method_of(metadata: Mapping[str, str], encoding: str) -> Method:
     """The announced form (``none`` when absent); InvalidUpdate(compression) for an unknown one."""

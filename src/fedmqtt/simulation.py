@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedmqtt import codec, core
-from fedmqtt.compression import Compression, ErrorFeedback, compress
+from fedmqtt.compression import Compression, Compressor
 from fedmqtt.core import Limits
 from fedmqtt.privacy import ClientDP, ClientPrivacy
 from fedmqtt.strategies.base import Strategy
@@ -71,8 +71,8 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
     data = [task.data_for(i, seed) for i in range(n)]
     speeds = rng.lognormal(0.0, sigma_speed, n) if sigma_speed else np.ones(n)
     dp = [ClientPrivacy(client_dp, str(i)) for i in range(n)] if client_dp else None
-    feedback = [ErrorFeedback() for _ in range(n)]  # top-k: each agent's residual
-    compress_rng = np.random.default_rng([seed, 0xC0])
+    compressors = [Compressor(compression, np.random.default_rng([seed, i, 0xC0])) for i in range(n)
+                   ] if compression is not None and compression.method != "none" else None
     uplink = 0  # update bytes as encoded
     base: list[tuple[int, dict[str, Any]]] = [(0, trainer.initial)] * n
     queue = [(float(speeds[i] * rng.uniform(1.0, 1.1)), i) for i in range(n)]
@@ -103,10 +103,8 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
             norms.append(float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))))
         agent, update_id = f"sim-{i}", f"u{arrival}"
         extra: dict[str, str] = {}
-        if compression is not None and compression.method != "none":
-            sent = (feedback[i](delta, compression, compress_rng)
-                    if compression.method == "topk" and compression.error_feedback
-                    else compress(delta, compression, compress_rng))
+        if compressors is not None:
+            sent = compressors[i](delta)
             delta, extra = sent.tensors, sent.metadata
         payload = codec.encode_update(delta, agent=agent, update_id=update_id, base_version=base_version,
                                       num_samples=data[i].num_samples, model_fingerprint=rules.reference.fingerprint,
