@@ -69,3 +69,18 @@ def test_bad_keys_are_configuration_errors() -> None:
         signing.check_public(base64.b64encode(b"short").decode())
     with pytest.raises(ConfigError, match="PEM"):
         signing.Signer.from_pem(b"-----BEGIN NOTHING-----")
+
+
+def test_a_compressed_model_download_is_signed_over_its_own_bytes(keys: tuple[signing.Signer, str]) -> None:
+    from fedmqtt.compression import compress_model
+
+    signer, public = keys
+    packed = compress_model(PARAMS, "int8")
+    payload = codec.encode_model(packed.tensors, 7, model_fingerprint=codec.fingerprint(PARAMS),
+                                 extra={"fedmqtt.epoch": "e1", **packed.metadata})
+    signed = signer.sign(payload)
+    assert signing.verify(signed, public).version == 7
+    tampered = bytearray(signed)
+    tampered[-1] ^= 1  # one quantised weight changed
+    with pytest.raises(IncompatibleModel):
+        signing.verify(bytes(tampered), public)
