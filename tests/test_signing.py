@@ -81,6 +81,6 @@ def test_a_compressed_model_download_is_signed_over_its_own_bytes(keys: tuple[si
     signed = signer.sign(payload)
     assert signing.verify(signed, public).version == 7
     tampered = bytearray(signed)
-    tampered[-1] ^= 1  # one quantised weight changed
+    tampered[-1] ^= 1  # one byte of the tensors (a quantised weight or a scale)
     with pytest.raises(IncompatibleModel):
         signing.verify(bytes(tampered), public)
