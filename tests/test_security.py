@@ -174,7 +174,8 @@ async def test_client_certificate_required(secure_certs: SecureBroker) -> None:
 # ---- authorisation: what arrives at the aggregator and at other agents --------------------------------
 @pytest.mark.broker
 async def test_agent_cannot_write_others_topics(secure: SecureBroker) -> None:
-    forbidden = [TOPICS.update("a2"), TOPICS.model, TOPICS.metrics, TOPICS.status("a2"), TOPICS.acks("a2"),
+    forbidden = [TOPICS.update("a2"), TOPICS.model, TOPICS.model_form("int8"), TOPICS.metrics, TOPICS.status("a2"),
+                 TOPICS.acks("a2"),
                  f"{TOPICS.base}/updates/aggregator", "elsewhere/x"]
     async with connected(secure.config("aggregator"), "acl-agg") as agg:
         await agg.subscribe(f"{TOPICS.base}/#")
@@ -196,9 +197,11 @@ async def test_agent_reads_only_model_and_own_acks(secure: SecureBroker) -> None
             for topic in (TOPICS.acks("a2"), TOPICS.metrics, TOPICS.status("a2"), TOPICS.update("a2")):
                 await agg.publish(topic, b"private", qos=1)
             await agg.publish(TOPICS.model, b"model", qos=1)
+            await agg.publish(TOPICS.model_form("int8"), b"int8 model", qos=1)
             await agg.publish(TOPICS.acks("a1"), b"mine", qos=1)
         got = await collect(a1, TOPICS.acks("a1"))
-    assert [(m.topic, m.payload) for m in got] == [(TOPICS.model, b"model"), (TOPICS.acks("a1"), b"mine")]
+    assert [(m.topic, m.payload) for m in got] == [(TOPICS.model, b"model"), (TOPICS.model_form("int8"), b"int8 model"),
+                                                   (TOPICS.acks("a1"), b"mine")]
 
 
 @pytest.mark.broker

@@ -101,10 +101,11 @@ def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR
 
 
 def agent_acl(base: str, agent: str) -> list[str]:
-    """One agent's ACL block: write its own update and status topics, read the model and its own acks."""
+    """One agent's ACL block: write its own update and status topics, read the model (and its compressed
+    copies, model/<form>) and its own acks."""
     a = check_username(agent, "agent id")
     return [f"user {a}", f"topic write {base}/updates/{a}", f"topic write {base}/agents/{a}/status",
-            f"topic read {base}/agents/{a}/acks", f"topic read {base}/model"]
+            f"topic read {base}/agents/{a}/acks", f"topic read {base}/model", f"topic read {base}/model/+"]
 
 
 def _user_name() -> str | None:
