@@ -116,3 +116,14 @@ def test_a_link_serialises_at_its_rate_delays_and_drops_when_its_queue_is_full()
         os.close(write_fd)
     finally:
         loop.close()
+
+
+def test_a_link_mix_has_exactly_the_devices_asked_for_in_proportion() -> None:
+    from fedmqtt.link_emulator import link_mix
+
+    for n in (1, 2, 7, 30, 101):
+        for mix in ({"cellular": 0.5, "narrowband": 0.5}, {"wifi": 0.01, "cellular": 0.33, "narrowband": 0.66}):
+            links = link_mix(n, mix, seed=n)
+            assert len(links) == n
+            for name, share in mix.items():
+                assert abs(sum(link.name == name for link in links) - n * share / sum(mix.values())) < 1

@@ -68,9 +68,12 @@ def link_mix(n: int, mix: dict[str, float], seed: int = 0) -> list[LinkClass]:
     if unknown:
         raise ConfigError(f"unknown link classes {sorted(unknown)}; known: {', '.join(CLASSES)}")
     total = sum(mix.values())
-    counts = {k: round(n * v / total) for k, v in mix.items()}
-    first = next(iter(mix))
-    counts[first] += n - sum(counts.values())
+    if total <= 0 or any(v < 0 for v in mix.values()):
+        raise ConfigError(f"link shares must be non-negative and not all zero: {mix}")
+    exact = {k: n * v / total for k, v in mix.items()}
+    counts = {k: int(x) for k, x in exact.items()}  # then the largest remainders get the links left over
+    for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+        counts[k] += 1
     links = [CLASSES[k] for k, c in counts.items() for _ in range(c)]
     random.Random(seed).shuffle(links)
     return links
