@@ -171,7 +171,6 @@ class EdgeAgent(Service):
                 await t.unsubscribe(self._model_subscribed)
                 self._model_subscribed = None
             self._peeked = False  # a pull in progress peeks again on this connection
-            self._model_changed.set()  # a training loop waiting for a connection looks again
         for update_id, pending in list(self.outbox.items()):  # re-send what was never acked
             await self._send(update_id, pending.payload)
 
@@ -296,26 +295,28 @@ class EdgeAgent(Service):
         if not self._pulling:
             self._pulling, self._fresh = True, False
         t = self.transport
-        if t is None or not self.connected.is_set():  # the next connect wakes the loop
-            self._model_changed.clear()
-            await self._model_changed.wait()
+        if t is None or not self.connected.is_set():
+            await self.connected.wait()  # set once on_connect has run: then peek on the new connection
             return
-        with contextlib.suppress(TransportError):  # lost with the connection: the next one peeks again
+        try:
             await t.peek(self._model_topic, qos=1)
             if not self._fresh and self._model_topic != self.topics.model:  # no such form published (yet)
                 await t.peek(self.topics.model, qos=1)
             self._peeked = True
+        except TransportError:
+            await asyncio.sleep(0.5)  # the connection is going: the next one peeks again
 
     async def _subscribe_model(self) -> None:
         t = self.transport
-        if t is not None and self.connected.is_set():
-            with contextlib.suppress(TransportError):
-                topic = self._waiting_topic()
-                await t.subscribe(topic, qos=1)
-                self._model_subscribed = topic
-                return
-        self._model_changed.clear()  # not connected: the next connect wakes the loop
-        await self._model_changed.wait()
+        if t is None or not self.connected.is_set():
+            await self.connected.wait()  # a new connection peeks first (_on_connect)
+            return
+        try:
+            topic = self._waiting_topic()
+            await t.subscribe(topic, qos=1)
+            self._model_subscribed = topic
+        except TransportError:
+            await asyncio.sleep(0.5)
 
     async def _end_pull(self) -> None:
         self._pulling, self._peeked = False, False

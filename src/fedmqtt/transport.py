@@ -19,10 +19,10 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import NamedTuple, Protocol, Self
+from typing import Any, NamedTuple, Protocol, Self
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -228,23 +228,33 @@ class MqttTransport:
             if et is None:
                 raise TransportError(f"disconnect failed: {exc}") from exc
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    async def _reply(self, operation: Awaitable[object], what: str) -> None:
+        """Wait for ``operation`` (up to the timeout), or fail as soon as the connection is lost: aiomqtt
+        would let it wait out its whole timeout on a dead connection."""
+        op: asyncio.Future[Any] = asyncio.ensure_future(operation)
+        lost: asyncio.Future[Any] = self._client._disconnected  # the connection's end (no public handle)
         try:
-            await self._client.publish(topic, payload, qos=qos, retain=retain, timeout=self._timeout)
+            await asyncio.wait([op, lost], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            op.cancel()
+            raise
+        if not op.done():
+            op.cancel()
+            raise TransportError(f"{what} failed: connection lost")
+        try:
+            op.result()
         except aiomqtt.MqttError as exc:
-            raise TransportError(f"publish to {topic} failed: {exc}") from exc
+            raise TransportError(f"{what} failed: {exc}") from exc
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        await self._reply(self._client.publish(topic, payload, qos=qos, retain=retain, timeout=self._timeout),
+                          f"publish to {topic}")
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
-        try:
-            await self._client.subscribe(topic, qos=qos, timeout=self._timeout)
-        except aiomqtt.MqttError as exc:
-            raise TransportError(f"subscribe to {topic} failed: {exc}") from exc
+        await self._reply(self._client.subscribe(topic, qos=qos, timeout=self._timeout), f"subscribe to {topic}")
 
     async def unsubscribe(self, topic: str) -> None:
-        try:
-            await self._client.unsubscribe(topic, timeout=self._timeout)
-        except aiomqtt.MqttError as exc:
-            raise TransportError(f"unsubscribe from {topic} failed: {exc}") from exc
+        await self._reply(self._client.unsubscribe(topic, timeout=self._timeout), f"unsubscribe from {topic}")
 
     async def peek(self, topic: str, qos: int = 1) -> None:
         # gather starts both calls before awaiting either reply: SUBSCRIBE and UNSUBSCRIBE leave back to back
