@@ -21,8 +21,8 @@ from fedmqtt import allocator, codec
 from fedmqtt.admission import AdmissionLimits
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.core import Limits
+from fedmqtt.memory_broker import MemoryBroker
 from fedmqtt.strategies.registry import make
-from fedmqtt.transport import MemoryBroker
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import numpy as np
 
 from fedmqtt import codec
 from fedmqtt.agent import EdgeAgent
+from fedmqtt.memory_broker import MemoryBroker
 from fedmqtt.tasks import get_task
-from fedmqtt.transport import MemoryBroker
 
 
 def make_agent() -> tuple[EdgeAgent, dict[str, np.ndarray]]:

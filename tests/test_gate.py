@@ -18,13 +18,14 @@ from fedmqtt.core import Entry, Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability
 from fedmqtt.errors import ConfigError
 from fedmqtt.gate import Gate, GateLimits, Held
+from fedmqtt.memory_broker import MemoryBroker
 from fedmqtt.privacy import epsilon
 from fedmqtt.schemas import Ack
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.strategies.registry import make
 from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, MemoryBroker, mqtt_connector
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector
 
 PARAMS = {"w": np.zeros(4, np.float32)}
 FP = codec.fingerprint(PARAMS)

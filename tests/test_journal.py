@@ -20,11 +20,12 @@ from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.core import ServerState, Timing
 from fedmqtt.durability import Durability
 from fedmqtt.errors import StateError
+from fedmqtt.memory_broker import MemoryBroker
 from fedmqtt.schemas import Ack, Metrics
 from fedmqtt.strategies.base import Strategy, no_flush
 from fedmqtt.strategies.registry import make
 from fedmqtt.topics import Topics
-from fedmqtt.transport import ConnectOptions, Inbox, MemoryBroker, Message
+from fedmqtt.transport import ConnectOptions, Inbox, Message
 
 PARAMS = {"l/kernel": np.zeros((4, 3), np.float32), "l/bias": np.zeros(3, np.float32)}
 FP = codec.fingerprint(PARAMS)

@@ -12,10 +12,10 @@ import pytest
 from fedmqtt import codec
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator
+from fedmqtt.memory_broker import MemoryBroker
 from fedmqtt.outbox import Outbox, Pending
 from fedmqtt.strategies import fedasync
 from fedmqtt.tasks import get_task
-from fedmqtt.transport import MemoryBroker
 
 
 def payload(update_id: str, agent: str = "a1") -> bytes:

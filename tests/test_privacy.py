@@ -15,6 +15,7 @@ from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator
 from fedmqtt.core import Limits
 from fedmqtt.errors import ConfigError
+from fedmqtt.memory_broker import MemoryBroker
 from fedmqtt.privacy import (
     CentralDP,
     ClientDP,
@@ -29,7 +30,6 @@ from fedmqtt.privacy import (
 from fedmqtt.strategies import constant, fedbuff
 from fedmqtt.strategies.base import ClientUpdate
 from fedmqtt.tasks import get_task
-from fedmqtt.transport import MemoryBroker
 
 pytest.importorskip("dp_accounting")
 

@@ -8,7 +8,8 @@ import pytest
 
 from fedmqtt.broker import MosquittoProcess
 from fedmqtt.errors import ConfigError, TransportError
-from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, MemoryBroker, mqtt_connector, topic_matches
+from fedmqtt.memory_broker import MemoryBroker
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector, topic_matches
 
 
 def test_url_and_environment() -> None:

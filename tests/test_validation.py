@@ -15,11 +15,11 @@ from fedmqtt.agent import EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.core import Entry, Limits, Reply, Rules, ServerState
 from fedmqtt.errors import Reason
+from fedmqtt.memory_broker import MemoryBroker
 from fedmqtt.strategies import fedasync, fedbuff
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.topics import Topics
 from fedmqtt.training import Trainer
-from fedmqtt.transport import MemoryBroker
 from fedmqtt.types import check_id, is_id
 
 PARAMS = {"l/kernel": np.ones((3, 2), np.float32), "l/bias": np.zeros(2, np.float32)}

@@ -29,11 +29,12 @@ if TYPE_CHECKING:
         TransportError,
     )
     from fedmqtt.fleet import Fleet, FleetConfig
+    from fedmqtt.memory_broker import MemoryBroker
     from fedmqtt.strategies import fedasync, fedavg, fedbuff
     from fedmqtt.tasks import Task, get_task
     from fedmqtt.topics import Topics
     from fedmqtt.training import Trainer, model_params
-    from fedmqtt.transport import BrokerConfig, MemoryBroker, mqtt_connector
+    from fedmqtt.transport import BrokerConfig, mqtt_connector
 
 __version__ = "0.1.0"
 
@@ -52,7 +53,7 @@ _HOME = {
     "FleetConfig": "fedmqtt.fleet",
     "IncompatibleModel": "fedmqtt.errors",
     "InvalidUpdate": "fedmqtt.errors",
-    "MemoryBroker": "fedmqtt.transport",
+    "MemoryBroker": "fedmqtt.memory_broker",
     "Reason": "fedmqtt.errors",
     "StateError": "fedmqtt.errors",
     "StreamData": "fedmqtt.data",

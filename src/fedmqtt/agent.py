@@ -27,13 +27,13 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from fedmqtt import codec, compression, signing
+from fedmqtt import codec, global_model, signing
 from fedmqtt.compression import Compression, Compressor
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
 from fedmqtt.outbox import Outbox, Pending
 from fedmqtt.privacy import ClientDP, ClientPrivacy
-from fedmqtt.schemas import Ack, Status, dump, parse_model_metadata
+from fedmqtt.schemas import Ack, Status, dump
 from fedmqtt.service import Loop, Service
 from fedmqtt.topics import Topics
 from fedmqtt.training import Trainer
@@ -184,22 +184,7 @@ class EdgeAgent(Service):
 
     def _on_model(self, payload: bytes) -> None:
         try:
-            if self.config.model_key is not None:
-                signing.verify(payload, self.config.model_key)
-            decoded = codec.decode(payload)
-            info = parse_model_metadata(decoded.metadata)
-            tensors = decoded.tensors
-            form = decoded.metadata.get(compression.KEY)
-            if form is not None:  # a compressed download: checked against this agent's own model, expanded
-                if form not in compression.MODEL_FORMS:
-                    raise IncompatibleModel(f"unknown model form {form!r}")
-                compression.check_header(form, codec.read_header(payload)[0], self._spec)  # type: ignore[arg-type]
-                tensors = compression.expand(form, tensors, self._spec)  # type: ignore[arg-type]
-            # the tensors themselves, not only the fingerprint the payload claims
-            if info.fingerprint != self.fingerprint or codec.fingerprint(tensors) != self.fingerprint:
-                raise IncompatibleModel("the global model's parameter tree differs from this agent's model")
-            if not all(np.isfinite(t).all() for t in tensors.values() if t.dtype.kind == "f"):
-                raise IncompatibleModel("the global model holds NaN or Inf")
+            info, tensors = global_model.accept(payload, self.fingerprint, self._spec, self.config.model_key)
         except (CodecError, InvalidUpdate, IncompatibleModel) as exc:
             self.error = f"global model refused: {exc}"
             log.error("%s: %s", self.agent_id, self.error)

@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedmqtt import codec, core, ownership
-from fedmqtt.compression import MODEL_FORMS, compress_model
+from fedmqtt import core, global_model, ownership
+from fedmqtt.compression import MODEL_FORMS
 from fedmqtt.core import Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability, Store, Volatile
 from fedmqtt.errors import ConfigError, StateError, TransportError
@@ -131,13 +131,8 @@ class Aggregator(Service):
         """The newest committed model, encoded for the retained model topic (or, with ``form``, compressed
         for ``model/<form>``)."""
         s = self.committed
-        params = {k: np.asarray(v) for k, v in s.params.items()}
-        extra = {"fedmqtt.epoch": s.epoch}
-        if form is not None:
-            packed = compress_model(params, form)
-            params, extra = packed.tensors, {**extra, **packed.metadata}
-        payload = codec.encode_model(params, s.version, mode=self.strategy.mode,
-                                     model_fingerprint=self.rules.reference.fingerprint, extra=extra)
+        payload = global_model.encode(s.params, s.version, mode=self.strategy.mode,
+                                      fingerprint=self.rules.reference.fingerprint, epoch=s.epoch, form=form)
         return self._signer.sign(payload) if self._signer is not None else payload
 
     def metrics(self) -> Metrics:
