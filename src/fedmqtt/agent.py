@@ -116,9 +116,8 @@ class EdgeAgent(Service):
         if self.config.compression.method != "none" and self.config.encoding != "delta":
             raise ConfigError("compressed updates are deltas; use encoding='delta'")
         self._compressor = Compressor(self.config.compression)  # with top-k's residual
-        self._pulling = False  # taking the next model (pull delivery)
-        self._peeked = False  # ... and has peeked at the retained one on this connection
-        self._fresh = False  # a model arrived since the pull started
+        self._peeked = False  # pull: this round has peeked at the retained model on this connection
+        self._fresh = False  # a model arrived since the last round took one
         self._model_subscribed: str | None = None  # pull: the topic subscribed to until a usable model comes
         self.models_received = 0
         form = self.config.model_download
@@ -263,7 +262,7 @@ class EdgeAgent(Service):
             last = self.trained_versions[-1] if self.trained_versions else None
             trained = last is not None and m is not None and m.info.epoch == last[0] and m.info.version <= last[1]
             if m is not None and not (m.info.mode == "sync" and trained) and (not pull or self._fresh):
-                if self._pulling:
+                if pull:
                     await self._end_pull()
                 self._fresh = False  # the next round pulls again
                 return m
@@ -277,8 +276,6 @@ class EdgeAgent(Service):
             await self._model_changed.wait()
 
     async def _peek(self) -> None:
-        if not self._pulling:
-            self._pulling, self._fresh = True, False
         t = self.transport
         if t is None or not self.connected.is_set():
             await self.connected.wait()  # set once on_connect has run: then peek on the new connection
@@ -304,7 +301,7 @@ class EdgeAgent(Service):
             await asyncio.sleep(0.5)
 
     async def _end_pull(self) -> None:
-        self._pulling, self._peeked = False, False
+        self._peeked = False
         t = self.transport
         if self._model_subscribed and t is not None and self.connected.is_set():
             with contextlib.suppress(TransportError):  # a session that is lost ends its subscription anyway

@@ -95,7 +95,7 @@ class Fleet(Service):
         self.retired_acks: dict[str, int] = {"accepted": 0, "rejected": 0}
         self.departures = 0
         self.departed: set[int] = set()  # slots whose agent left at least once
-        self.retired_accepted_after_return = 0  # accepted from incarnations after a departure, since retired
+        self._retired_accepted_after_return = 0  # accepted from incarnations after a departure, since retired
         self.offline_seconds = 0.0
         self._started = [asyncio.Event() for _ in self.agents]
 
@@ -141,7 +141,7 @@ class Fleet(Service):
                     return
             self.departures += 1
             if i in self.departed:  # this incarnation was itself a return
-                self.retired_accepted_after_return += agent.acks["accepted"]
+                self._retired_accepted_after_return += agent.acks["accepted"]
             self.departed.add(i)
             self.retired_sent += agent.updates_sent
             for k, v in agent.acks.items():
@@ -157,7 +157,7 @@ class Fleet(Service):
     @property
     def accepted_after_return(self) -> int:
         """Updates accepted from agents that had left and come back (their later incarnations)."""
-        return self.retired_accepted_after_return + sum(self.agents[i].acks["accepted"] for i in self.departed)
+        return self._retired_accepted_after_return + sum(self.agents[i].acks["accepted"] for i in self.departed)
 
     @property
     def updates_sent(self) -> int:
