@@ -24,7 +24,7 @@ from fedmqtt.choices import BROKER_KINDS, PARTITIONS, STRATEGIES, check_choice, 
 from fedmqtt.cli_config import CONFIG_HELP, load_config, print_config
 from fedmqtt.cli_run import err, fail, run, setup_logging
 from fedmqtt.errors import ConfigError, FedMQTTError
-from fedmqtt.topics import Topics, check_segment
+from fedmqtt.topics import Topics, check_federation, check_segment
 from fedmqtt.types import check_id
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -62,7 +62,7 @@ def _names(agent_id: str | None, prefix: str, federation: str) -> None:
         if agent_id is not None:
             check_id(agent_id, "agent id")
         check_segment(prefix, "prefix")
-        check_segment(federation, "federation")
+        check_federation(federation)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 

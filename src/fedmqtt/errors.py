@@ -8,6 +8,7 @@ these, ``raise ... from exc``, so callers only ever handle fedmqtt's own tree:
     ├── CodecError              a payload is not a well-formed fedmqtt safetensors file
     ├── InvalidUpdate           an update was parsed but breaks a rule; ``reason`` is machine-readable
     ├── IncompatibleModel       a received model does not fit the local parameter tree
+    ├── InvalidMessage          a JSON message (capabilities, assignment) breaks the protocol's rules
     ├── StateError              a state directory (journal, snapshot, outbox) is unreadable or foreign
     └── ConfigError             a setting or URL is wrong
 """
@@ -82,3 +83,8 @@ class StateError(FedMQTTError):
 
 class IncompatibleModel(FedMQTTError):
     """A received global model does not match the local model's parameter tree."""
+
+
+class InvalidMessage(FedMQTTError, ValueError):
+    """A JSON message breaks the protocol's rules (docs/protocol.md 10: capabilities, assignments); the
+    text says which field and how. A ValueError too, as pydantic's own errors are."""

@@ -6,7 +6,7 @@ models exist to turn untrusted strings into them, with a specific error when the
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -108,6 +108,9 @@ class Status(_Message):
     version: int | None = None
     updates_sent: int = 0
     ts: float = 0.0
+    # protocol 1.1: what the device can do (docs/protocol.md 10). Kept as plain JSON here, so that presence
+    # never depends on it; the coordinator validates it (allocation_schemas.parse_capabilities).
+    capabilities: dict[str, Any] | None = None
 
 
 class AggregatorStatus(_Message):

@@ -17,6 +17,18 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+#: The one topic level a federation may not be named: the coordinator's assignments live under it.
+RESERVED_FEDERATION = "coordinator"
+
+
+def check_federation(value: str) -> str:
+    """:func:`check_segment` for a federation name, which also may not be the reserved ``coordinator``
+    (``{prefix}/coordinator/agents/{id}/assignment`` must never be one federation's agent topics)."""
+    check_segment(value, "federation")
+    if value == RESERVED_FEDERATION:
+        raise ValueError(f"federation {value!r} is reserved for the coordinator's assignments; choose another name")
+    return value
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -27,7 +39,7 @@ class Topics:
 
     def __post_init__(self) -> None:
         check_segment(self.prefix, "prefix")
-        check_segment(self.federation, "federation")
+        check_federation(self.federation)
 
     @property
     def base(self) -> str:
@@ -76,6 +88,48 @@ class Topics:
 
     def agent_of_status(self, topic: str) -> str | None:
         head, tail = f"{self.base}/agents/", "/status"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        agent = topic[len(head) : -len(tail)]
+        return agent if agent and "/" not in agent else None
+
+
+@dataclass(frozen=True)
+class CoordinatorTopics:
+    """The coordinator's topics: every federation's agent statuses under one prefix, and the assignments
+    (protocol 1.1). ``CoordinatorTopics().assignment("edge-1") == 'fedmqtt/coordinator/agents/edge-1/assignment'``."""
+
+    prefix: str = "fedmqtt"
+
+    def __post_init__(self) -> None:
+        check_segment(self.prefix, "prefix")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{RESERVED_FEDERATION}"
+
+    @property
+    def statuses(self) -> str:
+        """Every agent's retained status in every federation."""
+        return f"{self.prefix}/+/agents/+/status"
+
+    @property
+    def assignments(self) -> str:
+        return f"{self.base}/agents/+/assignment"
+
+    def assignment(self, agent_id: str) -> str:
+        return f"{self.base}/agents/{check_id(agent_id)}/assignment"
+
+    def status_of(self, topic: str) -> tuple[str, str] | None:
+        """(federation, agent) of a status topic under this prefix, or None."""
+        parts = topic.split("/")
+        if (len(parts) != 5 or parts[0] != self.prefix or parts[2] != "agents" or parts[4] != "status"
+                or parts[1] == RESERVED_FEDERATION or not parts[1] or not parts[3]):
+            return None
+        return parts[1], parts[3]
+
+    def agent_of_assignment(self, topic: str) -> str | None:
+        head, tail = f"{self.base}/agents/", "/assignment"
         if not (topic.startswith(head) and topic.endswith(tail)):
             return None
         agent = topic[len(head) : -len(tail)]
