@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fedmqtt.allocation.base import Assignment
 from fedmqtt.allocation_schemas import parse_assignment
@@ -90,11 +90,12 @@ class AssignmentFollower:
                         True, a.sequence, a.policy)
 
     def offer(self, payload: bytes) -> bool:
-        """One message from the assignment topic; True when the settings changed."""
-        before = self.settings
+        """One message from the assignment topic; True when what the agent should do changed (a new
+        sequence with the same settings is not a change)."""
+        before = self._what()
         if not payload:  # withdrawn: back to the agent's own settings
             self.current = None
-            return self.settings != before
+            return self._what() != before
         try:
             a = parse_assignment(payload, self.agent_id)
             if self.tasks is not None and a.plan.task not in self.tasks:
@@ -109,7 +110,10 @@ class AssignmentFollower:
             return False
         self.highest = a.sequence
         self.current = a
-        return self.settings != before
+        return self._what() != before
+
+    def _what(self) -> Settings:
+        return replace(self.settings, sequence=None, policy="")
 
     def participate(self) -> bool:
         """Draw for one local round: True to train it, False to sit it out (then wait about as long as a
