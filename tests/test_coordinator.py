@@ -135,3 +135,18 @@ async def test_two_federations_and_a_device_that_goes_on_battery(broker: BrokerC
         assert body["sequence"] == after.sequence and body["agent"] == "phone-1"
         for a in (hapt, digits):  # tidy the shared broker
             await t.publish(a.follower.topic, b"", qos=1, retain=True)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--policy", "oort"], "unknown allocation policy part 'oort'"),
+    (["--federations", "coordinator=hapt"], "reserved"),
+    (["--federations", "a=hapt,a=digits"], "given twice"),
+])
+def test_the_coordinator_command_refuses_bad_settings_in_one_line(argv: list[str], says: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmqtt.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["coordinator", *argv])
+    assert exit_.value.code == 1
+    assert says in capsys.readouterr().err

@@ -290,6 +290,49 @@ def print_config_and_exit(settings: dict[str, Any]) -> None:
     raise typer.Exit()
 
 
+# ---- coordinator --------------------------------------------------------------------------------------------
+@app.command(context_settings=SERVICE)
+def coordinator(
+    config: ConfigOpt = None,
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    federations: Annotated[str, typer.Option(help="the federations to serve, federation=task pairs: "
+                                                  "hapt=hapt,digits=digits")] = "default=digits",
+    policy: Annotated[str, typer.Option(help="uniform, or parts joined by +: speed-aware, bandwidth, utility "
+                                             "(e.g. utility+speed-aware+bandwidth)")] = "uniform",
+    prefix: PrefixOpt = "fedmqtt",
+    local_steps: Annotated[int | None, typer.Option(min=1, help="E for every agent (default: each agent's "
+                                                                "own; speed-aware scales it)")] = None,
+    participation_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="utility: share of a "
+                                                        "federation's agents training at once")] = 0.5,
+    participation_floor: Annotated[float, typer.Option(min=0.0, max=1.0, help="utility: no agent below this "
+                                                       "participation")] = 0.05,
+    upload_budget: Annotated[float, typer.Option(min=0.001, help="bandwidth: seconds an update may take on "
+                                                 "a device's uplink")] = 2.0,
+    debounce: Annotated[float, typer.Option(min=0.0, help="at most one policy run per this many seconds")] = 0.5,
+    status_every: Annotated[float, typer.Option(help="log a status line every this many seconds (0: never)")
+                            ] = 60.0,
+    print_config: PrintConfigOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Assign agents to federations and settings from their capabilities (protocol 1.1), for every federation
+    under a prefix."""
+    settings = {k: v for k, v in locals().items() if k != "print_config"}
+    _broker_url(broker)
+    _names(None, prefix, "default")
+    from fedmqtt.allocation import make as make_policy
+    from fedmqtt.coordinator_cli import parse_federations, run_coordinator
+
+    parse_federations(federations)
+    try:
+        make_policy(policy)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if print_config:
+        print_config_and_exit(settings)
+    setup_logging(verbose, services=True)
+    run_coordinator(settings)
+
+
 # ---- watch and report ---------------------------------------------------------------------------------------
 @app.command(context_settings=SERVICE)
 def watch(

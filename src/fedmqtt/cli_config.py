@@ -26,7 +26,7 @@ from typing import Any
 import typer
 
 CONFIG_HELP = ("TOML file of settings (option names as keys, at the top level or under [aggregator], [edge], "
-               "[watch]); the command line and FEDMQTT_* variables override it")
+               "[watch], [coordinator]); the command line and FEDMQTT_* variables override it")
 
 
 def load_config(ctx: typer.Context, param: Any, value: Path | None) -> None:
