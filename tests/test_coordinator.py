@@ -150,3 +150,14 @@ def test_the_coordinator_command_refuses_bad_settings_in_one_line(argv: list[str
         main(["coordinator", *argv])
     assert exit_.value.code == 1
     assert says in capsys.readouterr().err
+
+
+def test_the_secure_profile_acl_lets_each_agent_read_only_its_own_assignment() -> None:
+    from fedmqtt.security import acl_text, agent_acl
+
+    assert "topic read fedmqtt/coordinator/agents/a1/assignment" in agent_acl("fedmqtt/default", "a1")
+    acl = acl_text(Topics("fedmqtt", "default"), ["a1"], coordinator="coordinator")
+    block = acl.split("user coordinator\n")[1].split("\n\n")[0].splitlines()
+    assert block == ["topic read fedmqtt/+/agents/+/status",
+                     "topic readwrite fedmqtt/coordinator/agents/+/assignment"]
+    assert "coordinator" not in acl_text(Topics("fedmqtt", "default"), ["a1"]).split("user a1")[0]

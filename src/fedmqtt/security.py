@@ -76,7 +76,7 @@ def mosquitto_password_hash(password: str, rounds: int = PBKDF2_ROUNDS, salt: by
 
 
 def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR,
-             watchers: Iterable[str] = (WATCHER,)) -> str:
+             watchers: Iterable[str] = (WATCHER,), coordinator: str | None = None) -> str:
     """The ACL: each agent (username = agent id) writes only its own update and status topics and reads only
     the model and its own acks; only the aggregator writes the model, metrics and acks. Anything not granted
     is denied. Rules are listed per user rather than as ``%u`` patterns, because patterns would also hand
@@ -91,6 +91,11 @@ def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR
         f"topic readwrite {b}/#",
         "",
     ]
+    if coordinator is not None:
+        lines += ["# The coordinator (protocol 1.1): reads every federation's presence, alone writes assignments.",
+                  f"user {check_username(coordinator, 'coordinator username')}",
+                  f"topic read {topics.prefix}/+/agents/+/status",
+                  f"topic readwrite {topics.prefix}/coordinator/agents/+/assignment", ""]
     for w in watchers:
         lines += ["# A read-only observer (`fedmqtt watch`): metrics and presence only.",
                   f"user {check_username(w, 'watcher username')}", f"topic read {b}/metrics",
@@ -102,10 +107,12 @@ def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR
 
 def agent_acl(base: str, agent: str) -> list[str]:
     """One agent's ACL block: write its own update and status topics, read the model (and its compressed
-    copies, model/<form>) and its own acks."""
+    copies, model/<form>), its own acks and its own assignment from the coordinator (protocol 1.1)."""
     a = check_username(agent, "agent id")
+    prefix = base.split("/")[0]
     return [f"user {a}", f"topic write {base}/updates/{a}", f"topic write {base}/agents/{a}/status",
-            f"topic read {base}/agents/{a}/acks", f"topic read {base}/model", f"topic read {base}/model/+"]
+            f"topic read {base}/agents/{a}/acks", f"topic read {base}/model", f"topic read {base}/model/+",
+            f"topic read {prefix}/coordinator/agents/{a}/assignment"]
 
 
 def _user_name() -> str | None:
@@ -247,6 +254,7 @@ def init_broker(
     client_certs: bool = False,
     aggregator: str = AGGREGATOR,
     watcher: str | None = WATCHER,
+    coordinator: str | None = None,
     valid_days: int = 825,
     overwrite: bool = False,
 ) -> SecureProfile:
@@ -263,7 +271,8 @@ def init_broker(
                           "pip install 'fedmqtt[security]'") from exc
     topics = topics or Topics()
     names = [check_username(a.strip(), "agent id") for a in agents if a.strip()]
-    users = [check_username(u) for u in (aggregator, *([watcher] if watcher else []), *names)]
+    users = [check_username(u) for u in (aggregator, *([watcher] if watcher else []),
+                                         *([coordinator] if coordinator else []), *names)]
     if len(set(users)) != len(users):
         raise ConfigError(f"usernames must be unique (aggregator {aggregator!r}, watcher {watcher!r}, "
                           "agents)")
@@ -294,7 +303,7 @@ def init_broker(
         identities[user] = Identity(user, password, cert, key, out / "env" / f"{user}.env")
         hashes.append(f"{user}:{mosquitto_password_hash(password)}")
     _write_private(out / "passwd", "\n".join(hashes) + "\n")
-    (out / "acl").write_text(acl_text(topics, names, aggregator, [watcher] if watcher else []))
+    (out / "acl").write_text(acl_text(topics, names, aggregator, [watcher] if watcher else [], coordinator))
     if client_certs:  # Mosquitto checks every client certificate against the CA's CRL: start with an empty one
         (out / "crl.pem").write_bytes(crl_pem(ca_key, ca_cert))
     config = out / "mosquitto.conf"
