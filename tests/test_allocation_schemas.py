@@ -106,3 +106,18 @@ def test_an_assignment_round_trips_with_its_compression_form_made_canonical() ->
 def test_malformed_assignments_are_refused_naming_the_field(payload: bytes, match: str) -> None:
     with pytest.raises(InvalidMessage, match=f"^assignment: .*{match}"):
         parse_assignment(payload, "edge-1")
+
+
+def test_the_protocol_vectors_parse_and_the_invalid_ones_are_refused() -> None:
+    from pathlib import Path
+
+    vectors = Path(__file__).parent / "vectors"
+    status = Status.model_validate_json((vectors / "status_with_capabilities.json").read_bytes())
+    assert status.capabilities is not None
+    c = parse_capabilities(status.capabilities)
+    assert (c.power.source, c.tasks, c.examples) == ("battery", ("hapt",), 1200)
+    a = parse_assignment((vectors / "assignment.json").read_bytes().strip(), "edge-3")
+    assert a.plan == Plan("hapt", "hapt", 10, None, 0.5, "topk:0.01")
+    for case in json.loads((vectors / "assignment_invalid.json").read_text()):
+        with pytest.raises(InvalidMessage, match=case["field"]):
+            parse_assignment(json.dumps(case["payload"]).encode())

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import queue
+import re
 import signal
 import struct
 import subprocess
@@ -93,6 +95,65 @@ def test_independent_decoder_reads_every_compressed_vector() -> None:
         dense = expand(meta, tensors, shapes)
         for k, v in want["dense"].items():
             np.testing.assert_array_equal(dense[k].ravel(), np.asarray(v["values"], np.float32))
+
+
+# ---- section 10: capabilities and assignments, from the documented rules -----------------------------
+ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def is_int(v: object, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def is_num(v: object, lo: float, hi: float, open_lo: bool = False) -> bool:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+    return ok and not (open_lo and v == lo)
+
+
+def assignment_ok(a: dict[str, object]) -> bool:
+    """Section 10.2's table, as a reader applies it."""
+    comp = a.get("compression")
+    comp_ok = comp is None or comp in ("none", "float16", "int8") or (
+        isinstance(comp, str) and comp.startswith("topk:") and _fraction_ok(comp[5:]))
+    fed = a.get("federation")
+    return (a.get("schema") == 1 and isinstance(a.get("agent"), str) and bool(ID.match(str(a["agent"])))
+            and isinstance(fed, str) and 1 <= len(fed) <= 128 and not set(fed) & set("/+#\0")
+            and not fed.startswith("$") and fed != "coordinator"
+            and isinstance(a.get("task"), str) and bool(NAME.match(str(a["task"])))
+            and (a.get("local_steps") is None or is_int(a["local_steps"], 1, 100_000))
+            and (a.get("batch_size") is None or is_int(a["batch_size"], 1, 1 << 20))
+            and is_num(a.get("participation", 1.0), 0.0, 1.0, open_lo=True) and comp_ok
+            and is_int(a.get("sequence"), 0, 2**53 - 1) and is_num(a.get("issued_at"), 0.0, math.inf))
+
+
+def _fraction_ok(text: str) -> bool:
+    try:
+        f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        return False
+    return 0 < f <= 1
+
+
+def test_independent_reader_of_capabilities_and_assignments() -> None:
+    status = json.loads((VECTORS / "status_with_capabilities.json").read_text())
+    c = status["capabilities"]
+    assert status["state"] in ("online", "training", "offline")
+    assert is_num(c["compute"]["steps_per_s"], 0, 1e9, open_lo=True) and is_int(c["compute"]["batch_size"], 1, 1 << 20)
+    assert c["power"]["source"] in ("mains", "battery", "charging", "unknown")
+    assert c["memory"]["available"] <= c["memory"]["total"] and is_int(c["examples"], 0, 2**53 - 1)
+    assert len(c["tags"]) <= 16 and all(len(v) <= 64 for v in c["tags"].values())
+    assert all(NAME.match(t) for t in c["tasks"]) and len(set(c["tasks"])) == len(c["tasks"]) <= 16
+
+    good = json.loads((VECTORS / "assignment.json").read_text())
+    assert assignment_ok(good)
+    # the sequence rule: only a higher sequence replaces the assignment held
+    held = good
+    for offered in ({**good, "sequence": good["sequence"] - 1, "local_steps": 99}, {**good, "local_steps": 98}):
+        held = offered if offered["sequence"] > held["sequence"] else held
+    assert held is good
+    for case in json.loads((VECTORS / "assignment_invalid.json").read_text()):
+        assert not assignment_ok(case["payload"]), case["field"]
 
 
 # ---- processes -------------------------------------------------------------------------------------

@@ -52,6 +52,30 @@ def main() -> None:
     expected["compressed_updates"] = compressed
     (HERE / "expected.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
     print("fingerprint", fp)
+    allocation_vectors()
+
+
+def allocation_vectors() -> None:
+    """Section 10: a status with capabilities, an assignment, and assignments a reader must refuse."""
+    from fedmqtt.allocation.base import Assignment, Plan
+    from fedmqtt.allocation_schemas import assignment_payload, capabilities_json
+    from fedmqtt.capabilities import Capabilities, Compute, Link, Memory, Power
+    from fedmqtt.schemas import Status, dump
+
+    caps = Capabilities(Compute(85.25, 32), Memory(4125097984, 2011131904), Power("battery", 64.0),
+                        Link(125000.0, 0.05), 1200, ("hapt",), {"hw": "rpi4", "site": "plant-3"}, 0.41)
+    status = Status(agent="edge-3", state="online", version=41, updates_sent=17, ts=1795612345.25,
+                    capabilities=capabilities_json(caps))
+    (HERE / "status_with_capabilities.json").write_bytes(dump(status) + b"\n")
+    a = Assignment("edge-3", Plan("hapt", "hapt", 10, None, 0.5, "topk:0.01"), 1795612345250, 1795612345.25,
+                   "utility+speed-aware+bandwidth")
+    good = json.loads(assignment_payload(a))
+    (HERE / "assignment.json").write_bytes(assignment_payload(a) + b"\n")
+    bad = [("participation", {"participation": 0}), ("compression", {"compression": "zip"}),
+           ("federation", {"federation": "coordinator"}), ("local_steps", {"local_steps": "10"}),
+           ("sequence", {"sequence": -1}), ("agent", {"agent": "edge 3"}), ("schema", {"schema": 2})]
+    (HERE / "assignment_invalid.json").write_text(json.dumps(
+        [{"field": f, "payload": good | change} for f, change in bad], indent=1) + "\n")
 
 
 if __name__ == "__main__":  # not on import: pytest imports every module for its doctests
