@@ -10,7 +10,8 @@ with ``outbox_dir``, so that a reboot keeps them; see outbox.py).
 
 Lifecycle (service.py): ``async with EdgeAgent(...) as agent: await agent.wait_updates(10)``; named loops
 ``connection``, ``training``, ``sender`` (publishes each update while the next round starts) and
-``resender``.
+``resender`` (and ``allocation`` when the config's ``allocation`` is set: capabilities in the status and
+the coordinator's assignment followed, protocol 1.1; see agent_allocation.py).
 """
 
 from __future__ import annotations
@@ -22,53 +23,27 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from fedmqtt import codec, global_model, signing
-from fedmqtt.compression import Compression, Compressor
+from fedmqtt.agent_allocation import AgentAllocation, batch_size_of
+from fedmqtt.agent_config import AgentConfig, AllocationConfig, GlobalModel
+from fedmqtt.assignment import Settings
+from fedmqtt.compression import Compressor
 from fedmqtt.data import as_source
-from fedmqtt.errors import CodecError, ConfigError, IncompatibleModel, InvalidUpdate, TransportError
-from fedmqtt.outbox import Outbox, Pending
-from fedmqtt.privacy import ClientDP, ClientPrivacy
+from fedmqtt.errors import CodecError, IncompatibleModel, InvalidUpdate, TransportError
+from fedmqtt.outbox import Outbox, Pending, outcome, paced
+from fedmqtt.privacy import ClientPrivacy
 from fedmqtt.schemas import Ack, Status, dump
 from fedmqtt.service import Loop, Service
-from fedmqtt.topics import Topics
 from fedmqtt.training import Trainer
 from fedmqtt.transport import ConnectOptions, Connector, Message, Transport, Will
-from fedmqtt.types import Array, Encoding, ModelInfo, check_id
+from fedmqtt.types import Array, check_id
 
+__all__ = ["AgentConfig", "AllocationConfig", "EdgeAgent", "GlobalModel", "Pending", "delta_of"]
 log = logging.getLogger("fedmqtt.agent")
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    topics: Topics = field(default_factory=Topics)
-    local_steps: int = 20  # E optimizer steps per local round
-    encoding: Encoding = "delta"
-    round_seconds: float = 0.0  # pad each local round to at least this long (simulates a slow device)
-    ack_timeout: float = 30.0  # re-send an unacknowledged update after this long
-    max_outbox: int = 8  # unacknowledged updates held before training pauses (back-pressure)
-    backoff_max: float = 10.0
-    session_expiry: int = 600
-    outbox_dir: str | Path | None = None  # unacknowledged updates on disk, in <outbox_dir>/<agent id>/
-    dp: ClientDP | None = None  # client-level DP: clip and noise every delta before it leaves (fedmqtt.privacy)
-    model_key: str | None = None  # the aggregator's Ed25519 public key (base64): adopt only models it signed
-    # "pull": take the retained model when a local round is about to start (subscribe, take it, unsubscribe);
-    # "push": stay subscribed and receive every version (a model per version on every device's link)
-    model_delivery: Literal["pull", "push"] = "pull"
-    compression: Compression = field(default_factory=Compression)  # how updates travel (compression.py)
-    # the model as it travels to the device: "float32" (model topic), or "float16" / "int8" (model/<form>,
-    # published when the aggregator's model_forms include it; else the agent takes the float32 model)
-    model_download: Literal["float32", "float16", "int8"] = "float32"
-
-
-class GlobalModel(NamedTuple):
-    info: ModelInfo
-    params: dict[str, Array]
 
 
 class EdgeAgent(Service):
@@ -93,8 +68,9 @@ class EdgeAgent(Service):
         self._on_ack = on_ack
         self.model: GlobalModel | None = None
         self._model_changed = asyncio.Event()
-        box_dir = self.config.outbox_dir
-        self.outbox = Outbox(Path(box_dir) / self.agent_id if box_dir is not None else None, self.agent_id)
+        self.alloc = (AgentAllocation(self.agent_id, self.config, self.data.num_samples, batch_size_of(self.data))
+                      if self.config.allocation is not None else None)
+        self.outbox = Outbox(self.config.outbox_path(self.agent_id), self.agent_id)
         self._outbox_space = asyncio.Event()
         if len(self.outbox) < self.config.max_outbox:
             self._outbox_space.set()
@@ -110,13 +86,9 @@ class EdgeAgent(Service):
         self.trained_versions: list[tuple[str, int]] = []  # (epoch, version) of recent local rounds
         self.error: str | None = None
         self._state = "online"
-        if self.config.dp is not None and self.config.encoding != "delta":
-            raise ConfigError("client DP applies to deltas; use encoding='delta'")
         self.privacy = ClientPrivacy(self.config.dp, self.agent_id) if self.config.dp is not None else None
         if self.config.model_key is not None:
             signing.check_public(self.config.model_key)
-        if self.config.compression.method != "none" and self.config.encoding != "delta":
-            raise ConfigError("compressed updates are deltas; use encoding='delta'")
         self._compressor = Compressor(self.config.compression)  # with top-k's residual
         self._peeked = False  # pull: this round has peeked at the retained model on this connection
         self._fresh = False  # a model arrived since the last round took one
@@ -133,8 +105,21 @@ class EdgeAgent(Service):
         opts = ConnectOptions(f"fedmqtt-{self.topics.federation}-agent-{self.agent_id}", will=will,
                               clean_start=False, session_expiry=self.config.session_expiry,
                               on_message=self._on_message)
-        return {"connection": self.connection(opts, self._on_connect), "training": self._training_loop(),
-                "sender": self._sender(), "resender": self._resender()}
+        loops = {"connection": self.connection(opts, self._on_connect), "training": self._training_loop(),
+                 "sender": self._sender(), "resender": self._resender()}
+        if self.alloc is not None:
+            loops["allocation"] = self.alloc.serve(self)
+        return loops
+
+    async def starting(self) -> None:
+        """With allocation: time this device's own training round before advertising it."""
+        if self.alloc is not None:
+            await self.alloc.probe(self.trainer, self.data, self.config.local_steps, self.config.round_seconds)
+
+    @property
+    def reassigned(self) -> Settings | None:
+        """An assignment to another federation or task: this agent then ends its run (see agent_allocation)."""
+        return self.alloc.reassigned if self.alloc is not None else None
 
     async def closing(self) -> None:
         """A clean goodbye; the will covers the rest."""
@@ -155,16 +140,35 @@ class EdgeAgent(Service):
     # ---- connection -----------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
         version = self.model.info.version if self.model else None
+        caps = self.alloc.capabilities(self.last_loss) if self.alloc is not None and state != "offline" else None
         return dump(Status(agent=self.agent_id, state=state, version=version,  # type: ignore[arg-type]
-                           updates_sent=self.updates_sent, ts=time.time()))
+                           updates_sent=self.updates_sent, ts=time.time(), capabilities=caps))
 
     async def _publish_status(self, t: Transport, state: str) -> None:
         self._state = state
-        await t.publish(self.topics.status(self.agent_id), self._status(state), qos=1, retain=True)
+        await self._timed(t, self.topics.status(self.agent_id), self._status(state), retain=True)
+        if self.alloc is not None:
+            self.alloc.advertised(self.last_loss, time.monotonic())
+
+    async def advertise(self) -> None:
+        """Republish the status (with allocation: its capabilities as of now), if connected."""
+        t = self.transport
+        if t is not None and self.connected.is_set():
+            with contextlib.suppress(TransportError):  # the next connect publishes it anyway
+                await self._publish_status(t, self._state)
+
+    async def _timed(self, t: Transport, topic: str, payload: bytes, retain: bool = False) -> None:
+        """A QoS 1 publish; with allocation, its time to the PUBACK feeds the link estimate."""
+        started = time.monotonic()
+        await t.publish(topic, payload, qos=1, retain=retain)
+        if self.alloc is not None:
+            self.alloc.published(len(payload), time.monotonic() - started)
 
     async def _on_connect(self, t: Transport) -> None:
         await self._publish_status(t, "online")
         await t.subscribe(self.topics.acks(self.agent_id), qos=1)
+        if self.alloc is not None and self.alloc.topic is not None:  # the retained assignment comes at once
+            await t.subscribe(self.alloc.topic, qos=1)
         if self.config.model_delivery == "push":
             await t.subscribe(self._waiting_topic(), qos=1)
         else:
@@ -181,6 +185,8 @@ class EdgeAgent(Service):
             self._on_model(msg.payload)
         elif msg.topic == self.topics.acks(self.agent_id):
             self._on_ack_message(msg.payload)
+        elif self.alloc is not None and msg.topic == self.alloc.topic and self.alloc.offer(msg.payload):
+            log.info("%s: assignment %s", self.agent_id, self.alloc.settings)
         self.changed()
 
     def _on_model(self, payload: bytes) -> None:
@@ -210,19 +216,14 @@ class EdgeAgent(Service):
             return  # an ack for an update already settled (a duplicate delivery)
         if pending is not None:
             self._outbox_space.set()
-        outcome = _outcome(ack, pending)
-        self.acks[outcome] += 1
-        # Over the aggregator's rate bound: wait between rounds, twice as long each time, and ease off again
-        # as updates are accepted (a device faster than the bound settles just under it).
-        if ack.reason == "rate_limited":
-            self.pause = min(max(2 * self.pause, 0.02), 10.0)
-        elif ack.status == "accepted":
-            self.pause = self.pause * 0.9 if self.pause > 0.005 else 0.0
-        if outcome == "unknown":
+        settled = outcome(ack, pending)
+        self.acks[settled] += 1
+        self.pause = paced(self.pause, ack)
+        if settled == "unknown":
             self.unknown.append(ack.update_id)
             log.info("%s: update %s re-sent and refused as stale: an earlier copy may have been applied",
                      self.agent_id, ack.update_id)
-        elif outcome == "rejected":
+        elif settled == "rejected":
             self.last_rejection = ack
             log.warning("%s: update %s rejected: %s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
         if self._on_ack:
@@ -319,15 +320,20 @@ class EdgeAgent(Service):
         while True:
             if self.pause:
                 await asyncio.sleep(self.pause)
+            steps = cfg.local_steps
+            if self.alloc is not None:  # as assigned (it may sit rounds out)
+                if (got := await self.alloc.next_round(self.data, self._compressor, cfg.encoding)) is None:
+                    return  # moving to another federation: no more rounds here
+                steps, self._compressor = got
             fallback = await self._next_model()
             await self._outbox_space.wait()
-            batches = await self.data.take(cfg.local_steps)
+            batches = await self.data.take(steps)
             model, new, self.last_loss, started = await asyncio.to_thread(self._local_round, batches, fallback)
             tensors = delta_of(new, model.params) if cfg.encoding == "delta" else new
             if self.privacy is not None:
                 tensors = self.privacy(tensors)
             extra: dict[str, str] = {}
-            if cfg.compression.method != "none":
+            if self._compressor.setting.method != "none":
                 sent = self._compressor(tensors)
                 tensors, extra = sent.tensors, sent.metadata
             self.trained_versions.append((model.info.epoch, model.info.version))
@@ -337,9 +343,11 @@ class EdgeAgent(Service):
                 tensors, agent=self.agent_id, update_id=update_id, base_version=model.info.version,
                 num_samples=self.data.num_samples, encoding=cfg.encoding, model_fingerprint=self.fingerprint,
                 extra=extra)
-            remaining = cfg.round_seconds - (time.monotonic() - started)
+            remaining = cfg.round_seconds * (steps / cfg.local_steps) - (time.monotonic() - started)
             if remaining > 0:
                 await asyncio.sleep(remaining)
+            if self.alloc is not None:  # the whole round, padding included: an emulated device's speed
+                self.alloc.round_done(steps, time.monotonic() - started, batch_size_of(batches))
             await self.outbox.put(update_id, Pending(payload, time.monotonic()))  # on disk before it is sent
             if len(self.outbox) >= cfg.max_outbox:
                 self._outbox_space.clear()
@@ -359,7 +367,7 @@ class EdgeAgent(Service):
         if t is None:
             return  # stays in the outbox; sent after the next connect
         try:
-            await t.publish(self.topics.update(self.agent_id), payload, qos=1)
+            await self._timed(t, self.topics.update(self.agent_id), payload)
             self.updates_sent += 1
             pending = self.outbox.get(update_id)
             if pending is not None:
@@ -383,18 +391,6 @@ class EdgeAgent(Service):
             for update_id, pending in list(self.outbox.items()):
                 if now - pending.sent_at > self.config.ack_timeout:
                     await self._send(update_id, pending.payload)
-
-
-def _outcome(ack: Ack, pending: Pending | None) -> str:
-    """``accepted`` (``duplicate`` too: the aggregator applied it before), ``rejected``, or ``unknown``: a
-    re-sent update refused as ``stale`` may have been applied from an earlier copy whose acknowledgement
-    was lost; the aggregator forgets applied ids once their base is past ``max_staleness``, so it cannot
-    tell. Either way the update is settled: nothing is re-sent."""
-    if ack.status == "accepted" or ack.reason == "duplicate":
-        return "accepted"
-    if ack.reason == "stale" and pending is not None and pending.sends > 1:
-        return "unknown"
-    return "rejected"
 
 
 def delta_of(new: dict[str, Array], base: dict[str, Array]) -> dict[str, Array]:

@@ -206,8 +206,9 @@ def _read(path: Path) -> str | None:
 
 
 def measure(compute: Compute | None, link: LinkEstimator | None, examples: int, tasks: tuple[str, ...],
-            tags: Mapping[str, str] | None = None, loss: float | None = None) -> Capabilities:
-    """A fresh advertisement: the given compute and link estimates, memory and power read now."""
-    return Capabilities(compute=compute, memory=read_memory(), power=read_power(),
+            tags: Mapping[str, str] | None = None, loss: float | None = None,
+            power: Power | None = None) -> Capabilities:
+    """A fresh advertisement: the given compute and link estimates, memory and (unless given) power read now."""
+    return Capabilities(compute=compute, memory=read_memory(), power=power if power is not None else read_power(),
                         link=link.estimate() if link is not None else Link(), examples=examples, tasks=tasks,
                         tags=dict(tags or {}), loss=loss if loss is not None and math.isfinite(loss) else None)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 from fedmqtt import codec
 from fedmqtt.errors import CodecError
 from fedmqtt.files import atomic_write
+from fedmqtt.schemas import Ack
 
 log = logging.getLogger("fedmqtt.outbox")
 _NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
@@ -109,3 +110,29 @@ class Outbox(MutableMapping[str, Pending]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def outcome(ack: Ack, pending: Pending | None) -> str:
+    """How an acknowledgement settles an update: ``accepted`` (``duplicate`` too: the aggregator applied it
+    before), ``rejected``, or ``unknown``: a re-sent update refused as ``stale`` may have been applied from an
+    earlier copy whose acknowledgement was lost; the aggregator forgets applied ids once their base is past
+    ``max_staleness``, so it cannot tell. Either way the update is settled: nothing is re-sent."""
+    if ack.status == "accepted" or ack.reason == "duplicate":
+        return "accepted"
+    if ack.reason == "stale" and pending is not None and pending.sends > 1:
+        return "unknown"
+    return "rejected"
+
+
+def paced(pause: float, ack: Ack) -> float:
+    """Seconds between local rounds after ``ack``: over the aggregator's rate bound, twice as long each time;
+    easing off again as updates are accepted (a device faster than the bound settles just under it).
+
+    >>> paced(0.0, Ack(update_id="u", status="rejected", version=0, reason="rate_limited"))
+    0.02
+    """
+    if ack.reason == "rate_limited":
+        return min(max(2 * pause, 0.02), 10.0)
+    if ack.status == "accepted":
+        return pause * 0.9 if pause > 0.005 else 0.0
+    return pause

@@ -133,6 +133,10 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
 
+    async def stopping(self) -> None:
+        """Return once :meth:`stop` was asked for (or the service failed)."""
+        await self._stop.wait()
+
     def fail(self, exc: BaseException) -> None:
         """Stop the service because of ``exc``, which is raised to its user."""
         log.error("%s: %s", self.name, exc)
