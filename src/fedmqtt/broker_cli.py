@@ -74,6 +74,9 @@ def broker_init(
     port: Annotated[int, typer.Option(help="TLS listener port")] = 8883,
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
+    coordinator: Annotated[str | None, typer.Option(
+        help="also make an identity for a coordinator (protocol 1.1): it reads every federation's agent "
+             "statuses and alone writes the assignments")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing CA and every credential")] = False,
 ) -> None:
     """Create the secure broker profile: local CA, TLS certificates, passwords, ACL and one env file each."""
@@ -82,7 +85,7 @@ def broker_init(
     hosts = tuple(host) if host else ("localhost", "127.0.0.1", "::1")
     try:
         profile = init_broker(Path(out), agents.split(","), topics=Topics(prefix, federation), hosts=hosts,
-                              port=port, client_certs=client_certs, overwrite=force)
+                              port=port, client_certs=client_certs, coordinator=coordinator, overwrite=force)
     except (FedMQTTError, ValueError) as exc:
         raise fail(str(exc)) from exc
     err.print(f"secure profile in {profile.directory}: mosquitto -c {profile.config}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 
 from fedmqtt.errors import ConfigError
@@ -65,3 +66,31 @@ def check_task(task: str) -> str:
     if task.startswith("hapt"):
         find_hapt()
     return task
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """``digits, hapt`` as ``('digits', 'hapt')`` (empty items dropped, repeats once).
+
+    >>> parse_list("digits, hapt,,digits")
+    ('digits', 'hapt')
+    """
+    return tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    """``site=a,hw=pi4`` as a dict, by the protocol's rules for tags (docs/protocol.md 10.1); ConfigError for
+    a tag that breaks them.
+
+    >>> parse_tags("site=plant-3, hw=rpi4")
+    {'site': 'plant-3', 'hw': 'rpi4'}
+    """
+    out: dict[str, str] = {}
+    for item in parse_list(text):
+        key, eq, value = (p.strip() for p in item.partition("="))
+        if not eq or not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", key) or len(value) > 64 or not value.isprintable():
+            raise ConfigError(f"--tags: {item!r} is not key=value (key: 1-64 of A-Z a-z 0-9 . _ : -; value: at most "
+                              "64 printable characters)")
+        out[key] = value
+    if len(out) > 16:
+        raise ConfigError("--tags: at most 16 tags")
+    return out

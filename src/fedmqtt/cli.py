@@ -20,8 +20,9 @@ from rich.markup import escape
 
 from fedmqtt import __version__
 from fedmqtt.broker_cli import broker_app
-from fedmqtt.choices import BROKER_KINDS, PARTITIONS, STRATEGIES, check_choice, check_task
-from fedmqtt.cli_config import CONFIG_HELP, load_config, print_config
+from fedmqtt.choices import BROKER_KINDS, PARTITIONS, STRATEGIES, check_choice, check_task, parse_list, parse_tags
+from fedmqtt.cli_config import print_config
+from fedmqtt.cli_options import BrokerOpt, ConfigOpt, FedOpt, PrefixOpt, PrintConfigOpt, TaskOpt, VerboseOpt
 from fedmqtt.cli_run import err, fail, run, setup_logging
 from fedmqtt.errors import ConfigError, FedMQTTError
 from fedmqtt.topics import Topics, check_federation, check_segment
@@ -31,17 +32,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Asynchronous federated learning over MQTT.")
 SERVICE = {"auto_envvar_prefix": "FEDMQTT"}  # --some-option also from FEDMQTT_SOME_OPTION
 
-BrokerOpt = Annotated[str, typer.Option(envvar="FEDMQTT_BROKER_URL",
-                                        help="mqtt://HOST:PORT or mqtts://HOST:PORT; credentials and TLS "
-                                             "files come from FEDMQTT_* environment variables")]
-PrefixOpt = Annotated[str, typer.Option(help="topic prefix")]
-FedOpt = Annotated[str, typer.Option(help="federation name")]
-TaskOpt = Annotated[str, typer.Option(help="built-in task: digits, or hapt (needs the HAPT file, FEDMQTT_HAPT)")]
-ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", help=CONFIG_HELP, callback=load_config, is_eager=True, expose_value=False, envvar="FEDMQTT_CONFIG")]
-PrintConfigOpt = Annotated[bool, typer.Option(help="print the settings this command would run with, and exit")]
-VerboseOpt = Annotated[bool, typer.Option(help="log everything (DEBUG); without it the services log connections "
-                                               "and status lines, the demo only errors")]
 
 
 def _version(value: bool) -> None:
@@ -255,6 +245,13 @@ def edge(
     ] = None,
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
+    follow_assignments: Annotated[bool, typer.Option(
+        help="advertise this device's capabilities and work where a coordinator assigns it (protocol 1.1)")
+    ] = False,
+    tasks: Annotated[str, typer.Option(help="built-in tasks this device holds data for, comma-separated "
+                                            "(default: --task); implies --follow-assignments")] = "",
+    tags: Annotated[str, typer.Option(help="tags to advertise, key=value,... (e.g. site=a,hw=pi4); implies "
+                                           "--follow-assignments")] = "",
     status_every: Annotated[float, typer.Option(help="log a status line every this many seconds (0: never)")
                             ] = 60.0,
     metrics_port: Annotated[int | None, typer.Option(
@@ -264,13 +261,16 @@ def edge(
     seed: Annotated[int, typer.Option(help="seed for data shards, speeds and initial weights")] = 0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run one edge agent on its shard of a built-in task until interrupted."""
+    """Run one edge agent on its shard of a built-in task until interrupted (with --follow-assignments, on the
+    federation and task a coordinator assigns it)."""
     settings = {k: v for k, v in locals().items() if k != "print_config"}
     if not agent_id:
         raise ConfigError("no agent id (give --agent-id or FEDMQTT_AGENT_ID; `broker init` writes it into "
                           "each device's env file)")
     _names(agent_id, prefix, federation)
-    check_task(task)
+    for name in (task, *parse_list(tasks)):
+        check_task(name)
+    parse_tags(tags)
     _broker_url(broker)
     check_choice(model_delivery, ("pull", "push"), "model delivery")
     check_choice(model_download, ("float32", "float16", "int8"), "model download")
