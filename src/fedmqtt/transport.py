@@ -257,12 +257,30 @@ class MqttTransport:
         await self._reply(self._client.unsubscribe(topic, timeout=self._timeout), f"unsubscribe from {topic}")
 
     async def peek(self, topic: str, qos: int = 1) -> None:
-        # gather starts both calls before awaiting either reply: SUBSCRIBE and UNSUBSCRIBE leave back to back
-        sub = asyncio.ensure_future(self.subscribe(topic, qos))
-        unsub = asyncio.ensure_future(self.unsubscribe(topic))
-        for outcome in await asyncio.gather(sub, unsub, return_exceptions=True):  # both retrieved, then raised
-            if isinstance(outcome, BaseException):
-                raise outcome
+        # SUBSCRIBE and UNSUBSCRIBE leave in one TCP segment (corked): if they went in two, losing the second
+        # would hold the subscription open for a retransmission timeout (a second or more on a lossy link),
+        # and every version published meanwhile would come down the link too.
+        paho = self._client._client
+        sock = paho.socket()
+        cork = isinstance(sock, socket.socket) and hasattr(socket, "TCP_CORK")
+        if cork:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            sub = asyncio.ensure_future(self._client.subscribe(topic, qos=qos, timeout=self._timeout))
+            unsub = asyncio.ensure_future(self._client.unsubscribe(topic, timeout=self._timeout))
+            try:
+                await asyncio.sleep(0)  # both tasks have run to their first wait: paho holds both packets
+            except asyncio.CancelledError:
+                sub.cancel()
+                unsub.cancel()
+                raise
+            paho.loop_write()  # into the corked socket now, not at the event loop's next write callback
+        finally:
+            if cork:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # out they go, together
+        await self._reply(asyncio.gather(sub, unsub), f"peek at {topic}")
 
     async def closed(self) -> None:
         # The message iterator waits on aiomqtt's queue (never filled: see _delivery) and on the connection,
