@@ -262,10 +262,10 @@ class MqttTransport:
         # and every version published meanwhile would come down the link too.
         paho = self._client._client
         sock = paho.socket()
-        cork = isinstance(sock, socket.socket) and hasattr(socket, "TCP_CORK")
-        if cork:
+        tcp = sock if isinstance(sock, socket.socket) and hasattr(socket, "TCP_CORK") else None  # Linux
+        if tcp is not None:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         try:
             sub = asyncio.ensure_future(self._client.subscribe(topic, qos=qos, timeout=self._timeout))
             unsub = asyncio.ensure_future(self._client.unsubscribe(topic, timeout=self._timeout))
@@ -277,9 +277,9 @@ class MqttTransport:
                 raise
             paho.loop_write()  # into the corked socket now, not at the event loop's next write callback
         finally:
-            if cork:
+            if tcp is not None:
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # out they go, together
+                    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # out they go, together
         await self._reply(asyncio.gather(sub, unsub), f"peek at {topic}")
 
     async def closed(self) -> None:
