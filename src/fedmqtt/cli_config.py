@@ -25,8 +25,9 @@ from typing import Any
 
 import typer
 
-CONFIG_HELP = ("TOML file of settings (option names as keys, at the top level or under [aggregator], [edge], "
-               "[watch], [coordinator]); the command line and FEDMQTT_* variables override it")
+# "\\[": the help is rich markup, where [edge] alone would be taken for a style and vanish
+CONFIG_HELP = ("TOML file of settings (option names as keys, at the top level or under \\[aggregator], "
+               "\\[edge], \\[watch], \\[coordinator]); the command line and FEDMQTT_* variables override it")
 
 
 def load_config(ctx: typer.Context, param: Any, value: Path | None) -> None:
