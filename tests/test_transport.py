@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 
 import pytest
 
@@ -63,6 +65,36 @@ async def test_closed_reports_a_lost_connection(mosquitto: MosquittoProcess) -> 
         mosquitto.kill()
         with pytest.raises(TransportError, match="connection lost"):
             await asyncio.wait_for(waiting, 30)
+
+
+def _data_segments_out(port: int) -> int | None:
+    """The kernel's count of data segments sent by the TCP socket on local ``port`` (``ss``), or None."""
+    try:
+        out = subprocess.run(["ss", "-tin", f"sport = :{port}"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"data_segs_out:(\d+)", out)
+    return int(found.group(1)) if found else None
+
+
+@pytest.mark.broker
+async def test_peek_sends_subscribe_and_unsubscribe_in_one_segment(mosquitto: MosquittoProcess) -> None:
+    """A peek's UNSUBSCRIBE shares the SUBSCRIBE's TCP segment: sent apart, a lost second segment would keep
+    the subscription open for a retransmission timeout and let newer versions down a slow link. Per peek the
+    device sends one segment for both, and one for the PUBACK of the retained (QoS 1) copy: 2, not 3."""
+    connect = mqtt_connector(mosquitto.config)
+    got = Inbox()
+    async with connect(ConnectOptions("pub")) as tx, connect(ConnectOptions("peeker", on_message=got)) as t:
+        await tx.publish("m/peek", b"model", qos=1, retain=True)
+        port = t._client._client.socket().getsockname()[1]  # type: ignore[attr-defined]
+        before = _data_segments_out(port)
+        if before is None:
+            pytest.skip("no ss (iproute2) to read the socket's segment count")
+        for _ in range(20):
+            await t.peek("m/peek")
+        after = _data_segments_out(port)
+    assert got.queue.qsize() == 20  # each peek brought the retained copy
+    assert after is not None and after - before <= 2 * 20
 
 
 async def test_memory_broker_queues_at_most_max_queued_per_client() -> None:

@@ -76,8 +76,6 @@ class EdgeAgent(Service):
             self._outbox_space.set()
         self.updates_sent = 0
         self._to_send: asyncio.Queue[str] = asyncio.Queue(maxsize=1)  # ids the sender publishes, in order
-        self._sender_idle = asyncio.Event()  # the sender has no update in hand (its last one is acknowledged)
-        self._sender_idle.set()
         self._future_base = 0  # consecutive future_base rejections
         self._resubscribe: asyncio.Task[None] | None = None
         self.acks: dict[str, int] = {"accepted": 0, "rejected": 0, "unknown": 0}
@@ -353,9 +351,9 @@ class EdgeAgent(Service):
             await self.outbox.put(update_id, Pending(payload, time.monotonic()))  # on disk before it is sent
             if len(self.outbox) >= cfg.max_outbox:
                 self._outbox_space.clear()
-            await self._sender_idle.wait()  # one update on the link at a time: the next round's model is fresh
-            self._sender_idle.clear()
-            self._to_send.put_nowait(update_id)  # the sender wakes after this loop's model request is written
+            await self._to_send.put(update_id)
+            for _ in range(3):  # let the sender hand the update to the connection before the next model request
+                await asyncio.sleep(0)
 
     def _local_round(self, batches: Any, fallback: GlobalModel) -> tuple[GlobalModel, dict[str, Array], float, float]:
         """Train on the newest model held when the computation starts (in a worker thread). Where many
@@ -380,17 +378,14 @@ class EdgeAgent(Service):
             log.warning("%s: publish failed, kept in outbox: %s", self.agent_id, exc)
 
     async def _sender(self) -> None:
-        """Publishes what the training loop files, so that the next round does not wait for the PUBACK: the
-        next model request leaves just ahead of the update, and the model comes down while the update goes
-        up (a round costs the longer of the two, not their sum, and one round trip less)."""
+        """Publishes what the training loop files, so that the next round does not wait for the PUBACK: its
+        model request follows the update on the connection, and a round costs one round trip less. (A
+        request sent ahead of the update would bring a model older by the whole upload: measured slower.)"""
         while True:
             update_id = await self._to_send.get()
-            try:
-                pending = self.outbox.get(update_id)
-                if pending is not None:  # else already answered (a re-send from a reconnect got there first)
-                    await self._send(update_id, pending.payload)
-            finally:
-                self._sender_idle.set()
+            pending = self.outbox.get(update_id)
+            if pending is not None:  # else already answered (a re-send from a reconnect got there first)
+                await self._send(update_id, pending.payload)
 
     async def _resender(self) -> None:
         while True:

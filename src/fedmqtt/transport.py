@@ -271,16 +271,19 @@ class MqttTransport:
             unsub = asyncio.ensure_future(self._client.unsubscribe(topic, timeout=self._timeout))
             try:
                 await asyncio.sleep(0)  # both tasks have run to their first wait: paho holds both packets
+                for _ in range(8):  # aiomqtt writes them a few loop iterations later, at its write callback
+                    if not paho.want_write():
+                        break
+                    await asyncio.sleep(0)
             except asyncio.CancelledError:
                 sub.cancel()
                 unsub.cancel()
                 raise
-            paho.loop_write()  # into the corked socket now, not at the event loop's next write callback
         finally:
             if tcp is not None:
                 with contextlib.suppress(OSError):
                     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # out they go, together
-        await self._reply(asyncio.gather(sub, unsub), f"peek at {topic}")
+        await self._reply(_both(sub, unsub), f"peek at {topic}")
 
     async def closed(self) -> None:
         # The message iterator waits on aiomqtt's queue (never filled: see _delivery) and on the connection,
@@ -290,6 +293,20 @@ class MqttTransport:
                 pass
         except aiomqtt.MqttError as exc:
             raise TransportError(f"connection lost: {exc}") from exc
+
+
+async def _both(a: asyncio.Future[Any], b: asyncio.Future[Any]) -> None:
+    """Wait for both; then raise the first one's error, if any (every outcome retrieved, none logged as lost)."""
+    try:
+        await asyncio.wait([a, b])
+    except asyncio.CancelledError:
+        a.cancel()
+        b.cancel()
+        raise
+    errors = [TransportError("cancelled") if f.cancelled() else f.exception() for f in (a, b)]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 class Inbox:
