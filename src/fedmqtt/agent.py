@@ -378,9 +378,8 @@ class EdgeAgent(Service):
             log.warning("%s: publish failed, kept in outbox: %s", self.agent_id, exc)
 
     async def _sender(self) -> None:
-        """Publishes what the training loop files, so that the next round does not wait for the PUBACK: its
-        model request follows the update on the connection, and a round costs one round trip less. (A
-        request sent ahead of the update would bring a model older by the whole upload: measured slower.)"""
+        """Publishes what the training loop files: the next round's model request follows the update without
+        waiting for its PUBACK (one round trip less; sent ahead of the update it was slower, the model older)."""
         while True:
             update_id = await self._to_send.get()
             pending = self.outbox.get(update_id)
