@@ -82,6 +82,7 @@ def test_an_assignment_round_trips_with_its_compression_form_made_canonical() ->
     minimal = parse_assignment(json.dumps({"schema": 1, "agent": "e", "federation": "f", "task": "t",
                                            "sequence": 0, "issued_at": 0}).encode())
     assert minimal.plan == Plan("f", "t")  # the rest: the agent's own settings, participation 1
+    assert parse_assignment(assignment(policy=""), "edge-1").policy == ""  # "or empty" (protocol.md 10.2)
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,38 @@ def test_book_follows_an_agent_across_federations_and_keeps_its_history() -> Non
     assert "old" not in book.views()
 
 
+def test_hostile_statuses_are_refused_and_cannot_stop_the_policy() -> None:
+    """A 500-digit ``updates_sent`` would overflow the utility policy's float maths and stop the coordinator;
+    ``capabilities`` that are not an object are the coordinator's to refuse, while presence still reads them."""
+    book = Book()
+    caps = capabilities_json(Capabilities(Compute(10.0, 32), tasks=("digits",), loss=1.0))
+    huge = json.dumps({"schema": 1, "agent": "h", "state": "online", "capabilities": caps})
+    huge = huge.replace('"state"', '"updates_sent": ' + "9" * 500 + ', "state"')
+    assert not book.status("digits-fed", "h", huge.encode(), now=1.0)
+    listed = b'{"schema": 1, "agent": "l", "state": "online", "capabilities": [1, 2]}'
+    assert Status.model_validate_json(listed).state == "online"  # an aggregator's presence still reads it
+    assert not book.status("digits-fed", "l", listed, now=1.0)
+    assert book.invalid == 2 and "capabilities" in (book.last_error or "")
+    assert book.status("digits-fed", "ok", status("ok", sent=3, compute=Compute(10.0, 32), tasks=("digits",),
+                                                  loss=1.0), now=1.0)
+    assert book.plan(make("utility+speed-aware"), PolicyConfig(FEDS), now=2.0, wall=3.0) == ["ok"]
+
+
+def test_a_reissued_assignment_outranks_a_withdrawn_one_even_when_the_clock_went_back() -> None:
+    cfg, policy, book = PolicyConfig(FEDS), make("uniform"), Book()
+    book.status("digits-fed", "a", status("a", compute=Compute(10.0, 32), tasks=("digits",)), now=1.0)
+    assert book.plan(policy, cfg, now=1.0, wall=100.0) == ["a"] and book.issued["a"].sequence == 100_000
+    book.status("digits-fed", "a", status("a", compute=Compute(10.0, 32), tasks=("vision",)), now=2.0)
+    assert book.plan(policy, cfg, now=2.0, wall=101.0) == ["a"] and "a" not in book.issued  # withdrawn
+    book.status("digits-fed", "a", status("a", compute=Compute(10.0, 32), tasks=("digits",)), now=3.0)
+    assert book.plan(policy, cfg, now=3.0, wall=50.0) == ["a"]  # NTP stepped the clock back
+    follower = AssignmentFollower("a", Defaults("x", "digits"), tasks=("digits",))
+    follower.offer(assignment_payload(Assignment("a", Plan("digits-fed", "digits"), 100_000, 100.0, "uniform")))
+    assert book.issued["a"].sequence > 100_000  # else the agent would ignore it by the sequence rule
+    follower.offer(assignment_payload(book.issued["a"]))
+    assert follower.stale == 0 and follower.highest == book.issued["a"].sequence
+
+
 # ---- on a real broker -------------------------------------------------------------------------------------
 class FakeAgent:
     """An agent's wire behaviour only: its retained status with capabilities, and its assignment."""

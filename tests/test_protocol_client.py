@@ -124,7 +124,7 @@ def assignment_ok(a: dict[str, object]) -> bool:
             and (a.get("local_steps") is None or is_int(a["local_steps"], 1, 100_000))
             and (a.get("batch_size") is None or is_int(a["batch_size"], 1, 1 << 20))
             and is_num(a.get("participation", 1.0), 0.0, 1.0, open_lo=True) and comp_ok
-            and is_int(a.get("sequence"), 0, 2**53 - 1) and is_num(a.get("issued_at"), 0.0, math.inf))
+            and is_int(a.get("sequence"), 0, 2**53 - 1) and is_num(a.get("issued_at"), 0.0, 1e11))
 
 
 def _fraction_ok(text: str) -> bool:

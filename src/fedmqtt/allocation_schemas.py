@@ -35,7 +35,7 @@ MAX_MESSAGE = 16 << 10  # bytes: a status or an assignment larger than this is r
 MAX_INT = 2**53 - 1  # exact in every JSON reader
 _NAME = r"^[A-Za-z0-9._-]{1,64}$"  # a task name
 _TAG_KEY = r"^[A-Za-z0-9._:-]{1,64}$"
-_POLICY = r"^[A-Za-z0-9._+-]{1,128}$"
+_POLICY = r"^[A-Za-z0-9._+-]{0,128}$"  # empty allowed (protocol.md 10.2)
 
 
 class _Part(BaseModel):
@@ -144,9 +144,9 @@ def _why(exc: ValidationError) -> str:
     return f"{where}: {msg}" if where else msg
 
 
-def parse_capabilities(obj: Mapping[str, Any]) -> Capabilities:
-    """A status's ``capabilities`` object (already JSON-decoded) as plain values; InvalidMessage if it breaks
-    a rule."""
+def parse_capabilities(obj: Mapping[str, Any] | object) -> Capabilities:
+    """A status's ``capabilities`` value (already JSON-decoded) as plain values; InvalidMessage if it is not
+    an object or breaks a rule."""
     try:
         m = CapabilitiesMsg.model_validate(obj)
     except ValidationError as exc:

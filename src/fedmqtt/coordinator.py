@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from fedmqtt.allocation.base import AgentView, Assignment, History, Policy, PolicyConfig
-from fedmqtt.allocation_schemas import MAX_MESSAGE, assignment_payload, parse_assignment, parse_capabilities
+from fedmqtt.allocation_schemas import MAX_INT, MAX_MESSAGE, assignment_payload, parse_assignment, parse_capabilities
 from fedmqtt.capabilities import Capabilities
 from fedmqtt.errors import InvalidMessage, TransportError
 from fedmqtt.schemas import Status
@@ -56,6 +56,7 @@ class Book:
         self.seen: dict[str, dict[str, _Seen]] = {}
         self.history: dict[str, History] = {}
         self.issued: dict[str, Assignment] = {}  # the assignment retained for each agent
+        self.sequences: dict[str, int] = {}  # the highest sequence issued to each agent (kept after a withdrawal)
         self.unpublished: dict[str, Assignment | None] = {}  # to publish (None: withdraw)
         self.invalid = 0  # statuses or capabilities refused
         self.last_error: str | None = None
@@ -70,6 +71,8 @@ class Book:
             if len(payload) > MAX_MESSAGE:
                 raise InvalidMessage(f"status of {len(payload)} bytes, more than {MAX_MESSAGE}")
             s = Status.model_validate_json(payload) if payload else None
+            if s is not None and not 0 <= s.updates_sent <= MAX_INT:  # a float of it would overflow a policy
+                raise InvalidMessage(f"updates_sent {str(s.updates_sent)[:40]} is not in 0..{MAX_INT}")
             if s is not None and s.capabilities is not None:
                 caps = parse_capabilities(s.capabilities)
         except ValueError as exc:  # pydantic's ValidationError and InvalidMessage
@@ -102,6 +105,7 @@ class Book:
         held = self.issued.get(agent)
         if held is None or a.sequence > held.sequence:
             self.issued[agent] = a
+        self.sequences[agent] = max(a.sequence, self.sequences.get(agent, -1))
 
     def views(self) -> dict[str, AgentView]:
         """Online agents that advertise capabilities, as the policies see them."""
@@ -133,7 +137,9 @@ class Book:
                 continue
             if held is not None and held.plan == plan:
                 continue
-            sequence = max(held.sequence + 1 if held is not None else 0, int(wall * 1000))
+            # above every sequence this agent was sent, withdrawn ones too: the wall clock may have gone back
+            sequence = max(self.sequences.get(agent, -1) + 1, int(wall * 1000))
+            self.sequences[agent] = sequence
             self.issued[agent] = self.unpublished[agent] = Assignment(agent, plan, sequence, wall, policy.name)
             changed.append(agent)
         return changed
@@ -231,8 +237,15 @@ class Coordinator(Service):
                 continue
             agent, a = next(iter(self.book.unpublished.items()))
             try:
-                await t.publish(self.topics.assignment(agent), assignment_payload(a) if a else b"", qos=1,
-                                retain=True)
+                payload = assignment_payload(a) if a else b""
+            except InvalidMessage as exc:  # e.g. a sequence past 2^53-1 (a foreign retained copy): skip that agent
+                self.book.invalid += 1
+                self.book.last_error = f"not publishing {agent}'s assignment: {exc}"
+                log.error("%s", self.book.last_error)
+                del self.book.unpublished[agent]
+                continue
+            try:
+                await t.publish(self.topics.assignment(agent), payload, qos=1, retain=True)
             except TransportError as exc:
                 log.warning("publishing %s's assignment: %s", agent, exc)
                 await asyncio.sleep(0.5)

@@ -108,9 +108,9 @@ class Status(_Message):
     version: int | None = None
     updates_sent: int = 0
     ts: float = 0.0
-    # protocol 1.1: what the device can do (docs/protocol.md 10). Kept as plain JSON here, so that presence
-    # never depends on it; the coordinator validates it (allocation_schemas.parse_capabilities).
-    capabilities: dict[str, Any] | None = None
+    # protocol 1.1: what the device can do (docs/protocol.md 10). Any JSON value here, so that presence never
+    # depends on it (not even on its being an object); the coordinator validates it (parse_capabilities).
+    capabilities: Any = None
 
 
 class AggregatorStatus(_Message):
