@@ -52,6 +52,18 @@ def test_an_assignment_elsewhere_marks_the_agent_as_moving_and_its_next_config_g
     assert moved.allocation.tags == {"site": "x"}
 
 
+@pytest.mark.parametrize(("alloc", "says"), [({"task": "my task"}, "task 'my task'"),
+                                             ({"task": "d", "tags": {"bad key": "v"}}, "tag key 'bad key'"),
+                                             ({"task": "d", "tags": {"hw": "a\nb"}}, "printable")])
+def test_allocation_settings_a_coordinator_would_refuse_are_refused_at_once(alloc: dict[str, Any],
+                                                                            says: str) -> None:
+    """Else the agent would stop at its first connect, when its status with capabilities fails the check."""
+    from fedmqtt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        AllocationConfig(**alloc)
+
+
 def test_capabilities_are_checked_and_a_padded_round_counts_at_its_padded_length() -> None:
     task = digits_task(num_clients=2)
     cfg = AgentConfig(local_steps=10, round_seconds=2.0,

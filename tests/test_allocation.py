@@ -102,6 +102,24 @@ def test_utility_prefers_high_loss_and_fast_devices_and_keeps_a_floor() -> None:
     assert p["straggler"] == p["zero"] == cfg.participation_floor  # the fairness floor
 
 
+def test_an_empty_battery_is_low_and_an_unknown_charge_is_not() -> None:
+    cfg = PolicyConfig(FEDS, local_steps=10, exploration=0.0)
+    agents = {"empty": dev(power="battery", percent=0.0, loss=1.0), "unknown": dev(power="battery", loss=1.0),
+              "mains": dev(loss=1.0)}
+    p = {a: plan.participation for a, plan in make("utility").assign(agents, 0.0, cfg).items()}
+    assert p["empty"] == cfg.participation_floor < p["unknown"] == p["mains"]
+
+
+def test_a_policy_config_that_would_make_unpublishable_assignments_is_refused() -> None:
+    for bad in ({"local_steps": 200_000}, {"batch_size": 0}, {"max_steps": 10**6}):
+        with pytest.raises(ValueError, match="must be in"):
+            PolicyConfig(FEDS, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reserved"):
+        PolicyConfig({"coordinator": "digits"})
+    with pytest.raises(ValueError, match="task 'my task'"):
+        PolicyConfig({"f": "my task"})
+
+
 def test_utility_exploration_favours_agents_that_took_part_little() -> None:
     cfg = PolicyConfig(FEDS, local_steps=10, participation_target=0.5, exploration=1.0)
     veteran = dev(loss=1.0, history=History(updates_sent=1000))

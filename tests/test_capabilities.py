@@ -98,3 +98,17 @@ def test_measure_assembles_an_advertisement_the_wire_accepts() -> None:
     c = measure(Compute(30.0, 32), link, examples=500, tasks=("digits",), tags={"site": "lab"}, loss=math.nan)
     assert c.loss is None and c.link.uplink == pytest.approx(100_000) and c.tasks == ("digits",)
     assert parse_capabilities(capabilities_json(c)) == c
+
+
+@pytest.mark.parametrize("loss", [5e7, -0.3])
+def test_measure_caps_estimates_beyond_the_protocols_bounds(loss: float) -> None:
+    """A 10 MB publish timed at a microsecond (an in-process broker), a trivially fast round, a diverging or
+    negative loss: the advertisement stays one the wire accepts, rather than one that stops the agent."""
+    from fedmqtt.allocation_schemas import capabilities_json
+
+    link = LinkEstimator()
+    link.observe(10_000_000, 1e-6)
+    c = measure(Compute(5e10, 32), link, examples=1, tasks=("digits",), loss=loss)
+    assert c.link.uplink == 1e12 and c.compute is not None and c.compute.steps_per_s == 1e9
+    assert c.loss == (1e6 if loss > 0 else None)
+    assert capabilities_json(c)["link"]["uplink"] == 1e12

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from fedmqtt.capabilities import MAX_TASKS, Power, read_power
+from fedmqtt.capabilities import MAX_TASKS, Power, check_tags, check_task_name, read_power
 from fedmqtt.compression import Compression
 from fedmqtt.errors import ConfigError
 from fedmqtt.privacy import ClientDP
@@ -42,6 +42,12 @@ class AllocationConfig:
     def __post_init__(self) -> None:
         if len(self.held) > MAX_TASKS:
             raise ConfigError(f"an agent advertises at most {MAX_TASKS} tasks")
+        try:  # here, not at the first status: a status a coordinator would refuse is never built
+            for task in self.held:
+                check_task_name(task)
+            check_tags(self.tags)
+        except ValueError as exc:
+            raise ConfigError(f"allocation: {exc}") from exc
         if not self.refresh > 0 or self.settle < 0:
             raise ConfigError("allocation refresh must be > 0 and settle >= 0")
 

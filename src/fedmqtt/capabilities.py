@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,31 @@ POWER_SOURCES: tuple[str, ...] = ("mains", "battery", "charging", "unknown")
 MAX_TAGS = 16  # tags per device
 MAX_TAG_LEN = 64  # characters in a tag's key or value
 MAX_TASKS = 16
+MAX_STEPS_PER_S = 1e9  # the protocol's bounds on what a device advertises (docs/protocol.md 10.1)
+MAX_UPLINK = 1e12
+MAX_LOSS = 1e6
+TASK_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+TAG_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+
+
+def check_task_name(name: str) -> str:
+    """``name`` if it is a task name of the protocol (1-64 of ``A-Z a-z 0-9 . _ -``), else ValueError."""
+    if not isinstance(name, str) or not re.fullmatch(TASK_PATTERN, name):
+        raise ValueError(f"task {str(name)[:80]!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+    return name
+
+
+def check_tags(tags: Mapping[str, str]) -> Mapping[str, str]:
+    """``tags`` if they keep the protocol's rules (at most 16; key 1-64 of ``A-Z a-z 0-9 . _ : -``, value at
+    most 64 printable characters), else ValueError."""
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags, got {len(tags)}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not re.fullmatch(TAG_KEY_PATTERN, key):
+            raise ValueError(f"tag key {str(key)[:80]!r} must be 1-{MAX_TAG_LEN} of A-Z a-z 0-9 . _ : -")
+        if not isinstance(value, str) or len(value) > MAX_TAG_LEN or not value.isprintable():
+            raise ValueError(f"tag {key!r}: the value must be at most {MAX_TAG_LEN} printable characters")
+    return tags
 
 
 @dataclass(frozen=True)
@@ -208,7 +234,16 @@ def _read(path: Path) -> str | None:
 def measure(compute: Compute | None, link: LinkEstimator | None, examples: int, tasks: tuple[str, ...],
             tags: Mapping[str, str] | None = None, loss: float | None = None,
             power: Power | None = None) -> Capabilities:
-    """A fresh advertisement: the given compute and link estimates, memory and (unless given) power read now."""
+    """A fresh advertisement: the given compute and link estimates, memory and (unless given) power read now.
+    Estimates beyond the protocol's bounds (a publish timed at a microsecond on a local broker, a diverging
+    loss) are capped at them, and a loss that is not a finite non-negative number is left out, so the
+    advertisement is always one a coordinator accepts."""
+    if compute is not None and compute.steps_per_s > MAX_STEPS_PER_S:
+        compute = Compute(MAX_STEPS_PER_S, compute.batch_size)
+    est = link.estimate() if link is not None else Link()
+    if est.uplink is not None and est.uplink > MAX_UPLINK:
+        est = Link(MAX_UPLINK, est.rtt)
     return Capabilities(compute=compute, memory=read_memory(), power=power if power is not None else read_power(),
-                        link=link.estimate() if link is not None else Link(), examples=examples, tasks=tasks,
-                        tags=dict(tags or {}), loss=loss if loss is not None and math.isfinite(loss) else None)
+                        link=est, examples=examples, tasks=tasks,
+                        tags=dict(tags or {}),
+                        loss=min(loss, MAX_LOSS) if loss is not None and math.isfinite(loss) and loss >= 0 else None)

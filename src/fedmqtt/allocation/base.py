@@ -16,7 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from fedmqtt.capabilities import Capabilities
+from fedmqtt.capabilities import Capabilities, check_task_name
+from fedmqtt.topics import check_federation
+
+MAX_LOCAL_STEPS = 100_000  # the bounds of an assignment (docs/protocol.md 10.2)
+MAX_BATCH_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Plan:
 
     ``participation`` is the probability with which the agent trains a local round: before each round it
     draws u ~ U[0, 1) and, when u >= participation, sits the round out (waits as long as its last round
-    took) and draws again. 1 is today's behaviour (always train)."""
+    took) and draws again. 1: always train."""
 
     federation: str
     task: str  # the task that federation runs: the agent trains its model on its data for it
@@ -91,6 +95,15 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if not self.federations:
             raise ValueError("a policy needs at least one federation")
+        for fed, task in self.federations.items():  # else an assignment naming them could not be published
+            check_federation(fed)
+            check_task_name(task)
+        if self.local_steps is not None and not 1 <= self.local_steps <= MAX_LOCAL_STEPS:
+            raise ValueError(f"local_steps must be in 1..{MAX_LOCAL_STEPS}")
+        if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}")
+        if not 1 <= self.reference_steps <= MAX_LOCAL_STEPS or self.max_steps > MAX_LOCAL_STEPS:
+            raise ValueError(f"reference_steps and max_steps must be in 1..{MAX_LOCAL_STEPS}")
         if not 0 < self.participation_floor <= self.participation_target <= 1:
             raise ValueError("need 0 < participation_floor <= participation_target <= 1")
         if not 1 <= self.min_steps <= self.max_steps:

@@ -1,4 +1,4 @@
-"""Placement (which federation each agent works on) and the uniform plan: today's behaviour.
+"""Placement (which federation each agent works on) and the uniform plan: every agent on its own settings.
 
 Placement: an agent can only work on a federation whose task it holds data for. It stays where it is while
 that still holds (moving costs it a model download and its top-k residual); a new or displaced agent goes to
@@ -56,6 +56,6 @@ def placement() -> Part:
 
 
 def uniform() -> Policy:
-    """Every agent trains all the time with the same settings: what fedmqtt did before the coordinator."""
+    """Every agent trains all the time with the same settings (as an agent without a coordinator does)."""
     part = placement()
     return Policy("uniform", lambda agents, now, config: part.refine({}, agents, now, config))

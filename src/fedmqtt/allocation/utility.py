@@ -75,7 +75,8 @@ def _refine(plans: Plans, agents: Agents, now: float, config: PolicyConfig) -> P
         norm = sum(scores.values())
         for a in members:
             c = agents[a].capabilities
-            if c.power.source == "battery" and (c.power.battery_percent or 100.0) < config.low_battery:
+            percent = c.power.battery_percent
+            if c.power.source == "battery" and percent is not None and percent < config.low_battery:
                 p = config.participation_floor
             elif a not in scores:
                 p = 1.0
