@@ -9,9 +9,8 @@ jittered exponential backoff; updates wait in an outbox until the aggregator ack
 with ``outbox_dir``, so that a reboot keeps them; see outbox.py).
 
 Lifecycle (service.py): ``async with EdgeAgent(...) as agent: await agent.wait_updates(10)``; named loops
-``connection``, ``training``, ``sender`` (publishes each update while the next round starts) and
-``resender`` (and ``allocation`` when the config's ``allocation`` is set: capabilities in the status and
-the coordinator's assignment followed, protocol 1.1; see agent_allocation.py).
+``connection``, ``training`` and ``resender`` (and ``allocation`` when the config's ``allocation`` is set:
+capabilities in the status and the coordinator's assignment followed, protocol 1.1; see agent_allocation.py).
 """
 
 from __future__ import annotations
@@ -75,7 +74,6 @@ class EdgeAgent(Service):
         if len(self.outbox) < self.config.max_outbox:
             self._outbox_space.set()
         self.updates_sent = 0
-        self._to_send: asyncio.Queue[str] = asyncio.Queue(maxsize=1)  # ids the sender publishes, in order
         self._future_base = 0  # consecutive future_base rejections
         self._resubscribe: asyncio.Task[None] | None = None
         self.acks: dict[str, int] = {"accepted": 0, "rejected": 0, "unknown": 0}
@@ -106,7 +104,7 @@ class EdgeAgent(Service):
                               clean_start=False, session_expiry=self.config.session_expiry,
                               on_message=self._on_message)
         loops = {"connection": self.connection(opts, self._on_connect), "training": self._training_loop(),
-                 "sender": self._sender(), "resender": self._resender()}
+                 "resender": self._resender()}
         if self.alloc is not None:
             loops["allocation"] = self.alloc.serve(self)
         return loops
@@ -351,9 +349,7 @@ class EdgeAgent(Service):
             await self.outbox.put(update_id, Pending(payload, time.monotonic()))  # on disk before it is sent
             if len(self.outbox) >= cfg.max_outbox:
                 self._outbox_space.clear()
-            await self._to_send.put(update_id)
-            for _ in range(3):  # let the sender hand the update to the connection before the next model request
-                await asyncio.sleep(0)
+            await self._send(update_id, payload)  # then the next round's model: it may hold this update
 
     def _local_round(self, batches: Any, fallback: GlobalModel) -> tuple[GlobalModel, dict[str, Array], float, float]:
         """Train on the newest model held when the computation starts (in a worker thread). Where many
@@ -376,15 +372,6 @@ class EdgeAgent(Service):
                 self.outbox[update_id] = Pending(payload, time.monotonic(), pending.sends + 1)
         except TransportError as exc:
             log.warning("%s: publish failed, kept in outbox: %s", self.agent_id, exc)
-
-    async def _sender(self) -> None:
-        """Publishes what the training loop files: the next round's model request follows the update without
-        waiting for its PUBACK (one round trip less; sent ahead of the update it was slower, the model older)."""
-        while True:
-            update_id = await self._to_send.get()
-            pending = self.outbox.get(update_id)
-            if pending is not None:  # else already answered (a re-send from a reconnect got there first)
-                await self._send(update_id, pending.payload)
 
     async def _resender(self) -> None:
         while True:
