@@ -77,6 +77,18 @@ def test_speed_aware_matches_a_hand_computation_per_federation() -> None:
     assert effective_speed(agents["h2"], cfg) == 50.0
 
 
+def test_speed_aware_keeps_local_work_within_its_range() -> None:
+    """A device 100x faster than the median does not get 100x the local steps (its model would drift far
+    from the population's); a very slow one still does a share of E."""
+    agents = {"slow": dev(speed=0.1), "mid": dev(speed=10.0), "mid2": dev(speed=10.0), "fast": dev(speed=1000.0)}
+    plans = make("speed-aware").assign(agents, 0.0, PolicyConfig(FEDS, reference_steps=16))
+    assert (plans["slow"].local_steps, plans["mid"].local_steps, plans["fast"].local_steps) == (4, 16, 64)
+    flat = make("speed-aware").assign(agents, 0.0, PolicyConfig(FEDS, reference_steps=16, step_range=1.0))
+    assert {p.local_steps for p in flat.values()} == {16}
+    with pytest.raises(ValueError, match="step_range"):
+        PolicyConfig(FEDS, step_range=0.5)
+
+
 def test_going_on_battery_changes_the_plan() -> None:
     cfg = PolicyConfig(FEDS)
     policy = make("utility+speed-aware")

@@ -4,7 +4,9 @@ devices' updates arrive as fresh as fast devices' and fast devices do not idle.
 
     vᵢ = steps/s of device i (its probe, then its real rounds) × battery_factor if it runs on battery
     T  = E_ref / median_j(steps/s of j)          (over the federation's devices, at full power)
-    Eᵢ = clamp(T · vᵢ, min_steps, max_steps), rounded to a 2^(k/4) grid
+    Eᵢ = clamp(T · vᵢ, max(min_steps, E_ref / step_range), min(max_steps, E_ref · step_range)), rounded to a
+         2^(k/4) grid (FedCompass bounds local work the same way: far more steps than the others make a fast
+         device's update drift from the population's)
 
 A device on battery therefore does fewer steps (half, by default) and asks less of its battery; one whose
 throughput is unknown keeps the reference E.
@@ -23,6 +25,7 @@ throughput is unknown keeps the reference E.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from fedmqtt.allocation.base import Agents, AgentView, Part, Plans, PolicyConfig, median, quantise_steps
@@ -47,9 +50,11 @@ def _refine(plans: Plans, agents: Agents, now: float, config: PolicyConfig) -> P
         if not full:
             continue
         seconds = reference / median(full)  # T: the median device's round with the reference E
+        lo = max(config.min_steps, math.ceil(reference / config.step_range))
+        hi = max(lo, min(config.max_steps, math.floor(reference * config.step_range)))
         for a in members:
             v = effective_speed(agents[a], config)
-            steps = reference if v is None else quantise_steps(seconds * v, config.min_steps, config.max_steps)
+            steps = reference if v is None else quantise_steps(seconds * v, lo, hi)
             out[a] = replace(out[a], local_steps=steps)
     return out
 
