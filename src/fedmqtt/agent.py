@@ -324,6 +324,8 @@ class EdgeAgent(Service):
                     return  # moving to another federation: no more rounds here
                 steps, self._compressor = got
             fallback = await self._next_model()
+            if self.reassigned is not None:  # came while the model was awaited: no round here any more
+                return
             await self._outbox_space.wait()
             batches = await self.data.take(steps)
             model, new, self.last_loss, started = await asyncio.to_thread(self._local_round, batches, fallback)

@@ -179,7 +179,7 @@ class Fleet(Service):
     async def _slot(self, i: int) -> None:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, i, 0xC4])
-        first = True
+        first, moved = True, False
         online: float | None = None
         while True:
             agent = self.agents[i]
@@ -187,8 +187,9 @@ class Fleet(Service):
                 if first:
                     self._started[i].set()
                     first = False
-                if online is None or agent.reassigned is None:  # a moved agent keeps its time online
+                if not moved:  # a moved agent keeps what was left of its time online
                     online = float(rng.exponential(cfg.mean_online)) if cfg.mean_online else None
+                moved = False
                 started = time.monotonic()
                 if await self._serve(agent, online):
                     return
@@ -199,9 +200,10 @@ class Fleet(Service):
                 self.retired_acks[k] = self.retired_acks.get(k, 0) + v
             if agent.reassigned is not None:  # a new agent on the federation it is assigned to
                 self.moves += 1
-                moved = moved_config(self._agent_cfgs[i], agent.reassigned)
-                self._agent_cfgs[i] = replace(moved, local_steps=self._steps(self.tasks[agent.reassigned.task]))
+                there = moved_config(self._agent_cfgs[i], agent.reassigned)
+                self._agent_cfgs[i] = replace(there, local_steps=self._steps(self.tasks[agent.reassigned.task]))
                 self.agents[i] = self._new_agent(i)
+                moved = True
                 if online is not None:
                     online = max(online - (time.monotonic() - started), 0.0)
                 continue
