@@ -91,11 +91,13 @@ class AgentAllocation:
         return capabilities_json(caps)
 
     def due(self, loss: float | None, now: float) -> bool:
-        """Read the power source; True when the status should be republished now: the power source or the
-        loss changed since the last status, and the last one is at least ``refresh`` seconds old."""
+        """Read the power source; True when the status should be republished now: at once when the power
+        source changed since the last status (the coordinator should know within seconds), for a new loss
+        only once the last status is ``refresh`` seconds old."""
         self.power = self.config.read_power()
-        changed = self._advertised != (self.power.source, loss)
-        return changed and now - self._advertised_at >= self.config.refresh
+        if self._advertised is None or self._advertised[0] != self.power.source:
+            return True
+        return self._advertised[1] != loss and now - self._advertised_at >= self.config.refresh
 
     def advertised(self, loss: float | None, now: float) -> None:
         """A status with capabilities went out."""
@@ -161,13 +163,13 @@ class AgentAllocation:
         return s.local_steps, compressor
 
     async def serve(self, agent: Host) -> None:
-        """The agent's ``allocation`` loop: republish its status when the power source or the loss changed (at
-        most every ``refresh`` s); on an assignment elsewhere, wait for its outbox's acks (at most ``settle``
-        s) and end its run."""
+        """The agent's ``allocation`` loop: republish its status when the power source changed (read every
+        ``power_poll`` s) or the loss did (at most every ``refresh`` s); on an assignment elsewhere, wait for
+        its outbox's acks (at most ``settle`` s) and end its run."""
         while self.reassigned is None:
             try:
-                await agent.wait_until(lambda: self.reassigned is not None, self.config.refresh, str)
-            except TimeoutError:  # every refresh seconds (not on every message): is a new status due?
+                await agent.wait_until(lambda: self.reassigned is not None, self.config.power_poll, str)
+            except TimeoutError:  # every power_poll seconds (not on every message): is a new status due?
                 if self.due(agent.last_loss, time.monotonic()):
                     await agent.advertise()
         to = self.reassigned

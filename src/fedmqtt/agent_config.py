@@ -35,7 +35,8 @@ class AllocationConfig:
     tasks: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
     follow: bool = True  # subscribe to the assignment and work as it says
-    refresh: float = 5.0  # seconds: read the power source this often; republish the status at most this often
+    refresh: float = 5.0  # seconds: a new loss goes out in the status at most this often
+    power_poll: float = 1.0  # seconds: read the power source this often; a change goes out at once
     read_power: Callable[[], Power] = read_power  # injectable (tests, devices with their own power monitor)
     settle: float = 10.0  # on a move to another federation: wait this long for the outbox's acks first
 
@@ -48,8 +49,8 @@ class AllocationConfig:
             check_tags(self.tags)
         except ValueError as exc:
             raise ConfigError(f"allocation: {exc}") from exc
-        if not self.refresh > 0 or self.settle < 0:
-            raise ConfigError("allocation refresh must be > 0 and settle >= 0")
+        if not self.refresh > 0 or not self.power_poll > 0 or self.settle < 0:
+            raise ConfigError("allocation refresh and power_poll must be > 0, settle >= 0")
 
     @property
     def held(self) -> tuple[str, ...]:
