@@ -65,7 +65,7 @@ def parse(config: str) -> tuple[str, float, str | None]:
 
 def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     name, share, parts = parse(config)
-    task = get_task(a.task, seed=seed)
+    task = get_task(a.task, seed=seed, **({"num_clients": a.clients} if a.clients else {}))
     n, e_ref = task.num_clients, task.local_steps
     rng = np.random.default_rng(seed)
     factors = rng.lognormal(0.0, a.sigma, n)
@@ -170,6 +170,7 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="hapt")
+    ap.add_argument("--clients", type=int, default=0, help="digits: this many devices (IID shards)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sigmas", default="1.0,1.5")
