@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slow_links import cpu_seconds  # benchmarks/ is on sys.path when a script in it runs
+
 from fedmqtt.broker import MosquittoProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +41,6 @@ def proc_status(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM", "Threads"):
             out[key] = int(value.split()[0])
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_run(a: argparse.Namespace, repeat: int) -> dict[str, Any]:
