@@ -10,6 +10,12 @@ Two bounds, each counted under its own rejection reason, with defaults that an h
   ``max_share`` times its fair share (``window / devices seen in it``), and never fewer than ``min_count``.
   Valid but worthless updates sent as fast as the link allows cannot push the version forward alone or
   crowd a buffer: with 30 devices, one holds at most a third of the versions.
+- **majority** (``share_exceeded`` too): while other devices are in the window, one device may hold at most
+  ``max_fraction`` of it (and never fewer than ``min_count``), from the first updates on. In a small fleet
+  the fair-share bound allows everything (ten times a third of the window is more than the window), so
+  without it one device sending at its rate limit would make every version and the others' updates stale
+  (``max_staleness`` versions pass within one of their rounds): with it, the others' updates are at most
+  about ``1 / (1 - max_fraction)`` times as stale as without the flood.
 
 A device's claimed sample count (``fedmqtt.num_samples``, the weight of its update in sample-weighted
 averages: synchronous FedAvg, FedBuff with ``weight_by_samples``) cannot be checked, so it is capped at
@@ -21,7 +27,7 @@ data sets are that uneven.
 Only updates that would be accepted count. Memory is bounded by ``window`` (buckets are kept for the
 devices in the window only; a device that left it starts again with a full bucket).
 
->>> lim = AdmissionLimits(max_rate=None, max_share=2.0, window=8, min_count=2)
+>>> lim = AdmissionLimits(max_rate=None, max_share=2.0, max_fraction=None, window=8, min_count=2)
 >>> a = Admission()
 >>> for agent in "aaaab":
 ...     a = record(a, agent, None, lim)
@@ -31,6 +37,12 @@ devices in the window only; a device that left it starts again with a full bucke
 ...     a = record(a, agent, None, lim)
 >>> a.recent, check(a, "a", None, lim)  # 6 devices in 8: bound max(2, 2 x 8 / 6) = 2.7; "a" holds 3
 (('a', 'a', 'a', 'b', 'c', 'd', 'e', 'f'), 'share_exceeded')
+>>> lim = AdmissionLimits(max_rate=None, max_share=None, max_fraction=0.75, min_count=2)
+>>> a = record(record(record(Admission(), "a", None, lim), "a", None, lim), "a", None, lim)
+>>> check(a, "a", None, lim)  # alone in the window: the whole federation
+>>> a = record(a, "b", None, lim)
+>>> check(a, "a", None, lim), check(record(a, "b", None, lim), "a", None, lim)  # 3 of 4: bound 3; of 5: 3.75
+('share_exceeded', None)
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ class AdmissionLimits(NamedTuple):
     max_rate: float | None = 50.0  # accepted updates per second per device, sustained (None: no limit)
     max_burst: float = 50.0  # ... at once, after a pause
     max_share: float | None = 10.0  # times a device's fair share of the window (None: no limit)
+    max_fraction: float | None = 0.75  # of the window, while another device is in it (None: no limit)
     window: int = 200  # the last accepted updates the share is counted over
     min_count: int = 8  # a device may always hold this many of the window
     sample_cap: float | None = 2.0  # times the median recent claim: the most samples an update may claim
@@ -71,10 +84,14 @@ def check(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits) -
     """The reason ``agent``'s next update must be refused (``rate_limited``, ``share_exceeded``), or None."""
     if lim.max_rate is not None and now is not None and _tokens(adm, agent, now, lim) < 1.0:
         return "rate_limited"
+    held = adm.recent.count(agent)
+    if lim.max_fraction is not None and held >= max(lim.min_count, lim.max_fraction * len(adm.recent)) \
+            and held < len(adm.recent):
+        return "share_exceeded"
     if lim.max_share is not None and len(adm.recent) >= lim.window // 2:
         devices = len(set(adm.recent))
         bound = max(lim.min_count, lim.max_share * len(adm.recent) / max(devices, 1))
-        if adm.recent.count(agent) >= bound:
+        if held >= bound:
             return "share_exceeded"
     return None
 

@@ -10,6 +10,7 @@ these, ``raise ... from exc``, so callers only ever handle fedmqtt's own tree:
     ├── IncompatibleModel       a received model does not fit the local parameter tree
     ├── InvalidMessage          a JSON message (capabilities, assignment) breaks the protocol's rules
     ├── StateError              a state directory (journal, snapshot, outbox) is unreadable or foreign
+    ├── SecAggAbort             a secure-aggregation step cannot go on (too few members, a refused request)
     └── ConfigError             a setting or URL is wrong
 """
 
@@ -88,3 +89,13 @@ class IncompatibleModel(FedMQTTError):
 class InvalidMessage(FedMQTTError, ValueError):
     """A JSON message breaks the protocol's rules (docs/protocol.md 10: capabilities, assignments); the
     text says which field and how. A ValueError too, as pydantic's own errors are."""
+
+
+class SecAggAbort(FedMQTTError):
+    """A secure-aggregation step cannot go on; ``reason`` is machine-readable (``too_few``, ``double_reveal``,
+    ``bad_message``, ``phase``); nothing secret was revealed because of it."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
