@@ -36,6 +36,7 @@ from fedmqtt.errors import CodecError, IncompatibleModel, InvalidUpdate, Transpo
 from fedmqtt.outbox import Outbox, Pending, outcome, paced
 from fedmqtt.privacy import ClientPrivacy
 from fedmqtt.schemas import Ack, Status, dump
+from fedmqtt.secure_member import SecureMember
 from fedmqtt.service import Loop, Service
 from fedmqtt.training import Trainer
 from fedmqtt.transport import ConnectOptions, Connector, Message, Transport, Will
@@ -96,6 +97,8 @@ class EdgeAgent(Service):
         self._model_topic = self.topics.model if form == "float32" else self.topics.model_form(form)
         self._form_seen = form == "float32"  # the aggregator publishes the chosen form (seen once)
         self._spec = {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in trainer.initial.items()}
+        self.secure = (SecureMember(self.agent_id, self.topics, lambda u: p.payload if (p := self.outbox.get(u))
+                                    else None) if self.config.secure else None)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def loops(self) -> dict[str, Loop]:
@@ -107,6 +110,8 @@ class EdgeAgent(Service):
                  "resender": self._resender()}
         if self.alloc is not None:
             loops["allocation"] = self.alloc.serve(self)
+        if self.secure is not None:
+            loops["secagg"] = self.secure.serve(lambda: self.transport)
         return loops
 
     async def starting(self) -> None:
@@ -165,6 +170,8 @@ class EdgeAgent(Service):
     async def _on_connect(self, t: Transport) -> None:
         await self._publish_status(t, "online")
         await t.subscribe(self.topics.acks(self.agent_id), qos=1)
+        if self.secure is not None:
+            await t.subscribe(self.secure.topic, qos=1)
         if self.alloc is not None and self.alloc.topic is not None:  # the retained assignment comes at once
             await t.subscribe(self.alloc.topic, qos=1)
         if self.config.model_delivery == "push":
@@ -183,6 +190,8 @@ class EdgeAgent(Service):
             self._on_model(msg.payload)
         elif msg.topic == self.topics.acks(self.agent_id):
             self._on_ack_message(msg.payload)
+        elif self.secure is not None and msg.topic == self.secure.topic:
+            self.secure.receive(msg.payload)
         elif self.alloc is not None and msg.topic == self.alloc.topic and self.alloc.offer(msg.payload):
             log.info("%s: assignment %s", self.agent_id, self.alloc.settings)
         self.changed()
@@ -367,7 +376,10 @@ class EdgeAgent(Service):
         if t is None:
             return  # stays in the outbox; sent after the next connect
         try:
-            await self._timed(t, self.topics.update(self.agent_id), payload)
+            if self.secure is not None:
+                await self.secure.offer(t, update_id, payload)
+            else:
+                await self._timed(t, self.topics.update(self.agent_id), payload)
             self.updates_sent += 1
             pending = self.outbox.get(update_id)
             if pending is not None:

@@ -83,12 +83,15 @@ class AgentConfig:
     # published when the aggregator's model_forms include it; else the agent takes the float32 model)
     model_download: Literal["float32", "float16", "int8"] = "float32"
     allocation: AllocationConfig | None = None  # capabilities and assignments (protocol 1.1); None: off
+    secure: bool = False  # offer updates to secure-aggregation cohorts instead of publishing them (secure.py)
 
     def __post_init__(self) -> None:
         if self.dp is not None and self.encoding != "delta":
             raise ConfigError("client DP applies to deltas; use encoding='delta'")
         if self.compression.method != "none" and self.encoding != "delta":
             raise ConfigError("compressed updates are deltas; use encoding='delta'")
+        if self.secure and (self.encoding != "delta" or self.compression.method != "none"):
+            raise ConfigError("secure aggregation sums dense deltas: use encoding='delta' without compression")
 
     def outbox_path(self, agent_id: str) -> Path | None:
         """Where ``agent_id``'s unacknowledged updates are kept (None: in memory)."""

@@ -47,11 +47,11 @@ class Cohort(NamedTuple):
             raise SecAggAbort("bad_message", f"threshold {self.threshold} must be more than half of the "
                               f"{smallest} holders of each secret and at most all of them")
 
-    def index(self, agent: str) -> int:
+    def position(self, agent: str) -> int:
         return self.members.index(agent)
 
     def neighbours(self, agent: str) -> tuple[str, ...]:
-        n, i = len(self.members), self.index(agent)
+        n, i = len(self.members), self.position(agent)
         if self.degree is None or self.degree >= n - 1:
             return tuple(m for m in self.members if m != agent)
         near = {(i + d) % n for d in range(1, self.degree // 2 + 1)} | {(i - d) % n for d in
@@ -62,7 +62,7 @@ class Cohort(NamedTuple):
         return tuple(sorted((*self.neighbours(agent), agent)))
 
     def x(self, agent: str) -> int:
-        return self.index(agent) + 1
+        return self.position(agent) + 1
 
     def weight(self, agent: str) -> float:
         return float(self.weights.get(agent, 1.0))

@@ -27,7 +27,7 @@ MODULUS_BITS = 32
 
 def max_cohort(bits: int) -> int:
     """The largest cohort whose sum of ``bits``-bit values cannot wrap around 2^32."""
-    return (2**MODULUS_BITS - 1) // (2**bits - 1)
+    return int((2**MODULUS_BITS - 1) // (2**bits - 1))
 
 
 def check(clip: float, bits: int, cohort: int) -> None:

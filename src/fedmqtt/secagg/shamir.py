@@ -40,6 +40,8 @@ def combine(shares: Mapping[int, int], threshold: int) -> bytes:
                 num = num * -xj % PRIME
                 den = den * (xi - xj) % PRIME
         secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    if secret >= 2**256:
+        raise ValueError("the shares do not belong to one 32-byte secret")
     return secret.to_bytes(32, "big")
 
 
