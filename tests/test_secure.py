@@ -70,6 +70,16 @@ async def members(broker: BrokerConfig, topics: Topics, ms: list[Member]) -> Asy
                 task.cancel()
 
 
+async def until(what: str, done, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``done()`` (state outside any service) every 20 ms."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
+        if loop.time() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.02)
+
+
 def update(agent: str, uid: str, delta: np.ndarray) -> bytes:
     tensors = {"b": delta[:7], "w": delta[7:].reshape(30, 10)}
     return codec.encode_update(tensors, agent=agent, update_id=uid, base_version=0, num_samples=10,
@@ -110,8 +120,11 @@ async def test_the_aggregator_applies_the_plain_mean_within_the_quantisation_bou
         await agg.wait_connected()
         await offer_all(ms, ts, deltas)
         await agg.wait_version(1, 30)
-        await sa.wait_until(lambda: all(mem.ended for mem in ms), 10, lambda: "not every member got its end")
-        await sa.wait_until(lambda: all(mem.acks for mem in ms), 10, lambda: "not every member was acked")
+        await until("not every member got its end", lambda: all(mem.ended for mem in ms))
+        await until("not every member was acked", lambda: all(mem.acks for mem in ms))
+        # A member whose ack was lost offers the same update again: the same ack, not a second sum.
+        await ms[-1].offer(ts[-1], "u-m5", ms[-1].payloads["u-m5"])
+        await until("no second ack", lambda: len(ms[-1].acks) == 2)
     want = np.mean([np.clip(d, -1, 1) for d in deltas.values()], axis=0)  # all six inputs were sent
     got = flat(agg.numpy_params())
     assert np.abs(got - want).max() <= 2 / 65535  # each input off by < 1 step; the mean by < 1 step
@@ -120,6 +133,7 @@ async def test_the_aggregator_applies_the_plain_mean_within_the_quantisation_bou
     assert {mem.acks[0].version for mem in ms} == {1}
     assert sa.steps == 1 and sa.last_step["survivors"] == 6
     assert agg.state.counters.accepted == 1  # one update reached the aggregator: the mean
+    assert ms[-1].acks[1] == ms[-1].acks[0] and sa.steps == 1
 
 
 async def test_below_the_threshold_nothing_is_applied_and_the_updates_are_offered_again(
@@ -137,7 +151,7 @@ async def test_below_the_threshold_nothing_is_applied_and_the_updates_are_offere
         await spy.subscribe(f"{topics.base}/secagg/+/ready", qos=1)
         await offer_all(ms, ts, deltas)
         await sa.wait_until(lambda: sum(sa.aborted.values()) >= 1, 20, lambda: "the step was not abandoned")
-        await sa.wait_until(lambda: offers.queue.qsize() >= 10, 10, lambda: "the updates were not offered again")
+        await until("the updates were not offered again", lambda: offers.queue.qsize() >= 10)
     assert sa.aborted["too_few"] >= 1 and sa.steps == 0  # every cohort of these members stops at masking
     assert agg.version == 0 and agg.state.counters.accepted == 0
     assert all(mem.acks == [] for mem in ms)

@@ -72,7 +72,9 @@ class EdgeAgent(Service):
                       if self.config.allocation is not None else None)
         self.outbox = Outbox(self.config.outbox_path(self.agent_id), self.agent_id)
         self._outbox_space = asyncio.Event()
-        if len(self.outbox) < self.config.max_outbox:
+        # secure aggregation sums one update per member and step: a second one held would only grow stale
+        self._max_outbox = 1 if self.config.secure else self.config.max_outbox
+        if len(self.outbox) < self._max_outbox:
             self._outbox_space.set()
         self.updates_sent = 0
         self._future_base = 0  # consecutive future_base rejections
@@ -358,7 +360,7 @@ class EdgeAgent(Service):
             if self.alloc is not None:  # the whole round, padding included: an emulated device's speed
                 self.alloc.round_done(steps, time.monotonic() - started, batch_size_of(batches))
             await self.outbox.put(update_id, Pending(payload, time.monotonic()))  # on disk before it is sent
-            if len(self.outbox) >= cfg.max_outbox:
+            if len(self.outbox) >= self._max_outbox:
                 self._outbox_space.clear()
             await self._send(update_id, payload)  # then the next round's model: it may hold this update
 

@@ -30,9 +30,10 @@ def run_aggregator(s: dict[str, Any]) -> None:
     topics = Topics(s["prefix"], s["federation"])
     directory = None if s["ephemeral"] else (s["state_dir"] or str(default_directory(topics)))
     try:
-        strategy = make(s["strategy"], alpha=s["alpha"], buffer_size=s["buffer_size"], server_opt=s["server_opt"],
-                        server_lr=s["server_lr"], dp_clip=s["dp_clip"], dp_noise=s["dp_noise"],
-                        seed=s["seed"] if s["dp_clip"] is not None else None, trim=s["trim"], spread=s["spread"])
+        strategy = make(s["strategy"], alpha=s["alpha"], buffer_size=1 if s["secure"] else s["buffer_size"],
+                        server_opt=s["server_opt"], server_lr=s["server_lr"], dp_clip=s["dp_clip"],
+                        dp_noise=s["dp_noise"], seed=s["seed"] if s["dp_clip"] is not None else None, trim=s["trim"],
+                        spread=s["spread"], staleness_a=0.0 if s["secure"] else None)  # members weigh their own
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     task = get_task(s["task"], seed=s["seed"])
@@ -77,8 +78,16 @@ def run_aggregator(s: dict[str, Any]) -> None:
             saved = c.version
             log.debug("model version %d saved to %s", c.version, s["save_model"])
 
+    companions = []
+    if s["secure"]:
+        from fedmqtt.secure import SecureAggregation, SecureConfig
+
+        k = s["buffer_size"] or 10
+        companions.append(SecureAggregation(mqtt_connector(BrokerConfig.from_url(s["broker"])), agg,
+                                            SecureConfig(cohort_size=k, min_cohort=min(3, k))))
+        err.print(f"aggregator: secure aggregation, cohorts of {k} (edge agents need --secure)")
     try:
-        run(serve(agg, lambda: status(agg), s["status_every"], tick))
+        run(serve(agg, lambda: status(agg), s["status_every"], tick, companions))
     finally:
         if exporter is not None:
             exporter.stop()

@@ -177,6 +177,9 @@ def aggregator(
                                                        "than spread x the median distance (default 3)")] = None,
     one_update_per_step: Annotated[bool, typer.Option(
         help="hold a device's second update until the next step (always on with --dp-clip)")] = False,
+    secure: Annotated[bool, typer.Option(help="secure aggregation: FedBuff steps over cohorts of --buffer-size "
+                                              "agents run with `edge --secure`; the aggregator sees sums only")
+                      ] = False,
     signing_key: Annotated[str | None, typer.Option(
         envvar="FEDMQTT_SIGNING_KEY_FILE", help="Ed25519 private key (PEM) to sign every model with "
         "(`broker init` makes one)")] = None,
@@ -204,6 +207,8 @@ def aggregator(
     _names(None, prefix, federation)
     if ephemeral and state_dir:
         raise typer.BadParameter("--ephemeral keeps no state; drop --state-dir or --ephemeral")
+    if secure and (strategy != "fedbuff" or dp_clip is not None):
+        raise typer.BadParameter("--secure runs FedBuff steps (--strategy fedbuff) without --dp-clip")
     if init_model is not None and not init_model.is_file():
         raise ConfigError(f"--init-model {init_model}: no such file")
     for form in filter(None, model_forms.split(",")):
@@ -243,6 +248,8 @@ def edge(
     model_key: Annotated[str | None, typer.Option(
         envvar="FEDMQTT_MODEL_KEY", help="the aggregator's public key (base64): adopt only models it signed")
     ] = None,
+    secure: Annotated[bool, typer.Option(help="offer updates to secure-aggregation cohorts (aggregator --secure)")
+                      ] = False,
     prefix: PrefixOpt = "fedmqtt",
     federation: FedOpt = "default",
     follow_assignments: Annotated[bool, typer.Option(

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import typer
@@ -58,10 +58,11 @@ def run(main: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
     return asyncio.run(runner())
 
 
-def serve(service: Service, status: Callable[[], str], every: float,
-          tick: Callable[[], None] | None = None) -> Callable[[asyncio.Event], Awaitable[None]]:
+def serve(service: Service, status: Callable[[], str], every: float, tick: Callable[[], None] | None = None,
+          companions: Sequence[Service] = ()) -> Callable[[asyncio.Event], Awaitable[None]]:
     """``main`` for :func:`run`: serve until ``stop``; log ``status()`` every ``every`` seconds (0: never) and
-    once more on the way out; call ``tick`` every second (exporters, files)."""
+    once more on the way out; call ``tick`` every second (exporters, files). ``companions`` run beside the
+    service, started before it and stopped after it."""
     async def main(stop: asyncio.Event) -> None:
         async def watcher() -> None:
             loop = asyncio.get_running_loop()
@@ -78,7 +79,10 @@ def serve(service: Service, status: Callable[[], str], every: float,
 
         side = asyncio.ensure_future(watcher())
         try:
-            await service.run()
+            async with contextlib.AsyncExitStack() as stack:
+                for c in companions:
+                    await stack.enter_async_context(c)
+                await service.run()
         finally:
             side.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -35,7 +35,7 @@ def agent_config(s: dict[str, Any]) -> AgentConfig:
     cfg = AgentConfig(topics=Topics(s["prefix"], s["federation"]), local_steps=s["local_steps"],
                       round_seconds=s["round_seconds"], outbox_dir=s["outbox_dir"], model_key=s["model_key"],
                       compression=Compression.parse(s["compression"]), model_delivery=s["model_delivery"],
-                      model_download=s["model_download"])
+                      model_download=s["model_download"], secure=s["secure"])
     if s["dp_clip"] is not None:
         from fedmqtt.privacy import ClientDP
 

@@ -66,7 +66,8 @@ class SecureAggregation(Service):
         super().__init__(f"secagg-{self.topics.federation}", connect)
         self.dim = sum(int(np.size(v)) for v in aggregator.numpy_params().values())
         self.offers: dict[str, tuple[m.Ready, float]] = {}  # agent -> its offer and when it came
-        self._applied: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
+        self._applied: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()  # -> version
+        self._acks: asyncio.Queue[tuple[str, Ack]] = asyncio.Queue(maxsize=1000)  # acks owed outside a step
         self._server: Server | None = None
         self._expected: set[str] = set()
         self._answered = asyncio.Event()
@@ -80,7 +81,19 @@ class SecureAggregation(Service):
     def loops(self) -> dict[str, Loop]:
         opts = ConnectOptions(self.config.client_id or f"fedmqtt-{self.topics.federation}-secagg",
                               on_message=self._on_message)
-        return {"connection": self.connection(opts, self._subscribe), "steps": self._steps()}
+        return {"connection": self.connection(opts, self._subscribe), "steps": self._steps(),
+                "acks": self._ack_sender()}
+
+    def _owe(self, agent: str, ack: Ack) -> None:
+        try:
+            self._acks.put_nowait((agent, ack))
+        except asyncio.QueueFull:
+            self.bad_messages += 1  # the agent offers again after its ack timeout
+
+    async def _ack_sender(self) -> None:
+        while True:
+            agent, ack = await self._acks.get()
+            await self._ack(agent, ack)
 
     async def _subscribe(self, t: Transport) -> None:
         await t.subscribe(f"{self.topics.base}/secagg/+/+", qos=1)
@@ -110,7 +123,13 @@ class SecureAggregation(Service):
         if isinstance(msg, m.Ready):
             if msg.dim != self.dim:
                 raise SecAggAbort("bad_message", f"an update of {msg.dim} coordinates; the model has {self.dim}")
-            if (agent, msg.update_id) not in self._applied:
+            applied = self._applied.get((agent, msg.update_id))
+            if applied is not None:  # summed already, and the ack was lost: the same ack again
+                self._owe(agent, Ack(update_id=msg.update_id, status="accepted", version=applied))
+            elif self.agg.version - msg.base_version > self.agg.rules.max_staleness:
+                self._owe(agent, Ack(update_id=msg.update_id, status="rejected", version=self.agg.version,
+                                     reason="stale", detail=f"base version {msg.base_version}"))
+            else:
                 self.offers.setdefault(agent, (msg, time.monotonic()))
                 self._offered.set()
             return
@@ -199,6 +218,7 @@ class SecureAggregation(Service):
             log.warning("%s: step %s abandoned: %s", self.name, step, exc)
             for a in members:
                 await self._send(a, m.End(step=step, type="abort", reason=exc.reason, detail=exc.detail))
+            self.changed()
             return
         finally:
             self._server = None
@@ -212,6 +232,7 @@ class SecureAggregation(Service):
         self.steps += 1
         self.last_step = {"members": len(members), "survivors": len(survivors),
                           "seconds": time.monotonic() - started}
+        self.changed()
 
     async def _phase(self, expected: set[str], close):  # type: ignore[no-untyped-def]
         """Wait until every expected member answered (or ``phase_timeout``), then close the phase."""
@@ -246,7 +267,10 @@ class SecureAggregation(Service):
         version = self.agg.version
         await self.agg.wait_until(lambda: self.agg.committed_version >= version, 30.0,
                                   lambda: f"version {version} not durable")
-        self._applied.extend((a, offers[a].update_id) for a in survivors)
+        for a in survivors:
+            self._applied[(a, offers[a].update_id)] = version
+        while len(self._applied) > 10_000:
+            self._applied.popitem(last=False)
         return version
 
     async def _send(self, agent: str, msg: m.CohortMsg | m.Roster | m.Forward | m.Unmask | m.End) -> None:
