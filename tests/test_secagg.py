@@ -189,3 +189,13 @@ def test_a_cohort_too_large_for_the_field_is_refused() -> None:
         field.check(1.0, 20, field.max_cohort(20) + 1)
     with pytest.raises(SecAggAbort, match="more than half"):
         cohort(6, threshold=3).check()
+
+
+def test_with_dp_each_member_clips_its_weighted_update_to_the_norm() -> None:
+    c = cohort(5)._replace(norm=0.5, weights={"d000": 0.5})
+    xs = inputs_for(c)  # norms about 0.3 * sqrt(20000) = 42: every input is clipped
+    total, survivors = run(c, xs)
+    got = field.decode_sum(total, 5, 1.0, 16)
+    want = sum(x * c.weight(m) * 0.5 / np.linalg.norm(x * c.weight(m)) for m, x in xs.items())
+    np.testing.assert_allclose(got, want, atol=5 * 2 / 65535)
+    assert np.linalg.norm(got) <= 5 * 0.5 + 5 * 2 / 65535 * np.sqrt(c.dim)

@@ -13,6 +13,7 @@ import pytest
 from fedmqtt import codec
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.privacy import CentralDP, epsilon
 from fedmqtt.schemas import Ack
 from fedmqtt.secagg import Cohort, Server
 from fedmqtt.secagg import messages as m
@@ -134,6 +135,25 @@ async def test_the_aggregator_applies_the_plain_mean_within_the_quantisation_bou
     assert sa.steps == 1 and sa.last_step["survivors"] == 6
     assert agg.state.counters.accepted == 1  # one update reached the aggregator: the mean
     assert ms[-1].acks[1] == ms[-1].acks[0] and sa.steps == 1
+
+
+async def test_with_central_dp_the_unmasked_sum_gets_the_calibrated_noise_and_epsilon_is_counted(
+        broker: BrokerConfig, federation: str) -> None:
+    topics = Topics(federation=federation)
+    ms = [Member(f"m{i}", topics) for i in range(4)]
+    deltas = {mem.agent_id: np.full(DIM, 0.01, np.float32) for mem in ms}  # norm 0.175: under the clip
+    agg = secure_aggregator(broker, topics)
+    dp = CentralDP(clip=0.5, noise=2.0, seed=7)
+    cfg = SecureConfig(cohort_size=4, min_cohort=4, phase_timeout=2.0, dp=dp, client_id=f"sa-{federation}")
+    async with agg, SecureAggregation(mqtt_connector(broker), agg, cfg) as sa, members(broker, topics, ms) as ts:
+        await sa.wait_connected()
+        await offer_all(ms, ts, deltas)
+        await agg.wait_version(1, 30)
+    noise = flat(agg.numpy_params()) - 0.01  # the mean of four identical inputs, plus noise / 4
+    assert abs(float(noise.std()) - dp.noise * dp.clip / 4) < 0.1 * dp.noise * dp.clip / 4
+    assert abs(float(noise.mean())) < 4 * dp.noise * dp.clip / 4 / np.sqrt(DIM)
+    report = sa.privacy()
+    assert report["dp_steps"] == 1 and report["dp_epsilon"] == epsilon(1.0, 1, dp.delta)  # sensitivity 2C
 
 
 async def test_below_the_threshold_nothing_is_applied_and_the_updates_are_offered_again(

@@ -10,6 +10,7 @@ from fedmqtt.cli_run import err, log, run, serve
 from fedmqtt.core import Limits, Timing
 from fedmqtt.durability import default_directory
 from fedmqtt.errors import ConfigError
+from fedmqtt.privacy import CentralDP
 from fedmqtt.strategies.registry import make
 from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
@@ -30,10 +31,12 @@ def run_aggregator(s: dict[str, Any]) -> None:
     topics = Topics(s["prefix"], s["federation"])
     directory = None if s["ephemeral"] else (s["state_dir"] or str(default_directory(topics)))
     try:
+        central = s["dp_clip"] is not None and not s["secure"]  # secure: the noise is the secure service's
         strategy = make(s["strategy"], alpha=s["alpha"], buffer_size=1 if s["secure"] else s["buffer_size"],
-                        server_opt=s["server_opt"], server_lr=s["server_lr"], dp_clip=s["dp_clip"],
-                        dp_noise=s["dp_noise"], seed=s["seed"] if s["dp_clip"] is not None else None, trim=s["trim"],
-                        spread=s["spread"], staleness_a=0.0 if s["secure"] else None)  # members weigh their own
+                        server_opt=s["server_opt"], server_lr=s["server_lr"], dp_clip=s["dp_clip"] if central else None,
+                        dp_noise=s["dp_noise"] if central else None, seed=s["seed"] if central else None,
+                        trim=s["trim"], spread=s["spread"], staleness_a=0.0 if s["secure"] else None)
+        secure_dp = CentralDP(s["dp_clip"], s["dp_noise"] or 0.0).check() if s["secure"] and s["dp_clip"] else None
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     task = get_task(s["task"], seed=s["seed"])
@@ -83,9 +86,12 @@ def run_aggregator(s: dict[str, Any]) -> None:
         from fedmqtt.secure import SecureAggregation, SecureConfig
 
         k = s["buffer_size"] or 10
-        companions.append(SecureAggregation(mqtt_connector(BrokerConfig.from_url(s["broker"])), agg,
-                                            SecureConfig(cohort_size=k, min_cohort=min(3, k))))
-        err.print(f"aggregator: secure aggregation, cohorts of {k} (edge agents need --secure)")
+        secure = SecureAggregation(mqtt_connector(BrokerConfig.from_url(s["broker"])), agg,
+                                   SecureConfig(cohort_size=k, min_cohort=min(3, k), dp=secure_dp))
+        agg.rules = agg.rules._replace(strategy=strategy._replace(report=lambda _: secure.privacy()))
+        companions.append(secure)
+        err.print(f"aggregator: secure aggregation, cohorts of {k} (edge agents need --secure)"
+                  f"{', central DP on each unmasked sum' if secure_dp else ''}")
     try:
         run(serve(agg, lambda: status(agg), s["status_every"], tick, companions))
     finally:

@@ -207,8 +207,8 @@ def aggregator(
     _names(None, prefix, federation)
     if ephemeral and state_dir:
         raise typer.BadParameter("--ephemeral keeps no state; drop --state-dir or --ephemeral")
-    if secure and (strategy != "fedbuff" or dp_clip is not None):
-        raise typer.BadParameter("--secure runs FedBuff steps (--strategy fedbuff) without --dp-clip")
+    if secure and strategy != "fedbuff":
+        raise typer.BadParameter("--secure runs FedBuff steps: give --strategy fedbuff")
     if init_model is not None and not init_model.is_file():
         raise ConfigError(f"--init-model {init_model}: no such file")
     for form in filter(None, model_forms.split(",")):

@@ -27,6 +27,7 @@ import numpy as np
 from fedmqtt import codec
 from fedmqtt.aggregator import Aggregator
 from fedmqtt.errors import SecAggAbort
+from fedmqtt.privacy import CentralDP, epsilon
 from fedmqtt.schemas import Ack, dump
 from fedmqtt.secagg import Cohort, Server, default_threshold
 from fedmqtt.secagg import field as fieldmath
@@ -50,12 +51,17 @@ class SecureConfig:
     clip: float = 1.0  # coordinates of wᵢΔᵢ clipped to [-clip, clip] ...
     bits: int = 16  # ... and encoded with this many bits
     staleness: StalenessFn = field(default_factory=lambda: polynomial(0.5))
+    # central DP: members clip wᵢΔᵢ to dp.clip (L2), the service adds N(0, (dp.noise·dp.clip)²) to each
+    # unmasked sum before anything else sees it; ε is accounted at sensitivity 2·clip (docs/security.md)
+    dp: CentralDP | None = None
     client_id: str | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_cohort <= self.cohort_size:
             raise ValueError("a cohort needs at least 2 members and min_cohort <= cohort_size")
         fieldmath.check(self.clip, self.bits, self.cohort_size)
+        if self.dp is not None:
+            self.dp.check()
 
 
 class SecureAggregation(Service):
@@ -77,6 +83,18 @@ class SecureAggregation(Service):
         self.refused: collections.Counter[str] = collections.Counter()  # members' refusals, by reason
         self.bad_messages = 0  # messages that broke the protocol (ignored)
         self.last_step: dict[str, float] = {}  # members, survivors, seconds of the last applied step
+        dp = self.config.dp
+        self._noise = np.random.default_rng(dp.seed if dp is not None and dp.seed else None)
+        self.dp_steps = 0  # noisy sums released
+
+    def privacy(self) -> dict[str, float | int]:
+        """The metrics' DP fields (as a DP strategy's ``report``): ε after the noisy steps so far."""
+        dp = self.config.dp
+        if dp is None:
+            return {}
+        # sensitivity 2C: removing a device can also move another member into each later cohort
+        return {"dp_epsilon": epsilon(dp.noise / 2, self.dp_steps, dp.delta), "dp_delta": dp.delta,
+                "dp_noise_multiplier": dp.noise, "dp_steps": self.dp_steps}
 
     def loops(self) -> dict[str, Loop]:
         opts = ConnectOptions(self.config.client_id or f"fedmqtt-{self.topics.federation}-secagg",
@@ -193,7 +211,7 @@ class SecureAggregation(Service):
         weights = {a: min(1.0, float(cfg.staleness(max(0, version - o.base_version)))) for a, o in offers.items()}
         step = f"{self.agg.committed.epoch}-{version}-{self.steps + sum(self.aborted.values())}"
         cohort = Cohort(step, version, members, cfg.threshold or default_threshold(holders), cfg.degree,
-                        cfg.clip, cfg.bits, self.dim, weights)
+                        cfg.clip, cfg.bits, self.dim, weights, cfg.dp.clip if cfg.dp is not None else None)
         self._server = server = Server(cohort)
         try:
             cohort.check()
@@ -201,7 +219,7 @@ class SecureAggregation(Service):
                 await self._send(a, m.CohortMsg(step=step, update_id=o.update_id, version=version,
                                                 members=list(members), threshold=cohort.threshold,
                                                 degree=cfg.degree, clip=cfg.clip, bits=cfg.bits, dim=self.dim,
-                                                weight=weights[a]))
+                                                weight=weights[a], norm=cohort.norm))
             roster = await self._phase(set(members), server.roster)
             for a in roster:
                 await self._send(a, m.Roster(step=step, keys={v: (m.b64(c), m.b64(s)) for v, (c, s) in roster.items()}))
@@ -247,7 +265,12 @@ class SecureAggregation(Service):
                      offers: dict[str, m.Ready]) -> int:
         """The mean Σ wᵢΔᵢ / n to the aggregator as one update; the version once it is durable."""
         n = len(survivors)
-        flat = fieldmath.decode_sum(total, n, cohort.clip, cohort.bits) / np.float32(n)
+        flat = fieldmath.decode_sum(total, n, cohort.clip, cohort.bits)
+        if self.config.dp is not None:  # before the sum is stored, journaled or published
+            dp = self.config.dp
+            flat = flat + self._noise.normal(0.0, dp.noise * dp.clip, flat.shape).astype(np.float32)
+            self.dp_steps += 1
+        flat = flat / np.float32(n)
         params = self.agg.numpy_params()
         tensors, at = {}, 0
         for name in sorted(params):

@@ -5,8 +5,9 @@ sans-I/O, one call per message from the aggregator, each returning what to send 
 2. ``share_keys(roster)``: the self-mask seed b and the s private key, each split into Shamir shares among
    the member's holders in the roster, and each holder's two shares encrypted to it (AES-256-GCM under the
    key agreed from the c keys, the step and both ids as associated data).
-3. ``masked_input(received)``: the shares addressed to this member, checked and kept; the update encoded
-   (field.py) plus PRG(b) plus, for every neighbour whose shares arrived, ±PRG(s_uv) (cohort.sign).
+3. ``masked_input(received)``: the shares addressed to this member, checked and kept; the update times
+   its weight (clipped to the cohort's L2 ``norm`` when DP is on), encoded (field.py), plus PRG(b), plus
+   ±PRG(s_uv) for every neighbour v whose shares arrived (cohort.sign).
 4. ``reveal(survivors)``: for each member whose shares it holds, the b share if that member is a survivor
    and the s share if not. **Never both**: the kind revealed for each member is remembered for the step,
    and a request that would reveal the other kind (a second survivor list that differs) is refused, as is a
@@ -114,7 +115,10 @@ class Client:
                              int.from_bytes(plain[shamir.SHARE_BYTES :], "big"))
         if len(self._held) < c.threshold:
             raise SecAggAbort("too_few", f"shares from {len(self._held)} members, threshold {c.threshold}")
-        y = field.encode(self._values * np.float32(c.weight(self.agent)), c.clip, c.bits, self._rng)
+        x = self._values * np.float32(c.weight(self.agent))
+        if c.norm is not None:  # central DP: the sum's sensitivity to one member is the norm
+            x = x * np.float32(min(1.0, c.norm / max(float(np.linalg.norm(x)), 1e-30)))
+        y = field.encode(x, c.clip, c.bits, self._rng)
         y += field.prg(self._b, c.dim)
         for v in c.neighbours(self.agent):
             if v in self._held:  # v reached the sharing phase: the aggregator can remove our mask if v drops

@@ -34,12 +34,15 @@ class Cohort(NamedTuple):
     bits: int  # ... and encoded with this many bits
     dim: int  # coordinates in the flattened update
     weights: Mapping[str, float] = {}  # member -> staleness weight it multiplies its update by (default 1)
+    norm: float | None = None  # with DP: members clip their weighted update to this L2 norm before encoding
 
     def check(self) -> None:
         n = len(self.members)
         if list(self.members) != sorted(set(self.members)):
             raise SecAggAbort("bad_message", "cohort members must be sorted and distinct")
         field.check(self.clip, self.bits, n)
+        if self.norm is not None and not 0.0 < self.norm < float("inf"):
+            raise SecAggAbort("bad_message", f"the L2 clip norm must be positive and finite, not {self.norm}")
         if self.degree is not None and (self.degree < 2 or self.degree % 2):
             raise SecAggAbort("bad_message", f"the degree must be even and at least 2, not {self.degree}")
         smallest = min(len(self.holders(m)) for m in self.members) if n else 0

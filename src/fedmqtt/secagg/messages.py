@@ -76,10 +76,11 @@ class CohortMsg(_Msg):
     bits: int = Field(ge=2, le=24)
     dim: int = Field(ge=1, le=1 << 30)
     weight: float = Field(gt=0, le=1)
+    norm: float | None = Field(default=None, gt=0, le=1e9)  # DP: clip the weighted update to this L2 norm
 
     def cohort(self, agent: str) -> Cohort:
         c = Cohort(self.step, self.version, tuple(self.members), self.threshold, self.degree, self.clip,
-                   self.bits, self.dim, {agent: self.weight})
+                   self.bits, self.dim, {agent: self.weight}, self.norm)
         c.check()
         return c
 
