@@ -156,6 +156,22 @@ async def test_with_central_dp_the_unmasked_sum_gets_the_calibrated_noise_and_ep
     assert report["dp_steps"] == 1 and report["dp_epsilon"] == epsilon(1.0, 1, dp.delta)  # sensitivity 2C
 
 
+async def test_members_refuse_a_cohort_too_small_to_hide_them(broker: BrokerConfig, federation: str) -> None:
+    """A cohort of two would let the aggregator subtract one member's update from the sum to get the other:
+    members refuse cohorts below their own minimum (3), whatever the aggregator asks."""
+    topics = Topics(federation=federation)
+    ms = [Member(f"m{i}", topics) for i in range(2)]
+    agg = secure_aggregator(broker, topics)
+    cfg = SecureConfig(cohort_size=2, min_cohort=2, phase_timeout=1.0, client_id=f"sa-{federation}")
+    async with agg, SecureAggregation(mqtt_connector(broker), agg, cfg) as sa, members(broker, topics, ms) as ts:
+        await sa.wait_connected()
+        await offer_all(ms, ts, {mem.agent_id: np.ones(DIM, np.float32) for mem in ms})
+        await until("no refused cohort", lambda: sa.refused["too_few"] >= 2)
+        await until("the step went on", lambda: sum(sa.aborted.values()) >= 1)
+        await until("not offered again", lambda: len(sa.offers) == 2 or sum(sa.aborted.values()) >= 2)
+    assert sa.steps == 0 and agg.version == 0 and all(mem.client is None for mem in ms)
+
+
 async def test_below_the_threshold_nothing_is_applied_and_the_updates_are_offered_again(
         broker: BrokerConfig, federation: str) -> None:
     topics = Topics(federation=federation)

@@ -26,13 +26,16 @@ log = logging.getLogger("fedmqtt.secure")
 
 
 class SecureMember:
-    def __init__(self, agent_id: str, topics: Topics, pending: Callable[[str], bytes | None]) -> None:
+    def __init__(self, agent_id: str, topics: Topics, pending: Callable[[str], bytes | None],
+                 min_members: int = 3) -> None:
         self.agent_id, self.topics = agent_id, topics
+        self.min_members = min_members  # a smaller cohort's sum would tell too much about each member
         self.topic = f"{topics.base}/agents/{agent_id}/secagg"
         self._pending = pending  # update id -> its payload while it is unacknowledged (the outbox)
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
         self.client: Client | None = None
         self.update_id: str | None = None  # the update of the step in progress
+        self._declined: tuple[str, str] | None = None  # (step, update id) of a cohort refused as too small
         self.steps_done = 0
         self.refused: dict[str, int] = {}
         self.dropped = 0  # messages from the aggregator dropped (inbox full, or malformed)
@@ -80,12 +83,23 @@ class SecureMember:
             payload = self._pending(msg.update_id)
             if payload is None:
                 return  # settled meanwhile: not answering leaves this member out of the step
+            if len(msg.members) < self.min_members:
+                self._declined = (msg.step, msg.update_id)  # offered again when this step ends
+                await t.publish(self._out("refuse"), m.dump(m.Refuse(
+                    step=msg.step, reason="too_few", detail=f"{len(msg.members)} members, at least "
+                    f"{self.min_members} asked")), qos=1)
+                return
             self.client = Client(self.agent_id, msg.cohort(self.agent_id), _flat(payload))
             self.update_id = msg.update_id
             c_pk, s_pk = self.client.public_keys()
             await t.publish(self._out("keys"), m.dump(m.Keys(step=msg.step, c_pk=m.b64(c_pk), s_pk=m.b64(s_pk))), qos=1)
             return
         client = self.client
+        if isinstance(msg, m.End) and self._declined is not None and msg.step == self._declined[0]:
+            declined, self._declined = self._declined[1], None
+            if (again := self._pending(declined)) is not None:
+                await self.offer(t, declined, again)
+            return
         if client is None or msg.step != client.cohort.step:
             return  # a message of a step this member is not in (any more)
         if isinstance(msg, m.Roster):
@@ -101,14 +115,14 @@ class SecureMember:
             await t.publish(self._out("reveal"), m.dump(m.Reveal(step=msg.step, b={v: f"{x:x}" for v, x in b.items()},
                                                                  s={v: f"{x:x}" for v, x in s.items()})), qos=1)
         else:
-            update_id, self.client, self.update_id = self.update_id, None, None
+            ended, self.client, self.update_id = self.update_id, None, None
             if msg.type == "done":
                 self.steps_done += 1
                 return
             log.info("%s: step %s abandoned (%s): offering the update again", self.agent_id, msg.step, msg.reason)
-            payload = self._pending(update_id) if update_id else None
-            if update_id is not None and payload is not None:
-                await self.offer(t, update_id, payload)
+            payload = self._pending(ended) if ended else None
+            if ended is not None and payload is not None:
+                await self.offer(t, ended, payload)
 
 
 def _flat(payload: bytes) -> np.ndarray:

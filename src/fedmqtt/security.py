@@ -107,12 +107,14 @@ def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR
 
 def agent_acl(base: str, agent: str) -> list[str]:
     """One agent's ACL block: write its own update and status topics, read the model (and its compressed
-    copies, model/<form>), its own acks and its own assignment from the coordinator (protocol 1.1)."""
+    copies, model/<form>), its own acks and its own assignment from the coordinator (protocol 1.1), and its
+    own secure-aggregation topics (write secagg/<id>/<type>, read agents/<id>/secagg)."""
     a = check_username(agent, "agent id")
     prefix = base.split("/")[0]
     return [f"user {a}", f"topic write {base}/updates/{a}", f"topic write {base}/agents/{a}/status",
             f"topic read {base}/agents/{a}/acks", f"topic read {base}/model", f"topic read {base}/model/+",
-            f"topic read {prefix}/coordinator/agents/{a}/assignment"]
+            f"topic read {prefix}/coordinator/agents/{a}/assignment", f"topic write {base}/secagg/{a}/+",
+            f"topic read {base}/agents/{a}/secagg"]
 
 
 def _user_name() -> str | None:
