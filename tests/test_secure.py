@@ -116,7 +116,10 @@ async def test_the_aggregator_applies_the_plain_mean_within_the_quantisation_bou
     deltas = {mem.agent_id: rng.normal(0, 0.2, DIM).astype(np.float32) for mem in ms}
     agg = secure_aggregator(broker, topics)
     cfg = SecureConfig(cohort_size=6, min_cohort=6, phase_timeout=2.0, client_id=f"sa-{federation}")
-    async with agg, SecureAggregation(mqtt_connector(broker), agg, cfg) as sa, members(broker, topics, ms) as ts:
+    wire = Inbox()  # what the broker carried from m0 to the aggregator
+    async with agg, SecureAggregation(mqtt_connector(broker), agg, cfg) as sa, members(broker, topics, ms) as ts, \
+            mqtt_connector(broker)(ConnectOptions(f"wire-{federation}"[:60], on_message=wire)) as spy:
+        await spy.subscribe(f"{topics.base}/secagg/m0/masked", qos=1)
         await sa.wait_connected()
         await agg.wait_connected()
         await offer_all(ms, ts, deltas)
@@ -126,6 +129,11 @@ async def test_the_aggregator_applies_the_plain_mean_within_the_quantisation_bou
         # A member whose ack was lost offers the same update again: the same ack, not a second sum.
         await ms[-1].offer(ts[-1], "u-m5", ms[-1].payloads["u-m5"])
         await until("no second ack", lambda: len(ms[-1].acks) == 2)
+        _, masked = m.decode_masked((await wire.get(timeout=5)).payload, DIM)
+    # m0's masked input as it crossed the broker: its top 4 bits are uniform (chi-square, 15 degrees of
+    # freedom, 99.99th percentile 44.3), while its encoding alone is below 2^16: top bits all zero
+    counts = np.bincount((masked >> 28).astype(np.int64), minlength=16)
+    assert float(((counts - DIM / 16) ** 2 / (DIM / 16)).sum()) < 44.3
     want = np.mean([np.clip(d, -1, 1) for d in deltas.values()], axis=0)  # all six inputs were sent
     got = flat(agg.numpy_params())
     assert np.abs(got - want).max() <= 2 / 65535  # each input off by < 1 step; the mean by < 1 step
