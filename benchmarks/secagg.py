@@ -1,6 +1,6 @@
 """What secure aggregation costs per FedBuff step (bytes and CPU), and whether it changes HAPT accuracy.
 
-    nice -n 19 python benchmarks/secagg.py                        # both parts, 3 repeats / 3 seeds (~5-8 min, 2 cores)
+    nice -n 19 python benchmarks/secagg.py                        # both parts, 3 repeats / 3 seeds (~4 min on 2 cores)
     python benchmarks/secagg.py --part overhead --repeats 1       # quicker: the step costs only
     python benchmarks/secagg.py --part accuracy --updates 400     # quicker: a shorter HAPT run
 

@@ -199,3 +199,28 @@ def test_with_dp_each_member_clips_its_weighted_update_to_the_norm() -> None:
     want = sum(x * c.weight(m) * 0.5 / np.linalg.norm(x * c.weight(m)) for m, x in xs.items())
     np.testing.assert_allclose(got, want, atol=5 * 2 / 65535)
     assert np.linalg.norm(got) <= 5 * 0.5 + 5 * 2 / 65535 * np.sqrt(c.dim)
+
+
+def test_a_wrong_share_in_a_reveal_abandons_the_step_instead_of_failing_the_server() -> None:
+    c = cohort(4, threshold=3)
+    clients = {m: Client(m, c, np.zeros(c.dim, np.float32)) for m in c.members}
+    server = Server(c)
+    for m, cl in clients.items():
+        server.add_keys(m, *cl.public_keys())
+    roster = server.roster()
+    for m in roster:
+        server.add_shares(m, clients[m].share_keys(roster))
+    for m, boxes in server.forward().items():
+        server.add_masked(m, clients[m].masked_input(boxes))
+    survivors = server.survivors()
+    for m in survivors:
+        b, s = clients[m].reveal(survivors)
+        server.add_reveal(m, {**b, "d001": b["d001"] + 1} if m == "d000" else b, s)  # one lie
+    with pytest.raises(SecAggAbort) as err:
+        server.unmask()
+    assert err.value.reason == "bad_message"
+
+
+def test_nan_cannot_be_encoded() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        field.encode(np.array([0.0, np.nan], np.float32), 1.0, 16, np.random.default_rng(0))

@@ -164,6 +164,22 @@ async def test_with_central_dp_the_unmasked_sum_gets_the_calibrated_noise_and_ep
     assert report["dp_steps"] == 1 and report["dp_epsilon"] == epsilon(1.0, 1, dp.delta)  # sensitivity 2C
 
 
+async def test_an_update_with_nan_is_settled_on_the_device_not_offered(broker: BrokerConfig, federation: str) -> None:
+    topics = Topics(federation=federation)
+    refused: list[tuple[str, str]] = []
+    mem = SecureMember("m0", topics, {}.get, refuse=lambda uid, reason, _: refused.append((uid, reason)))
+    offers = Inbox()
+    async with mqtt_connector(broker)(ConnectOptions(f"nan-{federation}"[:60], on_message=offers)) as t:
+        await t.subscribe(f"{topics.base}/secagg/+/ready", qos=1)
+        bad = np.full(DIM, 0.1, np.float32)
+        bad[3] = np.nan
+        await mem.offer(t, "u-bad", update("m0", "u-bad", bad))
+        await mem.offer(t, "u-good", update("m0", "u-good", np.full(DIM, 0.1, np.float32)))
+        first = m.parse_from_agent((await offers.get(timeout=5)).payload)
+    assert refused == [("u-bad", "non_finite")]
+    assert first.update_id == "u-good" and offers.queue.qsize() == 0  # type: ignore[union-attr]
+
+
 async def test_members_refuse_a_cohort_too_small_to_hide_them(broker: BrokerConfig, federation: str) -> None:
     """A cohort of two would let the aggregator subtract one member's update from the sum to get the other:
     members refuse cohorts below their own minimum (3), whatever the aggregator asks."""

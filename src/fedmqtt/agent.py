@@ -100,7 +100,7 @@ class EdgeAgent(Service):
         self._form_seen = form == "float32"  # the aggregator publishes the chosen form (seen once)
         self._spec = {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in trainer.initial.items()}
         self.secure = (SecureMember(self.agent_id, self.topics, lambda u: p.payload if (p := self.outbox.get(u))
-                                    else None) if self.config.secure else None)
+                                    else None, refuse=self._refused_here) if self.config.secure else None)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def loops(self) -> dict[str, Loop]:
@@ -237,6 +237,12 @@ class EdgeAgent(Service):
             log.warning("%s: update %s rejected: %s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
         if self._on_ack:
             self._on_ack(ack)
+
+    def _refused_here(self, update_id: str, reason: str, detail: str) -> None:
+        """Settle an update that cannot be sent (secure aggregation checks it first), as the aggregator would."""
+        version = self.model.info.version if self.model else 0
+        self._on_ack_message(dump(Ack(update_id=update_id, status="rejected", version=version, reason=reason,
+                                      detail=detail)))
 
     def _watch_base(self, ack: Ack) -> None:
         """Updates refused as ``future_base`` again and again mean the model held is not the aggregator's

@@ -27,9 +27,10 @@ log = logging.getLogger("fedmqtt.secure")
 
 class SecureMember:
     def __init__(self, agent_id: str, topics: Topics, pending: Callable[[str], bytes | None],
-                 min_members: int = 3) -> None:
+                 min_members: int = 3, refuse: Callable[[str, str, str], None] | None = None) -> None:
         self.agent_id, self.topics = agent_id, topics
         self.min_members = min_members  # a smaller cohort's sum would tell too much about each member
+        self._refuse = refuse  # settles an update that cannot be offered: (update id, reason, detail)
         self.topic = f"{topics.base}/agents/{agent_id}/secagg"
         self._pending = pending  # update id -> its payload while it is unacknowledged (the outbox)
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
@@ -47,9 +48,16 @@ class SecureMember:
         """Offer an update to the next cohort, unless it is in the step in progress."""
         if update_id == self.update_id:
             return
-        info = codec.decode(payload).metadata
+        decoded = codec.decode(payload)
+        if not all(np.isfinite(v).all() for v in decoded.tensors.values()):  # as the plain path refuses it
+            log.error("%s: update %s holds NaN or Inf: not offered", self.agent_id, update_id)
+            if self._refuse is not None:
+                self._refuse(update_id, "non_finite", "the update holds NaN or Inf")
+            return
+        info = decoded.metadata
         ready = m.Ready(update_id=update_id, base_version=int(info["fedmqtt.base_version"]),
-                        num_samples=int(info.get("fedmqtt.num_samples", "0")), dim=_dim(payload))
+                        num_samples=int(info.get("fedmqtt.num_samples", "0")),
+                        dim=sum(int(np.size(v)) for v in decoded.tensors.values()))
         await t.publish(self._out("ready"), m.dump(ready), qos=1)
 
     def receive(self, payload: bytes) -> None:
@@ -129,10 +137,6 @@ def _flat(payload: bytes) -> np.ndarray:
     """An update's tensors, flattened in name order (the order of the aggregator's unflattening)."""
     tensors = codec.decode(payload).tensors
     return np.concatenate([np.ravel(tensors[k]).astype(np.float32) for k in sorted(tensors)])
-
-
-def _dim(payload: bytes) -> int:
-    return sum(int(np.size(v)) for v in codec.decode(payload).tensors.values())
 
 
 async def _quiet(aw: object) -> None:

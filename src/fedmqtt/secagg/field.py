@@ -41,6 +41,8 @@ def check(clip: float, bits: int, cohort: int) -> None:
 
 def encode(x: np.ndarray, clip: float, bits: int, rng: np.random.Generator) -> np.ndarray:
     """Flat float values -> uint32 in [0, 2^bits - 1], clipped to [-clip, clip], stochastically rounded."""
+    if not np.isfinite(x).all():
+        raise ValueError("cannot encode NaN or infinite values")
     levels = float(2**bits - 1)
     y = (np.clip(np.asarray(x, np.float64), -clip, clip) + clip) * (levels / (2 * clip))
     q = np.floor(y + rng.random(y.shape))

@@ -6,7 +6,10 @@ survivors whose updates are summed) ⊇ U4 (reveals). Every set must hold at lea
 every secret needed must reach ``threshold`` shares, else the step is abandoned (``SecAggAbort``): nothing
 is unmasked and the members' updates go to a later cohort. What the aggregator learns is the sum of the U3
 inputs: each masked input is uniform on its own (the self mask b), and the pairwise masks of the dropped
-members are removed with their s keys, never a survivor's.
+members are removed with their s keys, never a survivor's. A wrong share in a reveal is detected when more
+than ``threshold`` shares of that secret arrive (they must all lie on one polynomial), and the step is
+abandoned; with exactly ``threshold`` it cannot be, and the sum comes out wrong (members are trusted to
+follow the protocol, docs/security.md).
 """
 
 from __future__ import annotations
@@ -120,7 +123,12 @@ class Server:
         if len(got) < c.threshold:
             what = "self-mask seed" if kind == 0 else "mask key"
             raise SecAggAbort("too_few", f"{len(got)} shares of {member}'s {what}, threshold {c.threshold}")
-        return shamir.combine(got, c.threshold)
+        if not shamir.consistent(got, c.threshold):
+            raise SecAggAbort("bad_message", f"the shares of {member}'s secret do not agree: a member lied")
+        try:
+            return shamir.combine(got, c.threshold)
+        except ValueError as exc:  # a member revealed a wrong share
+            raise SecAggAbort("bad_message", f"the shares of {member}'s secret do not agree: {exc}") from exc
 
     def _close(self, phase: str, following: str, answered: int) -> None:
         if self.phase != phase:

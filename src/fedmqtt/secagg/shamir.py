@@ -31,18 +31,33 @@ def combine(shares: Mapping[int, int], threshold: int) -> bytes:
     """The secret from at least ``threshold`` shares (any of them; the first ``threshold`` are used)."""
     if len(shares) < threshold:
         raise ValueError(f"{len(shares)} shares cannot recover a secret shared with threshold {threshold}")
-    points = sorted(shares.items())[:threshold]
-    secret = 0
+    secret = _interpolate(sorted(shares.items())[:threshold], 0)
+    if secret >= 2**256:
+        raise ValueError("the shares do not belong to one 32-byte secret")
+    return secret.to_bytes(32, "big")
+
+
+def consistent(shares: Mapping[int, int], threshold: int) -> bool:
+    """True when one more share lies on the polynomial through the first ``threshold`` (sorted by x), or
+    there is no more. A wrong share among those :func:`combine` uses is then detected (a lone liar); a wrong
+    extra share makes this False too, though the secret would have come out right."""
+    points = sorted(shares.items())
+    if len(points) <= threshold:
+        return True
+    x, y = points[threshold]
+    return _interpolate(points[:threshold], x) == y
+
+
+def _interpolate(points: Sequence[tuple[int, int]], at: int) -> int:
+    value = 0
     for i, (xi, yi) in enumerate(points):
         num, den = 1, 1
         for j, (xj, _) in enumerate(points):
             if i != j:
-                num = num * -xj % PRIME
+                num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
-    if secret >= 2**256:
-        raise ValueError("the shares do not belong to one 32-byte secret")
-    return secret.to_bytes(32, "big")
+        value = (value + yi * num * pow(den, -1, PRIME)) % PRIME
+    return value
 
 
 def _evaluate(coefficients: Sequence[int], x: int) -> int:
