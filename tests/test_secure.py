@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,6 +179,33 @@ async def test_an_update_with_nan_is_settled_on_the_device_not_offered(broker: B
         first = m.parse_from_agent((await offers.get(timeout=5)).payload)
     assert refused == [("u-bad", "non_finite")]
     assert first.update_id == "u-good" and offers.queue.qsize() == 0  # type: ignore[union-attr]
+
+
+async def test_after_a_restart_an_update_already_summed_is_acked_again_not_summed_twice(
+        broker: BrokerConfig, federation: str, tmp_path: Path) -> None:
+    topics = Topics(federation=federation)
+    ms = [Member(f"m{i}", topics) for i in range(3)]
+    deltas = {mem.agent_id: np.full(DIM, 0.1 * (i + 1), np.float32) for i, mem in enumerate(ms)}
+    cfg = SecureConfig(cohort_size=3, min_cohort=3, phase_timeout=2.0, client_id=f"sa-{federation}")
+
+    def aggregator() -> Aggregator:
+        return Aggregator(mqtt_connector(broker), ZERO, fedbuff(1, weighting=constant()),
+                          AggregatorConfig(topics=topics, client_id=f"agg-{federation}", state_dir=tmp_path))
+
+    async with members(broker, topics, ms) as ts:
+        async with aggregator() as agg, SecureAggregation(mqtt_connector(broker), agg, cfg) as sa:
+            await sa.wait_connected()
+            await offer_all(ms, ts, deltas)
+            await until("no acks", lambda: all(mem.acks for mem in ms))
+        params = flat(agg.numpy_params())
+        async with aggregator() as agg, SecureAggregation(mqtt_connector(broker), agg, cfg) as sa:
+            await sa.wait_connected()
+            assert agg.version == 1
+            await offer_all(ms, ts, deltas)  # every ack was lost, say: the same updates offered again
+            await until("no second acks", lambda: all(len(mem.acks) == 2 for mem in ms))
+            assert sa.offers == {} and agg.version == 1 and agg.state.counters.accepted == 1  # as before
+    assert all(mem.acks[1].status == "accepted" and mem.acks[1].update_id == mem.acks[0].update_id for mem in ms)
+    np.testing.assert_array_equal(flat(agg.numpy_params()), params)
 
 
 async def test_members_refuse_a_cohort_too_small_to_hide_them(broker: BrokerConfig, federation: str) -> None:

@@ -18,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from fedmqtt import codec
+from fedmqtt import codec, dedup
 from fedmqtt.aggregator import Aggregator
 from fedmqtt.errors import SecAggAbort
 from fedmqtt.privacy import CentralDP, epsilon
@@ -55,6 +58,9 @@ class SecureConfig:
     # unmasked sum before anything else sees it; ε is accounted at sensitivity 2·clip (docs/security.md)
     dp: CentralDP | None = None
     client_id: str | None = None
+    # where the members of each step are recorded (default: ``secagg.jsonl`` in the aggregator's state
+    # directory; None without one): an ack lost in a crash is answered again, never summed twice
+    ledger: str | Path | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_cohort <= self.cohort_size:
@@ -83,6 +89,9 @@ class SecureAggregation(Service):
         self.refused: collections.Counter[str] = collections.Counter()  # members' refusals, by reason
         self.bad_messages = 0  # messages that broke the protocol (ignored)
         self.last_step: dict[str, float] = {}  # members, survivors, seconds of the last applied step
+        ledger = self.config.ledger or (Path(aggregator.config.state_dir) / "secagg.jsonl"
+                                        if aggregator.config.state_dir is not None else None)
+        self.ledger = Path(ledger) if ledger is not None else None
         dp = self.config.dp
         self._noise = np.random.default_rng(dp.seed if dp is not None and dp.seed else None)
         self.dp_steps = 0  # noisy sums released
@@ -95,6 +104,38 @@ class SecureAggregation(Service):
         # sensitivity 2C: removing a device can also move another member into each later cohort
         return {"dp_epsilon": epsilon(dp.noise / 2, self.dp_steps, dp.delta), "dp_delta": dp.delta,
                 "dp_noise_multiplier": dp.noise, "dp_steps": self.dp_steps}
+
+    async def starting(self) -> None:
+        self._load_ledger()
+
+    def _load_ledger(self) -> None:
+        """The members of every step the aggregator applied. A step is recorded before it goes to the
+        aggregator; only the last one can be unresolved (steps run one at a time): it was applied iff the
+        aggregator's de-duplication window holds its id."""
+        if self.ledger is None or not self.ledger.exists():
+            return
+        self.agg.recover()
+        records = [json.loads(line) for line in self.ledger.read_text().splitlines() if line.strip()]
+        refused = {r["refused"] for r in records if "refused" in r}
+        steps = [r for r in records if "members" in r and r["step"] not in refused]
+        for i, r in enumerate(steps):
+            last = i == len(steps) - 1
+            if last and not dedup.contains(self.agg.state.seen, dedup.key(AGENT, r["step"]), r["base"]):
+                continue  # the crash came before the aggregator applied it: the members offer again
+            for agent, update_id in r["members"].items():
+                self._applied[(agent, update_id)] = int(r.get("version") or self.agg.version)
+        while len(self._applied) > 10_000:
+            self._applied.popitem(last=False)
+        log.info("%s: %d summed updates known from %s", self.name, len(self._applied), self.ledger)
+
+    def _record(self, record: dict[str, object]) -> None:
+        if self.ledger is None:
+            return
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        with self.ledger.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def loops(self) -> dict[str, Loop]:
         opts = ConnectOptions(self.config.client_id or f"fedmqtt-{self.topics.federation}-secagg",
@@ -281,9 +322,12 @@ class SecureAggregation(Service):
                                       num_samples=sum(offers[a].num_samples for a in survivors),
                                       model_fingerprint=codec.fingerprint(params))
         before = self.agg.state.counters
+        members = {a: offers[a].update_id for a in survivors}
+        self._record({"step": cohort.step, "base": cohort.version, "members": members})  # before it is applied
         self.agg.handle(AGENT, payload)
         after = self.agg.state.counters
         if after.accepted == before.accepted:
+            self._record({"refused": cohort.step})
             reasons = {r: c - before.rejected.get(r, 0) for r, c in after.rejected.items()
                        if c != before.rejected.get(r, 0)}
             raise SecAggAbort("refused", f"the aggregator refused the unmasked update: {reasons}")
