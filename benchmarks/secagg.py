@@ -52,6 +52,7 @@ Writes results/secagg-<stamp>.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -59,12 +60,13 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,6 +78,9 @@ from fedmqtt.schemas import Ack
 from fedmqtt.schemas import dump as dump_schema
 from fedmqtt.secagg import Client, Cohort, Server, default_threshold, field
 from fedmqtt.secagg import messages as m
+from fedmqtt.secure_member import SecureMember
+from fedmqtt.topics import Topics
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Message, Transport, mqtt_connector
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP, BITS = 1.0, 16
@@ -582,13 +587,225 @@ def part_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+# ---- part 3: one step through a real Mosquitto ------------------------------------------------------------
+class Acks:
+    """The acks a fleet waits for: ``done`` is set, and ``last`` (perf_counter) noted, when the last one came."""
+
+    def __init__(self) -> None:
+        self.waiting: set[str] = set()
+        self.statuses: dict[str, int] = defaultdict(int)
+        self.done = asyncio.Event()
+        self.last = 0.0
+
+    def expect(self, update_ids: Iterable[str]) -> None:
+        self.waiting = set(update_ids)
+        self.statuses.clear()
+        self.done.clear()
+
+    def __call__(self, ack: Ack) -> None:
+        if ack.update_id in self.waiting:
+            self.waiting.discard(ack.update_id)
+            self.statuses[ack.status] += 1
+            if not self.waiting:
+                self.last = time.perf_counter()
+                self.done.set()
+
+
+class LiveMember(SecureMember):
+    """tests/test_secure.py's protocol-level member: its outbox is a dict of payloads by update id."""
+
+    def __init__(self, agent: str, topics: Topics) -> None:
+        self.payloads: dict[str, bytes] = {}
+        super().__init__(agent, topics, self.payloads.get)
+
+
+@contextlib.asynccontextmanager
+async def fleet(broker: BrokerConfig, topics: Topics, agents: list[str], acks: Acks,
+                members: dict[str, LiveMember] | None = None) -> AsyncIterator[dict[str, Transport]]:
+    """One MQTT connection per agent, subscribed to its acks (and, for a member, its secagg topic, served
+    as a task: tests/test_secure.py's ``members``)."""
+    members = members or {}
+    connect = mqtt_connector(broker)
+    async with contextlib.AsyncExitStack() as stack:
+        ts: dict[str, Transport] = {}
+        for a in agents:
+            mem = members.get(a)
+
+            def route(msg: Message, mem: LiveMember | None = mem) -> None:
+                if mem is not None and msg.topic == mem.topic:
+                    mem.receive(msg.payload)
+                else:
+                    acks(Ack.model_validate_json(msg.payload))
+            t = await stack.enter_async_context(connect(ConnectOptions(f"{topics.federation}-{a}"[:60],
+                                                                       on_message=route)))
+            if mem is not None:
+                await t.subscribe(mem.topic, qos=1)
+            await t.subscribe(topics.acks(a), qos=1)
+            ts[a] = t
+        tasks = [asyncio.create_task(mem.serve(lambda t=ts[a]: t)) for a, mem in members.items()]
+        try:
+            yield ts
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def broker_cpu(proc: Any) -> float:
+    """CPU seconds (user + system) of the Mosquitto process so far; NaN without psutil."""
+    if proc is None:
+        return math.nan
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def flat_params(params: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(params[k], np.float64)) for k in sorted(params)])
+
+
+def live_updates(agents: list[str], params: dict[str, np.ndarray], version: int, rng: np.random.Generator
+                 ) -> tuple[dict[str, str], dict[str, bytes], np.ndarray]:
+    """One update per agent (new ids), as its outbox holds it; and the mean of their clipped flat deltas."""
+    fp = codec.fingerprint(params)
+    ids = {a: uuid.uuid4().hex for a in agents}
+    payloads, total = {}, np.zeros(sum(v.size for v in params.values()), np.float64)
+    for a in agents:
+        tensors = {n: rng.normal(0.0, 0.01, v.shape).astype(np.float32) for n, v in params.items()}
+        payloads[a] = codec.encode_update(tensors, agent=a, update_id=ids[a], base_version=version, num_samples=300,
+                                          model_fingerprint=fp)
+        total += np.clip(flat_params(tensors), -CLIP, CLIP)
+    return ids, payloads, total / len(agents)
+
+
+async def live_steps(kind: str, k: int, dim: int, repeats: int, broker: BrokerConfig, mosq: Any,
+                     timeout: float) -> list[dict[str, Any]]:
+    """``repeats`` steps of K updates through the broker, secure (members offer, the service runs the step)
+    or plain (each agent publishes its update to the aggregator's FedBuff(K)); wall time from the first
+    offer or update published to the last ack received."""
+    from fedmqtt.aggregator import Aggregator, AggregatorConfig
+    from fedmqtt.secure import SecureAggregation, SecureConfig
+    from fedmqtt.strategies import constant, fedbuff
+
+    topics = Topics(federation=f"live-{uuid.uuid4().hex[:8]}-{kind}-{k}")
+    params = model_params(dim)
+    agents = [f"edge-{i}" for i in range(k)]
+    connect = mqtt_connector(broker)
+    strategy = fedbuff(1, weighting=constant()) if kind == "secure" else fedbuff(k)
+    agg = Aggregator(connect, params, strategy, AggregatorConfig(topics=topics, client_id=f"agg-{topics.federation}"))
+    members = {a: LiveMember(a, topics) for a in agents} if kind == "secure" else {}
+    acks = Acks()
+    runs: list[dict[str, Any]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(agg)
+        sa = None
+        if kind == "secure":
+            cfg = SecureConfig(cohort_size=k, min_cohort=k, phase_timeout=30, client_id=f"sa-{topics.federation}")
+            sa = await stack.enter_async_context(SecureAggregation(connect, agg, cfg))
+            await sa.wait_connected()
+        await agg.wait_connected()
+        ts = await stack.enter_async_context(fleet(broker, topics, agents, acks, members))
+        for r in range(repeats):
+            version = agg.version
+            ids, payloads, want = live_updates(agents, params, version, np.random.default_rng([r, k, 0x11FE]))
+            for a, mem in members.items():
+                mem.payloads[ids[a]] = payloads[a]
+            before = flat_params(agg.numpy_params())
+            acks.expect(ids.values())
+            cpu, bcpu = time.process_time(), broker_cpu(mosq)
+            started = time.perf_counter()
+            if sa is not None:
+                await asyncio.gather(*(members[a].offer(ts[a], ids[a], payloads[a]) for a in agents))
+            else:
+                await asyncio.gather(*(ts[a].publish(topics.update(a), payloads[a], qos=1) for a in agents))
+            published = time.perf_counter() - started
+            try:
+                await asyncio.wait_for(acks.done.wait(), timeout)
+            except TimeoutError:
+                state = (f"aborted {dict(sa.aborted)}, refused {dict(sa.refused)}, bad messages {sa.bad_messages}, "
+                         f"offers {len(sa.offers)}" if sa is not None else f"version {agg.version}")
+                raise TimeoutError(f"{kind} K={k} step {r}: {len(acks.waiting)} acks missing after {timeout:.0f} s "
+                                   f"({state})") from None
+            wall = acks.last - started
+            cpu, bcpu = time.process_time() - cpu, broker_cpu(mosq) - bcpu
+            if sa is not None:
+                await sa.wait_until(lambda r=r: sa.steps == r + 1, 30, lambda: "the step not counted")
+            after = flat_params(agg.numpy_params())
+            run = {"wall_seconds": wall, "offers_published_seconds": published, "process_cpu": cpu,
+                   "broker_cpu": bcpu, "acks": dict(acks.statuses), "version": agg.version,
+                   "max_error_of_mean": float(np.abs((after - before) - want).max())}
+            if sa is not None:
+                run.update(service_seconds=sa.last_step["seconds"], survivors=int(sa.last_step["survivors"]),
+                           aborted=sum(sa.aborted.values()), refused=sum(sa.refused.values()),
+                           bad_messages=sa.bad_messages, members_dropped=sum(mem.dropped for mem in members.values()))
+            runs.append(run)
+            print(f"  {kind} K={k} step {r}: {wall:.3f} s wall (offers/updates published in {published:.3f} s"
+                  + (f", service {run['service_seconds']:.3f} s" if sa is not None else "")
+                  + f"), process CPU {cpu:.2f} s, broker CPU {bcpu:.2f} s, acks {dict(acks.statuses)}, "
+                  f"max error of the applied mean {run['max_error_of_mean']:.1e}", flush=True)
+    return runs
+
+
+def part_live(args: argparse.Namespace) -> dict[str, Any]:
+    return asyncio.run(live(args))
+
+
+async def live(args: argparse.Namespace) -> dict[str, Any]:
+    from fedmqtt.broker import MosquittoProcess, free_port, has_mosquitto
+
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if not has_mosquitto():
+        raise SystemExit("--part live needs the mosquitto binary")
+    ks = [int(k) for k in args.k.split(",")]
+    port = free_port()
+    while port == 1883:  # never the default broker's port
+        port = free_port()
+    proc = MosquittoProcess.prepare(port)
+    print(f"\n## One step through Mosquitto (127.0.0.1:{port}, the repo's mosquitto.conf): {args.dim:,} float32 "
+          f"parameters, clip {CLIP}, {BITS} bits, medians of {args.repeats} steps; the aggregator, the secure "
+          "service and the K agents (one MQTT connection each) all run in this process, on one event loop\n",
+          flush=True)
+    rows = []
+    try:
+        await proc.start()
+        assert proc.process is not None
+        mosq = psutil.Process(proc.process.pid) if psutil is not None else None
+        for k in ks:
+            secure = await live_steps("secure", k, args.dim, args.repeats, proc.config, mosq, args.live_timeout)
+            plain = await live_steps("plain", k, args.dim, args.repeats, proc.config, mosq, args.live_timeout)
+            row = {"k": k, **{f"secure_{key}": med(secure, key) for key in (
+                "wall_seconds", "service_seconds", "offers_published_seconds", "process_cpu", "broker_cpu")},
+                   **{f"plain_{key}": med(plain, key) for key in (
+                       "wall_seconds", "offers_published_seconds", "process_cpu", "broker_cpu")},
+                   "secure_runs": secure, "plain_runs": plain}
+            row["ratio"] = row["secure_wall_seconds"] / row["plain_wall_seconds"]
+            rows.append(row)
+    finally:
+        proc.kill()
+        shutil.rmtree(proc.data_dir, ignore_errors=True)
+    print("\n| K | secure step wall (s) | service step (s) | plain step wall (s) | secure / plain | process CPU "
+          "secure (s) | process CPU plain (s) | broker CPU secure (s) | broker CPU plain (s) |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['k']} | {row['secure_wall_seconds']:.3f} | {row['secure_service_seconds']:.3f} | "
+              f"{row['plain_wall_seconds']:.3f} | {row['ratio']:.1f} | {row['secure_process_cpu']:.2f} | "
+              f"{row['plain_process_cpu']:.2f} | {row['secure_broker_cpu']:.2f} | {row['plain_broker_cpu']:.2f} |")
+    return {"dim": args.dim, "repeats": args.repeats, "broker": "mosquitto", "port": port,
+            "psutil": psutil is not None, "phase_timeout": 30, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("both", "overhead", "accuracy"), default="both")
-    ap.add_argument("--k", default="10,50,100", help="overhead: cohort sizes (the largest also gets the sparse "
-                    "graph and the dropout cases)")
-    ap.add_argument("--dim", type=int, default=100_000, help="overhead: float32 parameters per update")
-    ap.add_argument("--repeats", type=int, default=3, help="overhead: steps per configuration (medians)")
+    ap.add_argument("--part", choices=("both", "overhead", "accuracy", "live", "all"), default="both",
+                    help="both: overhead and accuracy; all: both and live")
+    ap.add_argument("--k", default="10,50,100", help="overhead and live: cohort sizes (overhead: the largest also "
+                    "gets the sparse graph and the dropout cases)")
+    ap.add_argument("--dim", type=int, default=100_000, help="overhead and live: float32 parameters per update")
+    ap.add_argument("--repeats", type=int, default=3, help="overhead and live: steps per configuration (medians)")
+    ap.add_argument("--live-timeout", type=float, default=180.0, help="live: seconds a step may take before the "
+                    "run stops (each phase of the secure step waits up to 30 s for silent members)")
     ap.add_argument("--data", type=Path, default=None, help="accuracy: the HAPT .npz (default: $FEDMQTT_HAPT, "
                     "else ../shared/data/hapt_har_30users.npz)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -612,11 +829,14 @@ def main() -> None:
         doc["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
         path.write_text(json.dumps(doc, indent=1))
 
-    if args.part in ("both", "overhead"):
+    if args.part in ("both", "all", "overhead"):
         doc["overhead"] = {"dim": args.dim, "repeats": args.repeats, "rows": part_overhead(args)}
         save()
-    if args.part in ("both", "accuracy"):
+    if args.part in ("both", "all", "accuracy"):
         doc["accuracy"] = part_accuracy(args)
+        save()
+    if args.part in ("all", "live"):
+        doc["live"] = part_live(args)
         save()
     save()
     print(f"\n{doc['wall_seconds']:.0f} s wall, {doc['cpu_seconds']:.0f} s CPU "

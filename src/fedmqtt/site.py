@@ -1,0 +1,278 @@
+"""A site aggregator: the aggregator of a site's devices on the site's own broker, and one agent of the
+upstream federation. Devices at a site talk to their local broker; a Mosquitto bridge (``fedmqtt.bridge``)
+carries the global model down and the site's own update topics up, nothing else.
+
+The site checks each local update as the aggregator would (``validation.check_update``: fingerprint,
+names, shapes, staleness against the newest global version it has seen, de-duplication), buffers K of them
+and sends **one update upstream per K local ones**: their FedBuff mean Σ w(sᵢ)·Δᵢ / K with sᵢ the staleness
+against the global version now, on the base of that version, with a deterministic id
+``{site}-{instance}-{seq}``. It keeps no model of its own: the devices train on the global model.
+
+Exactly once, end to end, and truthful acks: a local update is acknowledged ``accepted`` only when the root
+has acknowledged the combined update that carries it (``rejected`` with the root's reason if the root refuses
+it). Before a combined update is sent, the site records its members in ``ledger.jsonl`` and the update in
+its outbox (both fsynced, in ``state_dir``); after the root's ack it records ``acked`` and drops the
+outbox copy. After a crash, pending combined updates are sent again under the same id (the root answers a
+duplicate if it had applied it: it is applied once), and a device re-sending an update that a combined
+update carries is answered when that one is, never counted twice. Local updates still in the buffer at the
+crash were never acknowledged: their devices re-send them.
+
+What the site reveals upstream: one delta per K local updates, their total sample count, and its own id;
+not which devices took part, nor any single device's update (with K ≥ 2; the root can still difference
+versions it publishes, docs/security.md section 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmqtt import codec, dedup, validation
+from fedmqtt.errors import CodecError, InvalidUpdate, Reason, TransportError
+from fedmqtt.files import atomic_write
+from fedmqtt.outbox import Outbox, Pending
+from fedmqtt.schemas import Ack, dump
+from fedmqtt.service import Loop, Service
+from fedmqtt.strategies.staleness import StalenessFn, polynomial
+from fedmqtt.topics import Topics
+from fedmqtt.transport import ConnectOptions, Connector, Message, Transport
+from fedmqtt.types import Array, check_id
+
+log = logging.getLogger("fedmqtt.site")
+Member = tuple[str, str, int]  # agent, update id, base version
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_id: str  # the site's agent id upstream
+    topics: Topics = field(default_factory=Topics)  # the same names at the site and upstream (bridged 1:1)
+    buffer_size: int = 10  # K local updates per upstream update
+    state_dir: str | Path | None = None  # ledger, outbox and instance id; None: memory only (tests)
+    max_staleness: int = 64
+    staleness: StalenessFn = field(default_factory=lambda: polynomial(0.5))
+    ack_timeout: float = 30.0  # re-send a combined update the root has not acknowledged after this long
+    client_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.site_id)
+        if self.buffer_size < 1:
+            raise ValueError("a site combines at least one update")
+
+
+class Site(Service):
+    def __init__(self, connect: Connector, initial: Mapping[str, Array], config: SiteConfig) -> None:
+        self.config = cfg = config
+        self.topics = cfg.topics
+        super().__init__(f"site-{cfg.site_id}", connect)
+        params = {k: np.asarray(v) for k, v in initial.items()}
+        self.reference = validation.Reference.of(params)
+        self.version = -1  # the newest global version seen (-1: none yet)
+        self.seen = dedup.Seen()
+        self.buffer: list[tuple[Member, float, dict[str, Array], int]] = []  # member, weight, delta, samples
+        self.pending: dict[str, list[Member]] = {}  # upstream id -> its members, until the root acks it
+        self.carried: dict[tuple[str, str], str] = {}  # (agent, update id) -> the upstream id carrying it
+        self.answered: dict[tuple[str, str], Ack] = {}  # settled local updates -> their ack (re-sends)
+        self.sent_up = self.bytes_up = self.local_accepted = self.local_rejected = 0
+        self.upstream_refused = 0
+        self.acked_up = 0  # combined updates the root applied (accepted, or a duplicate of one it had)
+        directory = Path(cfg.state_dir) if cfg.state_dir is not None else None
+        self.outbox = Outbox(directory / "outbox" if directory else None, cfg.site_id)
+        self._ledger = directory / "ledger.jsonl" if directory else None
+        self.instance = self._instance(directory)
+        self._seq = 0
+        self._publishing: set[asyncio.Future[Any]] = set()
+        self._load()
+
+    # ---- durable state ----------------------------------------------------------------------------------
+    @staticmethod
+    def _instance(directory: Path | None) -> str:
+        if directory is None:
+            return secrets.token_hex(4)
+        path = directory / "instance"
+        if not path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, secrets.token_hex(4).encode())
+        return path.read_text().strip()
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self._ledger is None:
+            return
+        with self._ledger.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _load(self) -> None:
+        if self._ledger is None or not self._ledger.exists():
+            return
+        members: dict[str, list[Member]] = {}
+        for line in self._ledger.read_text().splitlines():
+            r = json.loads(line)
+            self._seq = max(self._seq, int(r.get("seq", 0)))
+            if "members" in r:
+                members[r["id"]] = [(str(a), str(u), int(b)) for a, u, b in r["members"]]
+            elif "acked" in r:
+                ack = r["ack"]
+                for agent, update_id, _ in members.pop(r["acked"], []):
+                    self.answered[(agent, update_id)] = Ack(update_id=update_id, status=ack["status"],
+                                                            version=ack["version"], reason=ack.get("reason"))
+        for upstream, ms in members.items():
+            if upstream in self.outbox:  # sent, or about to be: wait for the root's answer
+                self.pending[upstream] = ms
+                for agent, update_id, _ in ms:
+                    self.carried[(agent, update_id)] = upstream
+            # else: the crash came between the ledger and the outbox: never sent, its members re-send
+        log.info("%s: %d combined updates pending, %d local updates settled", self.name, len(self.pending),
+                 len(self.answered))
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def loops(self) -> dict[str, Loop]:
+        opts = ConnectOptions(self.config.client_id or f"fedmqtt-{self.topics.federation}-site-{self.config.site_id}",
+                              clean_start=False, session_expiry=3600, on_message=self._on_message)
+        return {"connection": self.connection(opts, self._subscribe), "resender": self._resender()}
+
+    async def _subscribe(self, t: Transport) -> None:
+        await t.subscribe(self.topics.updates_wildcard, qos=1)
+        await t.subscribe(self.topics.model, qos=1)
+        await t.subscribe(self.topics.acks(self.config.site_id), qos=1)
+        for upstream, pending in list(self.outbox.items()):
+            await self._send_up(t, upstream, pending.payload)
+
+    async def _resender(self) -> None:
+        while not await self.sleep(max(self.config.ack_timeout / 4, 0.05)):
+            t, now = self.transport, time.monotonic()
+            for upstream, pending in list(self.outbox.items()):
+                if t is not None and now - pending.sent_at > self.config.ack_timeout:
+                    await self._send_up(t, upstream, pending.payload)
+
+    # ---- messages ---------------------------------------------------------------------------------------
+    def _on_message(self, msg: Message) -> None:
+        if msg.topic == self.topics.model:
+            self._on_model(msg.payload)
+        elif msg.topic == self.topics.acks(self.config.site_id):
+            self._on_upstream_ack(msg.payload)
+        elif (agent := self.topics.agent_of_update(msg.topic)) is not None and agent != self.config.site_id \
+                and not msg.retain:
+            self._on_update(agent, msg.payload)
+        self.changed()
+
+    def _on_model(self, payload: bytes) -> None:
+        try:
+            version = int(codec.header_metadata(codec.read_header(payload)[0])["fedmqtt.version"])
+        except (CodecError, KeyError, ValueError) as exc:
+            log.warning("%s: unreadable global model: %s", self.name, exc)
+            return
+        self.version = max(self.version, version)  # a new epoch upstream is not followed (left for later)
+
+    def _on_update(self, agent: str, payload: bytes) -> None:
+        if self.version < 0:
+            return  # no global model yet: unanswered, the device re-sends
+        try:
+            checked = validation.check_update(payload, agent, reference=self.reference, version=self.version,
+                                              max_staleness=self.config.max_staleness, seen=self.seen)
+            if not all(np.isfinite(v).all() for v in checked.tensors.values()):
+                raise InvalidUpdate(Reason.NON_FINITE, "NaN or Inf in the update")
+        except InvalidUpdate as exc:
+            if exc.reason == Reason.DUPLICATE:
+                return  # in the buffer already: answered with the rest
+            self.local_rejected += 1
+            self._answer(agent, Ack(update_id=exc.update_id or "", status="rejected", version=self.version,
+                                    reason=exc.reason.value, detail=exc.detail))
+            return
+        info = checked.info
+        key = (agent, info.update_id)
+        if key in self.answered:
+            self._answer(agent, self.answered[key])  # settled: the same answer again
+            return
+        if key in self.carried:
+            return  # in a combined update the root has not answered yet
+        self.seen = dedup.add(self.seen, dedup.key(agent, info.update_id), info.base_version, 100_000)
+        weight = float(self.config.staleness(checked.staleness))
+        self.buffer.append(((agent, info.update_id, info.base_version), weight, checked.tensors, info.num_samples))
+        if len(self.buffer) >= self.config.buffer_size:
+            self._combine()
+
+    def _combine(self) -> None:
+        """The buffer's FedBuff mean, recorded and put in the outbox, then sent upstream."""
+        batch, self.buffer = self.buffer, []
+        k = len(batch)
+        names = sorted(batch[0][2])
+        mean = {n: np.sum([w * np.asarray(d[n], np.float32) for _, w, d, _ in batch], axis=0) / np.float32(k)
+                for n in names}
+        self._seq += 1
+        upstream = f"{self.config.site_id}-{self.instance}-{self._seq}"
+        payload = codec.encode_update(mean, agent=self.config.site_id, update_id=upstream,
+                                      base_version=self.version, num_samples=sum(n for *_, n in batch),
+                                      model_fingerprint=self.reference.fingerprint)
+        members = [m for m, *_ in batch]
+        self._record({"seq": self._seq, "id": upstream, "members": members})  # first: a crash now re-sends nothing
+        self.outbox[upstream] = Pending(payload, 0.0)
+        self.pending[upstream] = members
+        for agent, update_id, _ in members:
+            self.carried[(agent, update_id)] = upstream
+        t = self.transport
+        if t is not None:
+            self._spawn(self._send_up(t, upstream, payload))
+
+    async def _send_up(self, t: Transport, upstream: str, payload: bytes) -> None:
+        try:
+            await t.publish(self.topics.update(self.config.site_id), payload, qos=1)
+        except TransportError as exc:  # the resender tries again
+            log.warning("%s: upstream send of %s failed: %s", self.name, upstream, exc)
+            return
+        if upstream in self.outbox:
+            self.outbox[upstream] = Pending(payload, time.monotonic(), self.outbox[upstream].sends + 1)
+        self.sent_up += 1
+        self.bytes_up += len(payload)
+
+    def _on_upstream_ack(self, payload: bytes) -> None:
+        try:
+            ack = Ack.model_validate_json(payload)
+        except ValueError:
+            return
+        members = self.pending.pop(ack.update_id, None)
+        if members is None:
+            return  # a duplicate delivery, or an ack for another client
+        applied = ack.status == "accepted" or ack.reason == Reason.DUPLICATE.value  # duplicate: applied before
+        local = Ack(update_id="", status="accepted" if applied else "rejected", version=ack.version,
+                    reason=None if applied else ack.reason, detail=None if applied else f"upstream: {ack.detail}")
+        self._record({"acked": ack.update_id, "ack": local.model_dump(exclude={"update_id", "detail"})})
+        if ack.update_id in self.outbox:
+            del self.outbox[ack.update_id]
+        if applied:
+            self.acked_up += 1
+        else:
+            self.upstream_refused += 1
+            log.warning("%s: the root refused %s: %s (%s)", self.name, ack.update_id, ack.reason, ack.detail)
+        for agent, update_id, _ in members:
+            self.carried.pop((agent, update_id), None)
+            answer = local.model_copy(update={"update_id": update_id})
+            self.answered[(agent, update_id)] = answer
+            self._answer(agent, answer)
+            if applied:
+                self.local_accepted += 1
+            else:
+                self.local_rejected += 1
+        while len(self.answered) > 100_000:
+            self.answered.pop(next(iter(self.answered)))
+
+    def _answer(self, agent: str, ack: Ack) -> None:
+        t = self.transport
+        if t is not None:
+            self._spawn(t.publish(self.topics.acks(agent), dump(ack), qos=1))
+
+    def _spawn(self, coro: Any) -> None:
+        """Publish from a message callback: a task, kept until it is done."""
+        task = asyncio.ensure_future(coro)
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)

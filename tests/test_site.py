@@ -1,0 +1,104 @@
+"""Two tiers on three real brokers: a root Mosquitto with the aggregator, two site Mosquittos bridged to it
+(fedmqtt.bridge), a site aggregator and devices on each site broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fedmqtt.agent import AgentConfig, EdgeAgent
+from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.bridge import bridge_config
+from fedmqtt.broker import MosquittoProcess, has_mosquitto, repo_config
+from fedmqtt.schemas import Ack
+from fedmqtt.site import Site, SiteConfig
+from fedmqtt.strategies import fedasync
+from fedmqtt.tasks import get_task
+from fedmqtt.topics import Topics
+from fedmqtt.transport import ConnectOptions, Inbox, mqtt_connector
+
+pytestmark = pytest.mark.broker
+TASK = get_task("digits", num_clients=6, seed=0)
+
+
+@contextlib.asynccontextmanager
+async def brokers(topics: Topics, sites: tuple[str, ...]) -> AsyncIterator[tuple[MosquittoProcess, dict]]:  # type: ignore[type-arg]
+    """The root broker and one bridged broker per site."""
+    if not has_mosquitto():
+        pytest.skip("no mosquitto binary")
+    root = MosquittoProcess.prepare()
+    await root.start()
+    procs = {}
+    try:
+        base = repo_config()
+        assert base is not None
+        for s in sites:
+            conf = Path(tempfile.mkdtemp(prefix=f"fedmqtt-{s}-")) / "site.conf"
+            conf.write_text(base.read_text() + "\n" + bridge_config(s, topics, "127.0.0.1", root.port))
+            procs[s] = MosquittoProcess.prepare(config=conf)
+            await procs[s].start()
+        yield root, procs
+    finally:
+        for p in (root, *procs.values()):
+            p.kill()
+            shutil.rmtree(p.data_dir, ignore_errors=True)
+
+
+async def test_two_sites_learn_through_their_bridges_one_upstream_update_per_k(federation: str,
+                                                                             tmp_path: Path) -> None:
+    topics = Topics(federation=federation)
+    sites = ("site-a", "site-b")
+    k = 3
+    initial = TASK.trainer(0).initial
+    evaluate = TASK.evaluate_fn(TASK.trainer(0))
+    local_acks: dict[str, list[Ack]] = {}
+    upstream = Inbox()
+
+    def on_ack(agent: str):  # type: ignore[no-untyped-def]
+        return lambda ack: local_acks.setdefault(agent, []).append(ack)
+
+    async with brokers(topics, sites) as (root, procs), contextlib.AsyncExitStack() as stack:
+        agg = await stack.enter_async_context(Aggregator(mqtt_connector(root.config), initial, fedasync(),
+                                                         AggregatorConfig(topics=topics)))
+        spy = await stack.enter_async_context(mqtt_connector(root.config)(ConnectOptions("spy", on_message=upstream)))
+        await spy.subscribe(topics.updates_wildcard, qos=1)
+        site_objs = {}
+        for i, s in enumerate(sites):
+            connect = mqtt_connector(procs[s].config)
+            site_objs[s] = await stack.enter_async_context(Site(connect, initial, SiteConfig(
+                s, topics, buffer_size=k, state_dir=tmp_path / s)))
+            for j in range(3):
+                name = f"{s}-dev{j}"
+                await stack.enter_async_context(EdgeAgent(
+                    connect, name, TASK.trainer(0), TASK.data_for(3 * i + j, 0),
+                    AgentConfig(topics=topics, local_steps=10, ack_timeout=30.0), on_ack=on_ack(name)))
+        await agg.wait_version(12, 120)
+
+        def settled() -> bool:  # every ack in flight arrived
+            mine = {s: sum(x.status == "accepted" for a, acks in local_acks.items() if a.startswith(s) for x in acks)
+                    for s in sites}
+            return all(mine[s] == site.local_accepted == k * site.acked_up for s, site in site_objs.items()) and \
+                agg.state.counters.accepted == sum(site.acked_up for site in site_objs.values())
+        await until(settled, 10)
+    senders = set()
+    while upstream.queue.qsize():
+        senders.add((await upstream.get()).topic.rsplit("/", 1)[1])
+    assert senders == set(sites)  # the root saw the sites only, never a device
+    assert evaluate(agg.numpy_params())["accuracy"] > evaluate(initial)["accuracy"] + 0.3
+    assert all(site.acked_up >= 1 and site.upstream_refused == 0 and site.local_rejected == 0
+               for site in site_objs.values())
+
+
+async def until(done, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
+        if loop.time() > deadline:
+            raise TimeoutError("not settled")
+        await asyncio.sleep(0.05)
