@@ -1,8 +1,9 @@
-"""What secure aggregation costs per FedBuff step (bytes and CPU), and whether it changes HAPT accuracy.
+"""What secure aggregation costs per FedBuff step (bytes, CPU, wall time on Mosquitto), and if it changes HAPT accuracy.
 
     nice -n 19 python benchmarks/secagg.py                        # both parts, 3 repeats / 3 seeds (~4 min on 2 cores)
     python benchmarks/secagg.py --part overhead --repeats 1       # quicker: the step costs only
     python benchmarks/secagg.py --part accuracy --updates 400     # quicker: a shorter HAPT run
+    python benchmarks/secagg.py --part live                       # one step through a real Mosquitto (~1 min)
 
 **Overhead** (``--part overhead``): one secure-aggregation step in-process with the real sessions
 (``fedmqtt.secagg``: ``Client`` per member, one ``Server``), K = 10, 50, 100 members at 100,000 float32
@@ -45,6 +46,25 @@ does not move while a buffer fills. "Final" is the accuracy at the end of the ru
 "tail" the mean of the last 4 of 16 evaluation points (as update_compression.py; one snapshot of an
 asynchronous model swings by a point). The table gives medians over seeds and the difference in points,
 and the largest |wᵢΔᵢ| coordinate seen, to judge the clip.
+
+**Live** (``--part live``; ``--part all`` runs all three, ``both`` stays overhead and accuracy): the wall time of
+one step through a real Mosquitto, started from the repo's ``mosquitto.conf`` on a free loopback port
+(``fedmqtt.broker.MosquittoProcess``, as tests/conftest.py; ``--broker-nodelay`` adds ``set_tcp_nodelay true``,
+which that config leaves out), K = 10, 50, 100 at 100,000 float32 parameters (the same two tensors).
+Secure: an ``Aggregator`` with ``fedbuff(1, weighting=constant())`` and ``SecureAggregation`` beside it
+(cohort_size = min_cohort = K, phase_timeout 30 s); K protocol-level members as in tests/test_secure.py (a
+``SecureMember`` whose outbox is a dict, one MQTT connection each, its secagg loop served as a task); wall time
+from the moment the K offers go out (published concurrently) to the last member's ack; "service" is the
+service's own ``last_step["seconds"]`` (cohort formed to the acks sent). Plain: an ``Aggregator`` with
+``fedbuff(K)``; K agents (one connection each) publish one update each (``codec.encode_update``, QoS 1) on
+``topics.update(agent)``; wall time from the first publish to the last of the K acks (the first K-1 acks go out
+when their update is buffered, the last once the step is applied). ``--repeats`` steps each (new update ids,
+based on the current version), medians; the first step of each aggregator includes compiling its strategy.
+Everything but the broker runs in this process on one event loop (aggregator, secure service and all K agents),
+so the members' work is done one after another, as it never is in a real fleet: process CPU is
+``time.process_time`` over the step, the whole fleet's; broker CPU is the Mosquitto process's (psutil). Each
+step is checked: K "accepted" acks, one new version, and the model moved by the mean of the K (clipped) deltas
+to within one quantisation step (secure) or 1e-6 (plain).
 
 Writes results/secagg-<stamp>.json.
 """
@@ -729,10 +749,13 @@ async def live_steps(kind: str, k: int, dim: int, repeats: int, broker: BrokerCo
             cpu, bcpu = time.process_time() - cpu, broker_cpu(mosq) - bcpu
             if sa is not None:
                 await sa.wait_until(lambda r=r: sa.steps == r + 1, 30, lambda: "the step not counted")
-            after = flat_params(agg.numpy_params())
+            err = float(np.abs((flat_params(agg.numpy_params()) - before) - want).max())
+            bound = (2 * CLIP / (2**BITS - 1) if sa is not None else 0.0) + 1e-6  # one quantisation step
             run = {"wall_seconds": wall, "offers_published_seconds": published, "process_cpu": cpu,
                    "broker_cpu": bcpu, "acks": dict(acks.statuses), "version": agg.version,
-                   "max_error_of_mean": float(np.abs((after - before) - want).max())}
+                   "max_error_of_mean": err, "checked": acks.statuses.get("accepted") == k
+                   and agg.version == version + 1 and err <= bound
+                   and (sa is None or sa.last_step["survivors"] == k)}
             if sa is not None:
                 run.update(service_seconds=sa.last_step["seconds"], survivors=int(sa.last_step["survivors"]),
                            aborted=sum(sa.aborted.values()), refused=sum(sa.refused.values()),
@@ -763,7 +786,10 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
     while port == 1883:  # never the default broker's port
         port = free_port()
     proc = MosquittoProcess.prepare(port)
-    print(f"\n## One step through Mosquitto (127.0.0.1:{port}, the repo's mosquitto.conf): {args.dim:,} float32 "
+    if args.broker_nodelay:  # not in the repo's mosquitto.conf: Mosquitto then leaves Nagle on for its sockets
+        proc.conf_path.write_text(proc.conf_path.read_text() + "set_tcp_nodelay true\n")
+    conf = "the repo's mosquitto.conf" + (" + set_tcp_nodelay true" if args.broker_nodelay else "")
+    print(f"\n## One step through Mosquitto (127.0.0.1:{port}, {conf}): {args.dim:,} float32 "
           f"parameters, clip {CLIP}, {BITS} bits, medians of {args.repeats} steps; the aggregator, the secure "
           "service and the K agents (one MQTT connection each) all run in this process, on one event loop\n",
           flush=True)
@@ -781,18 +807,20 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
                        "wall_seconds", "offers_published_seconds", "process_cpu", "broker_cpu")},
                    "secure_runs": secure, "plain_runs": plain}
             row["ratio"] = row["secure_wall_seconds"] / row["plain_wall_seconds"]
+            row["checked_every_step"] = all(r["checked"] for r in secure + plain)
             rows.append(row)
     finally:
         proc.kill()
         shutil.rmtree(proc.data_dir, ignore_errors=True)
     print("\n| K | secure step wall (s) | service step (s) | plain step wall (s) | secure / plain | process CPU "
-          "secure (s) | process CPU plain (s) | broker CPU secure (s) | broker CPU plain (s) |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "secure (s) | process CPU plain (s) | broker CPU secure (s) | broker CPU plain (s) | checked |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['k']} | {row['secure_wall_seconds']:.3f} | {row['secure_service_seconds']:.3f} | "
               f"{row['plain_wall_seconds']:.3f} | {row['ratio']:.1f} | {row['secure_process_cpu']:.2f} | "
-              f"{row['plain_process_cpu']:.2f} | {row['secure_broker_cpu']:.2f} | {row['plain_broker_cpu']:.2f} |")
-    return {"dim": args.dim, "repeats": args.repeats, "broker": "mosquitto", "port": port,
+              f"{row['plain_process_cpu']:.2f} | {row['secure_broker_cpu']:.2f} | {row['plain_broker_cpu']:.2f} | "
+              f"{'yes' if row['checked_every_step'] else 'NO'} |")
+    return {"dim": args.dim, "repeats": args.repeats, "broker": "mosquitto", "port": port, "config": conf,
             "psutil": psutil is not None, "phase_timeout": 30, "rows": rows}
 
 
@@ -806,6 +834,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="overhead and live: steps per configuration (medians)")
     ap.add_argument("--live-timeout", type=float, default=180.0, help="live: seconds a step may take before the "
                     "run stops (each phase of the secure step waits up to 30 s for silent members)")
+    ap.add_argument("--broker-nodelay", action="store_true", help="live: add set_tcp_nodelay true to the broker's "
+                    "config (Mosquitto's sockets without Nagle)")
     ap.add_argument("--data", type=Path, default=None, help="accuracy: the HAPT .npz (default: $FEDMQTT_HAPT, "
                     "else ../shared/data/hapt_har_30users.npz)")
     ap.add_argument("--seeds", type=int, default=3)

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -102,3 +107,66 @@ async def until(done, timeout: float) -> None:  # type: ignore[no-untyped-def]
         if loop.time() > deadline:
             raise TimeoutError("not settled")
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_a_site_aggregator_killed_mid_run_loses_nothing_and_applies_nothing_twice(
+        federation: str, tmp_path: Path) -> None:
+    """``fedmqtt site`` as a process, killed with SIGKILL twice while its devices keep sending; the ledger:
+    every local update acknowledged ``accepted`` is in exactly one combined update the root applied, and the
+    root applied each combined update once."""
+    topics = Topics(federation=federation)
+    k = 3
+    initial = TASK.trainer(0).initial
+    local: list[Ack] = []
+    root_acks = Inbox()
+    async with brokers(topics, ("site-a",)) as (root, procs), contextlib.AsyncExitStack() as stack:
+        agg = await stack.enter_async_context(Aggregator(mqtt_connector(root.config), initial, fedasync(),
+                                                         AggregatorConfig(topics=topics)))
+        spy = await stack.enter_async_context(mqtt_connector(root.config)(ConnectOptions("spy", on_message=root_acks)))
+        await spy.subscribe(topics.acks("site-a"), qos=1)
+        args = [sys.executable, "-m", "fedmqtt", "site", "--broker", f"mqtt://127.0.0.1:{procs['site-a'].port}",
+                "--site-id", "site-a", "--federation", federation, "--buffer-size", str(k),
+                "--state-dir", str(tmp_path / "site"), "--status-every", "0"]
+        logs = []
+
+        def start() -> subprocess.Popen[bytes]:
+            logs.append(tmp_path / f"site-{len(logs)}.log")
+            with open(logs[-1], "wb") as err:
+                return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err,
+                                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        proc = start()
+        connect = mqtt_connector(procs["site-a"].config)
+        for j in range(3):
+            await stack.enter_async_context(EdgeAgent(
+                connect, f"dev{j}", TASK.trainer(0), TASK.data_for(j, 0),
+                AgentConfig(topics=topics, local_steps=10, round_seconds=0.1, ack_timeout=3.0,
+                            outbox_dir=tmp_path / "outbox"), on_ack=local.append))
+        try:
+            for target in (4, 10):  # kill it twice, each time once it has made progress upstream
+                await agg.wait_version(target, 90)
+                proc.send_signal(signal.SIGKILL)
+                assert proc.wait() == -signal.SIGKILL
+                proc = start()
+            await agg.wait_version(16, 90)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        await asyncio.sleep(1.0)  # the last acks in flight
+    applied: dict[str, int] = {}  # upstream id -> times the root said accepted
+    while root_acks.queue.qsize():
+        ack = Ack.model_validate_json((await root_acks.get()).payload)
+        if ack.status == "accepted":
+            applied[ack.update_id] = applied.get(ack.update_id, 0) + 1
+    assert set(applied.values()) == {1} and agg.state.counters.accepted == len(applied)  # each once
+    members: dict[str, list[str]] = {}
+    for line in (tmp_path / "site" / "ledger.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "members" in r:
+            members[r["id"]] = [f"{a}/{u}" for a, u, _ in r["members"]]
+    carried = [m for upstream in applied for m in members[upstream]]
+    assert len(carried) == len(set(carried))  # no local update in two applied combined updates
+    accepted_local = {a.update_id for a in local if a.status == "accepted"}
+    assert accepted_local  # and every accepted one is carried by an applied combined update
+    assert accepted_local <= {m.split("/", 1)[1] for m in carried}
+    assert sum(a.status == "rejected" for a in local) == 0

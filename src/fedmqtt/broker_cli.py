@@ -134,3 +134,24 @@ def broker_revoke(directory: ProfileDir,
                 f"ACL {'removed' if r.acl else 'absent'}{cert}")
 
     _each_agent(agents, revoke)
+
+
+@broker_app.command("bridge")
+def broker_bridge(
+    site_id: Annotated[str, typer.Option(help="the site's agent id upstream")],
+    root: Annotated[str, typer.Option(help="the upstream broker, host:port")] = "127.0.0.1:1883",
+    prefix: Annotated[str, typer.Option(help="topic prefix")] = "fedmqtt",
+    federation: Annotated[str, typer.Option(help="federation name")] = "default",
+    cafile: Annotated[str | None, typer.Option(help="CA certificate for TLS to the upstream broker")] = None,
+    username: Annotated[str | None, typer.Option(help="the bridge's user name upstream")] = None,
+) -> None:
+    """Print the bridge block to append to a site broker's mosquitto.conf (only the site's topics cross it).
+    The password, if any, goes in by hand: `remote_password ...`."""
+    from fedmqtt.bridge import bridge_config
+
+    host, _, port = root.rpartition(":")
+    try:
+        print(bridge_config(site_id, Topics(prefix, federation), host or "127.0.0.1", int(port), cafile=cafile,
+                            username=username), end="")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -25,6 +25,7 @@ from fedmqtt.cli_config import print_config
 from fedmqtt.cli_options import BrokerOpt, ConfigOpt, FedOpt, PrefixOpt, PrintConfigOpt, TaskOpt, VerboseOpt
 from fedmqtt.cli_run import err, fail, run, setup_logging
 from fedmqtt.errors import ConfigError, FedMQTTError
+from fedmqtt.site_cli import site as site_command
 from fedmqtt.topics import Topics, check_federation, check_segment
 from fedmqtt.types import check_id
 
@@ -374,6 +375,7 @@ def report(
 
 
 app.add_typer(broker_app, name="broker")
+app.command(name="site", context_settings=SERVICE)(site_command)
 
 
 # ---- the entry point ----------------------------------------------------------------------------------------

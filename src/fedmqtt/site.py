@@ -272,7 +272,14 @@ class Site(Service):
             self._spawn(t.publish(self.topics.acks(agent), dump(ack), qos=1))
 
     def _spawn(self, coro: Any) -> None:
-        """Publish from a message callback: a task, kept until it is done."""
-        task = asyncio.ensure_future(coro)
+        """Publish from a message callback: a task, kept until it is done. A publish lost with the connection
+        is answered again: the device re-sends, the resender re-sends upstream."""
+        async def quietly() -> None:
+            try:
+                await coro
+            except TransportError as exc:
+                log.info("%s: %s", self.name, exc)
+
+        task = asyncio.ensure_future(quietly())
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
