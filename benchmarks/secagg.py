@@ -74,6 +74,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -662,7 +663,7 @@ async def fleet(broker: BrokerConfig, topics: Topics, agents: list[str], acks: A
                 await t.subscribe(mem.topic, qos=1)
             await t.subscribe(topics.acks(a), qos=1)
             ts[a] = t
-        tasks = [asyncio.create_task(mem.serve(lambda t=ts[a]: t)) for a, mem in members.items()]
+        tasks = [asyncio.create_task(mem.serve(functools.partial(ts.get, a))) for a, mem in members.items()]
         try:
             yield ts
         finally:
@@ -748,7 +749,8 @@ async def live_steps(kind: str, k: int, dim: int, repeats: int, broker: BrokerCo
             wall = acks.last - started
             cpu, bcpu = time.process_time() - cpu, broker_cpu(mosq) - bcpu
             if sa is not None:
-                await sa.wait_until(lambda r=r: sa.steps == r + 1, 30, lambda: "the step not counted")
+                await sa.wait_until(functools.partial(lambda s, n: s.steps == n, sa, r + 1), 30,
+                                    lambda: "the step was not counted")
             err = float(np.abs((flat_params(agg.numpy_params()) - before) - want).max())
             bound = (2 * CLIP / (2**BITS - 1) if sa is not None else 0.0) + 1e-6  # one quantisation step
             run = {"wall_seconds": wall, "offers_published_seconds": published, "process_cpu": cpu,
@@ -801,7 +803,7 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
         for k in ks:
             secure = await live_steps("secure", k, args.dim, args.repeats, proc.config, mosq, args.live_timeout)
             plain = await live_steps("plain", k, args.dim, args.repeats, proc.config, mosq, args.live_timeout)
-            row = {"k": k, **{f"secure_{key}": med(secure, key) for key in (
+            row: dict[str, Any] = {"k": k, **{f"secure_{key}": med(secure, key) for key in (
                 "wall_seconds", "service_seconds", "offers_published_seconds", "process_cpu", "broker_cpu")},
                    **{f"plain_{key}": med(plain, key) for key in (
                        "wall_seconds", "offers_published_seconds", "process_cpu", "broker_cpu")},
