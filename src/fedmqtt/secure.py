@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +251,7 @@ class SecureAggregation(Service):
         members = tuple(offers)
         holders = len(members) if cfg.degree is None or cfg.degree >= len(members) - 1 else cfg.degree + 1
         weights = {a: min(1.0, float(cfg.staleness(max(0, version - o.base_version)))) for a, o in offers.items()}
-        step = f"{self.agg.committed.epoch}-{version}-{self.steps + sum(self.aborted.values())}"
+        step = f"{self.agg.committed.epoch}-{version}-{secrets.token_hex(4)}"  # unique across restarts too
         cohort = Cohort(step, version, members, cfg.threshold or default_threshold(holders), cfg.degree,
                         cfg.clip, cfg.bits, self.dim, weights, cfg.dp.clip if cfg.dp is not None else None)
         self._server = server = Server(cohort)
