@@ -3,7 +3,7 @@
     nice -n 19 python benchmarks/secagg.py                        # both parts, 3 repeats / 3 seeds (~4 min on 2 cores)
     python benchmarks/secagg.py --part overhead --repeats 1       # quicker: the step costs only
     python benchmarks/secagg.py --part accuracy --updates 400     # quicker: a shorter HAPT run
-    python benchmarks/secagg.py --part live                       # one step through a real Mosquitto (~1 min)
+    python benchmarks/secagg.py --part live                       # one step through a real Mosquitto (~15 s)
 
 **Overhead** (``--part overhead``): one secure-aggregation step in-process with the real sessions
 (``fedmqtt.secagg``: ``Client`` per member, one ``Server``), K = 10, 50, 100 members at 100,000 float32
@@ -50,7 +50,9 @@ and the largest |wᵢΔᵢ| coordinate seen, to judge the clip.
 **Live** (``--part live``; ``--part all`` runs all three, ``both`` stays overhead and accuracy): the wall time of
 one step through a real Mosquitto, started from the repo's ``mosquitto.conf`` on a free loopback port
 (``fedmqtt.broker.MosquittoProcess``, as tests/conftest.py; ``--broker-nodelay`` adds ``set_tcp_nodelay true``,
-which that config leaves out), K = 10, 50, 100 at 100,000 float32 parameters (the same two tensors).
+which that config leaves out: with Nagle on in Mosquitto, a message the broker sends a client right after its
+PUBACK to that client waits for the client's delayed ACK, ~40 ms on Linux, once per request/reply round trip),
+K = 10, 50, 100 at 100,000 float32 parameters (the same two tensors).
 Secure: an ``Aggregator`` with ``fedbuff(1, weighting=constant())`` and ``SecureAggregation`` beside it
 (cohort_size = min_cohort = K, phase_timeout 30 s); K protocol-level members as in tests/test_secure.py (a
 ``SecureMember`` whose outbox is a dict, one MQTT connection each, its secagg loop served as a task); wall time

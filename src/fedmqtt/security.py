@@ -172,6 +172,7 @@ persistence true
 persistence_location {data_dir or d / "data"}/
 autosave_interval 10
 message_size_limit 67108864
+set_tcp_nodelay true
 max_queued_messages 10000
 max_queued_bytes 2147483648
 queue_qos0_messages false
