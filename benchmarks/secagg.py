@@ -49,9 +49,9 @@ and the largest |wᵢΔᵢ| coordinate seen, to judge the clip.
 
 **Live** (``--part live``; ``--part all`` runs all three, ``both`` stays overhead and accuracy): the wall time of
 one step through a real Mosquitto, started from the repo's ``mosquitto.conf`` on a free loopback port
-(``fedmqtt.broker.MosquittoProcess``, as tests/conftest.py; ``--broker-nodelay`` adds ``set_tcp_nodelay true``,
-which that config leaves out: with Nagle on in Mosquitto, a message the broker sends a client right after its
-PUBACK to that client waits for the client's delayed ACK, ~40 ms on Linux, once per request/reply round trip),
+(``fedmqtt.broker.MosquittoProcess``, as tests/conftest.py; the config sets ``set_tcp_nodelay true``: with
+Nagle on in Mosquitto, a message the broker sends a client right after its PUBACK to that client waits for the
+client's delayed ACK, ~40 ms on Linux, once per request/reply round trip),
 K = 10, 50, 100 at 100,000 float32 parameters (the same two tensors).
 Secure: an ``Aggregator`` with ``fedbuff(1, weighting=constant())`` and ``SecureAggregation`` beside it
 (cohort_size = min_cohort = K, phase_timeout 30 s); K protocol-level members as in tests/test_secure.py (a
@@ -789,9 +789,7 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
     while port == 1883:  # never the default broker's port
         port = free_port()
     proc = MosquittoProcess.prepare(port)
-    if args.broker_nodelay:  # not in the repo's mosquitto.conf: Mosquitto then leaves Nagle on for its sockets
-        proc.conf_path.write_text(proc.conf_path.read_text() + "set_tcp_nodelay true\n")
-    conf = "the repo's mosquitto.conf" + (" + set_tcp_nodelay true" if args.broker_nodelay else "")
+    conf = "the repo's mosquitto.conf"
     print(f"\n## One step through Mosquitto (127.0.0.1:{port}, {conf}): {args.dim:,} float32 "
           f"parameters, clip {CLIP}, {BITS} bits, medians of {args.repeats} steps; the aggregator, the secure "
           "service and the K agents (one MQTT connection each) all run in this process, on one event loop\n",
@@ -837,8 +835,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="overhead and live: steps per configuration (medians)")
     ap.add_argument("--live-timeout", type=float, default=180.0, help="live: seconds a step may take before the "
                     "run stops (each phase of the secure step waits up to 30 s for silent members)")
-    ap.add_argument("--broker-nodelay", action="store_true", help="live: add set_tcp_nodelay true to the broker's "
-                    "config (Mosquitto's sockets without Nagle)")
     ap.add_argument("--data", type=Path, default=None, help="accuracy: the HAPT .npz (default: $FEDMQTT_HAPT, "
                     "else ../shared/data/hapt_har_30users.npz)")
     ap.add_argument("--seeds", type=int, default=3)
