@@ -298,10 +298,11 @@ class EdgeAgent(Service):
         if t is None or not self.connected.is_set():
             await self.connected.wait()  # set once on_connect has run: then peek on the new connection
             return
-        try:
-            await t.peek(self._model_topic, qos=1)
+        try:  # QoS 0: no PUBACK on the device's link, and no durable consumer on brokers that make one per
+            # QoS 1 subscription (NATS); a copy lost with the connection is peeked again on the next one
+            await t.peek(self._model_topic, qos=0)
             if not self._fresh and self._model_topic != self.topics.model:  # no such form published (yet)
-                await t.peek(self.topics.model, qos=1)
+                await t.peek(self.topics.model, qos=0)
             self._peeked = True
         except TransportError:
             await asyncio.sleep(0.5)  # the connection is going: the next one peeks again

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -67,30 +68,52 @@ class BrokerConfig:
     timeout: float = 60.0
     max_payload: int = 64 << 20
     protocol: int = 5  # 5 (MQTT 5) or 4 (MQTT 3.1.1, e.g. the embedded broker); payloads are the same
+    # more nodes of a clustered broker, (host, port): each new connection attempt takes the next address
+    fallbacks: tuple[tuple[str, int], ...] = ()
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        nodes = ",".join(f"{h}:{p}" for h, p in ((self.host, self.port), *self.fallbacks))
+        return f"{'mqtts' if self.tls else 'mqtt'}://{nodes}{'?version=3.1.1' if self.protocol == 4 else ''}"
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.fallbacks)
 
     @classmethod
     def from_url(cls, url: str, *, env: dict[str, str] | None = None, **overrides: object) -> BrokerConfig:
+        """``mqtt://host:port``; the nodes of a cluster comma-separated (``mqtt://a:1883,b:1883``); MQTT
+        3.1.1 with ``?version=3.1.1`` (brokers that speak no MQTT 5: NATS, RabbitMQ).
+
+        >>> BrokerConfig.from_url("mqtt://n1:1883,n2:1884?version=3.1.1", env={}).url
+        'mqtt://n1:1883,n2:1884?version=3.1.1'
+        """
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ConfigError(f"broker URL {url!r} has no host")
-        if parts.username or parts.password:
+        if "@" in parts.netloc:
             # a URL ends up in shell history and `ps`: credentials come from the environment instead
             raise ConfigError("put credentials in FEDMQTT_USERNAME / FEDMQTT_PASSWORD, not in the broker URL")
         tls = parts.scheme in ("mqtts", "ssl")
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError as exc:
-            raise ConfigError(f"broker URL {url!r} has a bad port") from exc
+        nodes = []
+        for node in parts.netloc.split(","):
+            one = urlsplit(f"//{node}")
+            if not one.hostname:
+                raise ConfigError(f"broker URL {url!r} has no host")
+            try:
+                nodes.append((one.hostname, one.port or (8883 if tls else 1883)))
+            except ValueError as exc:
+                raise ConfigError(f"broker URL {url!r} has a bad port") from exc
+        query = dict(q.partition("=")[::2] for q in parts.query.split("&") if q)
+        versions = {"5": 5, "5.0": 5, "3.1.1": 4, "4": 4}
+        if query.get("version", "5") not in versions or set(query) - {"version"}:
+            raise ConfigError(f"broker URL {url!r}: the only option is version=5 or version=3.1.1")
         e = os.environ if env is None else env
         cfg = cls(
-            host=parts.hostname,
-            port=port,
+            host=nodes[0][0],
+            port=nodes[0][1],
+            fallbacks=tuple(nodes[1:]),
+            protocol=versions[query.get("version", "5")],
             tls=tls,
             username=e.get("FEDMQTT_USERNAME"),
             password=e.get("FEDMQTT_PASSWORD"),
@@ -141,8 +164,12 @@ Connector = Callable[[ConnectOptions], "Transport"]
 def mqtt_connector(config: BrokerConfig) -> Connector:
     """A :data:`Connector` for a real broker."""
 
+    attempts = itertools.count()
+
     def connect(opts: ConnectOptions) -> Transport:
-        return MqttTransport(config, opts.client_id, will=opts.will, clean_start=opts.clean_start,
+        host, port = config.addresses[next(attempts) % len(config.addresses)]  # a cluster: round robin
+        node = config if not config.fallbacks else replace(config, host=host, port=port)
+        return MqttTransport(node, opts.client_id, will=opts.will, clean_start=opts.clean_start,
                              session_expiry=opts.session_expiry, on_message=opts.on_message, timeout=config.timeout)
 
     return connect
