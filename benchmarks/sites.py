@@ -44,6 +44,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -501,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     conditions: dict[str, Any] = {}
     started = time.monotonic()
+    info = machine()  # at the start: the commit the run imported, and whether src/ differed from it
+    status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "mosquitto.conf"],
+                            capture_output=True, text=True, check=False).stdout
+    info["git_dirty_src"] = bool(status.strip())
     for seed in a.seeds:
         task = get_task(a.task, num_clients=a.devices, seed=seed)
         if task.num_clients < a.devices:
@@ -519,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             table = summarise(runs, a)
             result = {"benchmark": "sites", "argv": sys.argv,
                       "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-                      "conditions_by_seed": conditions, "machine": machine(),
+                      "conditions_by_seed": conditions, "machine": info,
                       "wall_seconds_total": round(time.monotonic() - started, 1), "summary": table, "runs": runs}
             path.write_text(json.dumps(result, indent=1))
     print_tables(runs, summarise(runs, a), a)

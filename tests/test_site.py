@@ -15,18 +15,20 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedmqtt import codec
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.bridge import bridge_config
 from fedmqtt.broker import MosquittoProcess, has_mosquitto, repo_config
 from fedmqtt.schemas import Ack
 from fedmqtt.site import Site, SiteConfig
-from fedmqtt.strategies import fedasync
+from fedmqtt.strategies import fedasync, polynomial
 from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
-from fedmqtt.transport import ConnectOptions, Inbox, mqtt_connector
+from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector
 
 pytestmark = pytest.mark.broker
 TASK = get_task("digits", num_clients=6, seed=0)
@@ -170,3 +172,32 @@ async def test_a_site_aggregator_killed_mid_run_loses_nothing_and_applies_nothin
     assert accepted_local  # and every accepted one is carried by an applied combined update
     assert accepted_local <= {m.split("/", 1)[1] for m in carried}
     assert sum(a.status == "rejected" for a in local) == 0
+
+
+def test_a_site_weighs_each_local_update_by_its_staleness_when_the_buffer_is_combined(tmp_path: Path) -> None:
+    """No broker: the site's decisions only. An update that waited in the buffer while versions passed is
+    weighed by its staleness at the moment of the combine, not at its arrival."""
+    params = {"w": np.zeros(3, np.float32)}
+    site = Site(mqtt_connector(BrokerConfig()), params, SiteConfig("site-a", Topics(), buffer_size=2,
+                                                                   state_dir=tmp_path))
+
+    def model(version: int) -> bytes:
+        return codec.encode_model(params, version)
+
+    def update(agent: str, base: int, value: float) -> bytes:
+        return codec.encode_update({"w": np.full(3, value, np.float32)}, agent=agent, update_id=f"u-{agent}",
+                                   base_version=base, num_samples=5, model_fingerprint=codec.fingerprint(params))
+
+    site._on_model(model(0))
+    site._on_update("d1", update("d1", 0, 1.0))  # arrives fresh ...
+    site._on_model(model(8))  # ... then 8 versions pass while it waits
+    site._on_update("d2", update("d2", 8, 3.0))
+    (upstream, pending), = site.outbox.items()
+    sent = codec.decode(pending.payload)
+    w = polynomial(0.5)
+    np.testing.assert_allclose(sent.tensors["w"], (float(w(8)) * 1.0 + float(w(0)) * 3.0) / 2, rtol=1e-6)
+    assert sent.metadata["fedmqtt.base_version"] == "8" and sent.metadata["fedmqtt.num_samples"] == "10"
+    assert site.pending[upstream] == [("d1", "u-d1", 0), ("d2", "u-d2", 8)]
+    again = Site(mqtt_connector(BrokerConfig()), params, SiteConfig("site-a", Topics(), buffer_size=2,
+                                                                    state_dir=tmp_path))
+    assert again.pending == site.pending and upstream in again.outbox  # from the ledger and the outbox on disk

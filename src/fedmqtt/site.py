@@ -4,8 +4,8 @@ carries the global model down and the site's own update topics up, nothing else.
 
 The site checks each local update as the aggregator would (``validation.check_update``: fingerprint,
 names, shapes, staleness against the newest global version it has seen, de-duplication), buffers K of them
-and sends **one update upstream per K local ones**: their FedBuff mean Σ w(sᵢ)·Δᵢ / K with sᵢ the staleness
-against the global version now, on the base of that version, with a deterministic id
+and sends **one update upstream per K local ones**: their FedBuff mean Σ w(sᵢ)·Δᵢ / K with sᵢ each one's
+staleness against the global version when the K-th arrives, on the base of that version, with a deterministic id
 ``{site}-{instance}-{seq}``. It keeps no model of its own: the devices train on the global model.
 
 Exactly once, end to end, and truthful acks: a local update is acknowledged ``accepted`` only when the root
@@ -78,7 +78,7 @@ class Site(Service):
         self.reference = validation.Reference.of(params)
         self.version = -1  # the newest global version seen (-1: none yet)
         self.seen = dedup.Seen()
-        self.buffer: list[tuple[Member, float, dict[str, Array], int]] = []  # member, weight, delta, samples
+        self.buffer: list[tuple[Member, dict[str, Array], int]] = []  # member, its delta, its sample count
         self.pending: dict[str, list[Member]] = {}  # upstream id -> its members, until the root acks it
         self.carried: dict[tuple[str, str], str] = {}  # (agent, update id) -> the upstream id carrying it
         self.answered: dict[tuple[str, str], Ack] = {}  # settled local updates -> their ack (re-sends)
@@ -172,7 +172,9 @@ class Site(Service):
         except (CodecError, KeyError, ValueError) as exc:
             log.warning("%s: unreadable global model: %s", self.name, exc)
             return
-        self.version = max(self.version, version)  # a new epoch upstream is not followed (left for later)
+        if version > self.version:  # a new epoch upstream is not followed (left for later)
+            self.version = version
+            self.seen = dedup.expire(self.seen, version - self.config.max_staleness)
 
     def _on_update(self, agent: str, payload: bytes) -> None:
         if self.version < 0:
@@ -197,8 +199,7 @@ class Site(Service):
         if key in self.carried:
             return  # in a combined update the root has not answered yet
         self.seen = dedup.add(self.seen, dedup.key(agent, info.update_id), info.base_version, 100_000)
-        weight = float(self.config.staleness(checked.staleness))
-        self.buffer.append(((agent, info.update_id, info.base_version), weight, checked.tensors, info.num_samples))
+        self.buffer.append(((agent, info.update_id, info.base_version), checked.tensors, info.num_samples))
         if len(self.buffer) >= self.config.buffer_size:
             self._combine()
 
@@ -206,9 +207,10 @@ class Site(Service):
         """The buffer's FedBuff mean, recorded and put in the outbox, then sent upstream."""
         batch, self.buffer = self.buffer, []
         k = len(batch)
-        names = sorted(batch[0][2])
-        mean = {n: np.sum([w * np.asarray(d[n], np.float32) for _, w, d, _ in batch], axis=0) / np.float32(k)
-                for n in names}
+        names = sorted(batch[0][1])
+        weights = [float(self.config.staleness(max(0, self.version - base))) for (_, _, base), _, _ in batch]
+        mean = {n: np.sum([w * np.asarray(d[n], np.float32) for w, (_, d, _) in zip(weights, batch, strict=True)],
+                          axis=0) / np.float32(k) for n in names}
         self._seq += 1
         upstream = f"{self.config.site_id}-{self.instance}-{self._seq}"
         payload = codec.encode_update(mean, agent=self.config.site_id, update_id=upstream,
@@ -216,7 +218,7 @@ class Site(Service):
                                       model_fingerprint=self.reference.fingerprint)
         members = [m for m, *_ in batch]
         self._record({"seq": self._seq, "id": upstream, "members": members})  # first: a crash now re-sends nothing
-        self.outbox[upstream] = Pending(payload, 0.0)
+        self.outbox[upstream] = Pending(payload, time.monotonic())  # the resender waits from now
         self.pending[upstream] = members
         for agent, update_id, _ in members:
             self.carried[(agent, update_id)] = upstream
