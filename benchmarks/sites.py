@@ -55,10 +55,12 @@ from typing import Any
 from time_to_accuracy import machine  # benchmarks/ is on sys.path when a script in it runs
 
 from fedmqtt import codec
+from fedmqtt.admission import AdmissionLimits
 from fedmqtt.agent import AgentConfig
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.bridge import bridge_config
 from fedmqtt.broker import MosquittoProcess, has_mosquitto, repo_config
+from fedmqtt.core import Limits
 from fedmqtt.errors import CodecError
 from fedmqtt.fleet import Fleet, FleetConfig, speed_factors
 from fedmqtt.site import Site, SiteConfig
@@ -245,7 +247,9 @@ async def run_one(setup: str, strategy_spec: str, seed: int, task: Task, a: argp
     evaluate(initial)  # compile the evaluation before the clock starts
     fleet_cfg = FleetConfig(agents=a.devices, base_seconds=a.base_seconds, sigma=a.sigma, seed=seed,
                             local_steps=a.local_steps, agent=AgentConfig(topics=topics))
-    agg_cfg = AggregatorConfig(topics=topics, eval_interval=a.eval_every)
+    # the root names its sites (fedmqtt aggregator --sites): no per-device share bound for them
+    limits = Limits(admission=AdmissionLimits(exempt=frozenset(SITES))) if two_tier else Limits()
+    agg_cfg = AggregatorConfig(topics=topics, eval_interval=a.eval_every, limits=limits)
     up, bridged = Tally(bases=True), {s: Tally() for s in SITES}
     arrivals: dict[tuple[str, str], int] = {}
     device_models = Tally()

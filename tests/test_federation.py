@@ -67,8 +67,8 @@ async def test_pull_delivery_takes_one_model_per_round_where_push_takes_every_ve
     task, topics, connect, agg = services(broker, federation, agents=5)
     async with agg:
         await agg.wait_connected()
-        fast = [EdgeAgent(connect, f"fast-{i}", task.trainer(0), task.data_for(i),
-                          AgentConfig(topics=topics, round_seconds=0.02)) for i in range(3)]
+        fast = [EdgeAgent(connect, f"fast-{i}", task.trainer(0), task.data_for(i),  # 10x the slow ones' pace
+                          AgentConfig(topics=topics, round_seconds=0.05)) for i in range(3)]
         pull, push = (EdgeAgent(connect, f"slow-{mode}", task.trainer(0), task.data_for(3 + k),
                                 AgentConfig(topics=topics, round_seconds=0.5, model_delivery=mode))  # type: ignore[arg-type]
                       for k, mode in enumerate(("pull", "push")))

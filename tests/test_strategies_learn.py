@@ -8,6 +8,8 @@ close on the first arrivals, agents that leave and come back).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from fedmqtt.agent import AgentConfig
@@ -66,7 +68,8 @@ def test_same_seed_same_result() -> None:
 
 # ---- through Mosquitto ---------------------------------------------------------------------------------
 async def _run(broker: BrokerConfig, federation: str, strategy_name: str, want: int, *,
-               fraction: float | None = None, mean_online: float | None = None) -> tuple[float, Aggregator, Fleet]:
+               fraction: float | None = None, mean_online: float | None = None,
+               also: Callable[[Fleet], bool] = lambda _: True) -> tuple[float, Aggregator, Fleet]:
     task = get_task("digits", num_clients=AGENTS, seed=0)
     evaluator = task.trainer(0)
     evaluate = task.evaluate_fn(evaluator)
@@ -84,7 +87,8 @@ async def _run(broker: BrokerConfig, federation: str, strategy_name: str, want: 
         fleet.warm_up()
         async with fleet:
             progress = (lambda: agg.version) if strategy.mode == "sync" else (lambda: agg.state.counters.accepted)
-            await agg.wait_until(lambda: progress() >= want, 300, lambda: f"progress {progress()} < {want}")
+            await agg.wait_until(lambda: progress() >= want and also(fleet), 300,
+                                 lambda: f"progress {progress()} < {want}, or not yet {also.__doc__ or 'done'}")
         after = evaluate(agg.numpy_params())["accuracy"]
     return after, agg, fleet
 
@@ -103,7 +107,12 @@ async def test_sync_round_fraction_closes_on_first_arrivals(broker: BrokerConfig
 @pytest.mark.broker
 @pytest.mark.slow
 async def test_churn_agents_leave_and_return(broker: BrokerConfig, federation: str) -> None:
-    after, agg, fleet = await _run(broker, federation, "fedasync-polynomial", 12 * AGENTS, mean_online=1.0)
+    def returned(fleet: Fleet) -> bool:
+        """an update accepted from an agent that came back"""
+        return fleet.accepted_after_return > 0
+
+    after, agg, fleet = await _run(broker, federation, "fedasync-polynomial", 12 * AGENTS, mean_online=1.0,
+                                   also=returned)
     assert fleet.departures > 0
     assert fleet.retired_acks["accepted"] > 0 and fleet.accepted_after_return > 0  # before leaving, and after coming back
     assert after > 0.8

@@ -43,6 +43,7 @@ devices in the window only; a device that left it starts again with a full bucke
 >>> a = record(a, "b", None, lim)
 >>> check(a, "a", None, lim), check(record(a, "b", None, lim), "a", None, lim)  # 3 of 4: bound 3; of 5: 3.75
 ('share_exceeded', None)
+>>> check(a, "a", None, lim._replace(exempt=frozenset({"a"})))  # a site aggregator: no bound
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class AdmissionLimits(NamedTuple):
     window: int = 200  # the last accepted updates the share is counted over
     min_count: int = 8  # a device may always hold this many of the window
     sample_cap: float | None = 2.0  # times the median recent claim: the most samples an update may claim
+    # agents the rate and share bounds do not apply to: site aggregators, whose combined updates carry many
+    # devices' work and may rightly be most of the root's updates (their sample claims are still capped)
+    exempt: frozenset[str] = frozenset()
 
 
 class Admission(NamedTuple):
@@ -82,6 +86,8 @@ def samples(adm: Admission, claimed: int, lim: AdmissionLimits) -> int:
 
 def check(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits) -> str | None:
     """The reason ``agent``'s next update must be refused (``rate_limited``, ``share_exceeded``), or None."""
+    if agent in lim.exempt:
+        return None
     if lim.max_rate is not None and now is not None and _tokens(adm, agent, now, lim) < 1.0:
         return "rate_limited"
     held = adm.recent.count(agent)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from fedmqtt import allocator, model_file
+from fedmqtt.admission import AdmissionLimits
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
+from fedmqtt.choices import parse_list
 from fedmqtt.cli_run import err, log, run, serve
 from fedmqtt.core import Limits, Timing
 from fedmqtt.durability import default_directory
@@ -45,7 +47,8 @@ def run_aggregator(s: dict[str, Any]) -> None:
     if s["init_model"] is not None:
         initial = model_file.load(s["init_model"], initial)
     limits = Limits(max_staleness=s["max_staleness"], max_update_norm=s["max_update_norm"],
-                    one_update_per_step=s["one_update_per_step"])
+                    one_update_per_step=s["one_update_per_step"],
+                    admission=AdmissionLimits(exempt=frozenset(parse_list(s["sites"]))))
     cfg = AggregatorConfig(topics=topics, limits=limits,
                            timing=Timing(round_size=s["round_size"], round_deadline=s["round_deadline"]),
                            state_dir=directory, snapshot_every=s["snapshot_every"], keep_journal=s["keep_journal"],

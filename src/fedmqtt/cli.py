@@ -176,6 +176,8 @@ def aggregator(
                     ] = None,
     spread: Annotated[float | None, typer.Option(help="fedbuff-outlier: drop deltas farther from the median "
                                                        "than spread x the median distance (default 3)")] = None,
+    sites: Annotated[str, typer.Option(help="site aggregators' ids, comma-separated: no per-device rate or "
+                                            "share bound for their combined updates")] = "",
     one_update_per_step: Annotated[bool, typer.Option(
         help="hold a device's second update until the next step (always on with --dp-clip)")] = False,
     secure: Annotated[bool, typer.Option(help="secure aggregation: FedBuff steps over cohorts of --buffer-size "
@@ -208,6 +210,8 @@ def aggregator(
     _names(None, prefix, federation)
     if ephemeral and state_dir:
         raise typer.BadParameter("--ephemeral keeps no state; drop --state-dir or --ephemeral")
+    for site_id in parse_list(sites):
+        _names(site_id, prefix, federation)
     if secure and strategy != "fedbuff":
         raise typer.BadParameter("--secure runs FedBuff steps: give --strategy fedbuff")
     if init_model is not None and not init_model.is_file():
