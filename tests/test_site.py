@@ -209,3 +209,16 @@ def test_a_site_weighs_each_local_update_by_its_staleness_when_the_buffer_is_com
     again = Site(mqtt_connector(BrokerConfig()), params, SiteConfig("site-a", Topics(), buffer_size=2,
                                                                     state_dir=tmp_path))
     assert again.pending == site.pending and upstream in again.outbox  # from the ledger and the outbox on disk
+
+
+def test_an_update_on_a_version_the_site_has_not_seen_yet_waits_for_it(tmp_path: Path) -> None:
+    """Devices and the site read the same bridged model; a device may get a version first."""
+    params = {"w": np.zeros(3, np.float32)}
+    site = Site(mqtt_connector(BrokerConfig()), params, SiteConfig("site-a", Topics(), buffer_size=1))
+    site._on_model(codec.encode_model(params, 4))
+    early = codec.encode_update({"w": np.ones(3, np.float32)}, agent="d1", update_id="u1", base_version=5,
+                                num_samples=5, model_fingerprint=codec.fingerprint(params))
+    site._on_update("d1", early)
+    assert site.local_rejected == 0 and not site.outbox and len(site.early) == 1
+    site._on_model(codec.encode_model(params, 5))
+    assert site.early == [] and len(site.outbox) == 1  # combined (K = 1) once the site is at version 5

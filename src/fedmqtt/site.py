@@ -77,6 +77,7 @@ class Site(Service):
         params = {k: np.asarray(v) for k, v in initial.items()}
         self.reference = validation.Reference.of(params)
         self.version = -1  # the newest global version seen (-1: none yet)
+        self.early: list[tuple[str, bytes]] = []  # updates on a version not seen here yet (bounded)
         self.seen = dedup.Seen()
         self.buffer: list[tuple[Member, dict[str, Array], int]] = []  # member, its delta, its sample count
         self.pending: dict[str, list[Member]] = {}  # upstream id -> its members, until the root acks it
@@ -175,6 +176,9 @@ class Site(Service):
         if version > self.version:  # a new epoch upstream is not followed (left for later)
             self.version = version
             self.seen = dedup.expire(self.seen, version - self.config.max_staleness)
+            early, self.early = self.early, []
+            for agent, payload in early:  # updates on this version that came before it reached the site
+                self._on_update(agent, payload)
 
     def _on_update(self, agent: str, payload: bytes) -> None:
         if self.version < 0:
@@ -187,6 +191,9 @@ class Site(Service):
         except InvalidUpdate as exc:
             if exc.reason == Reason.DUPLICATE:
                 return  # in the buffer already: answered with the rest
+            if exc.reason == Reason.FUTURE_BASE and len(self.early) < 1_000:
+                self.early.append((agent, payload))  # the device got the new model before the site did
+                return
             self.local_rejected += 1
             self._answer(agent, Ack(update_id=exc.update_id or "", status="rejected", version=self.version,
                                     reason=exc.reason.value, detail=exc.detail))
