@@ -199,8 +199,9 @@ def observing_site(connect: Connector, topics: Topics, site_id: str, sites: dict
 def buffer_staleness(ledgers: list[Path], combined_bases: dict[str, int], arrivals: dict[tuple[str, str], int],
                      weight: Callable[[int], Any]) -> dict[str, Any]:
     """For every local update in a combined update that reached the root: its staleness when it reached the
-    site (what the site weighs it by) and when it was combined (the version the combined update is based on,
-    which the root's staleness is counted from). The versions between are weighed by nobody."""
+    site and when it was combined (what the site weighs it by: the version the combined update is based on,
+    which the root's staleness is counted from), and the ratio of the two weights (how much weighing on
+    arrival would have over-weighed it)."""
     gaps, ratios, at_arrival, at_combine = [], [], [], []
     for ledger in ledgers:
         if not ledger.exists():
@@ -451,8 +452,8 @@ def print_tables(runs: list[dict[str, Any]], table: dict[str, dict[str, Any]], a
     tiers = [r for r in runs if r.get("site_buffer_staleness")]
     if tiers:
         print("\nTwo tiers: local updates in combined updates the root received; staleness in global versions\n")
-        print("| setup | seed | local updates | staleness at the site (weighed) | staleness at combine | versions "
-              "while buffered (mean, max) | share with ≥ 1 | weight used ÷ weight at combine (mean, max) "
+        print("| setup | seed | local updates | staleness on arrival at the site | staleness at combine (weighed) | "
+              "versions while buffered (mean, max) | share with ≥ 1 | weight on arrival ÷ weight at combine (mean, max) "
               "| root staleness of combined updates (mean) | K·acked = local? |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in tiers:
