@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     )
     from fedmqtt.fleet import Fleet, FleetConfig
     from fedmqtt.memory_broker import MemoryBroker
+    from fedmqtt.secure import SecureAggregation, SecureConfig
+    from fedmqtt.site import Site, SiteConfig
     from fedmqtt.strategies import fedasync, fedavg, fedbuff
     from fedmqtt.tasks import Task, get_task
     from fedmqtt.topics import Topics
@@ -55,6 +57,10 @@ _HOME = {
     "InvalidUpdate": "fedmqtt.errors",
     "MemoryBroker": "fedmqtt.memory_broker",
     "Reason": "fedmqtt.errors",
+    "SecureAggregation": "fedmqtt.secure",
+    "SecureConfig": "fedmqtt.secure",
+    "Site": "fedmqtt.site",
+    "SiteConfig": "fedmqtt.site",
     "StateError": "fedmqtt.errors",
     "StreamData": "fedmqtt.data",
     "Task": "fedmqtt.tasks",
@@ -92,6 +98,10 @@ __all__ = [
     "InvalidUpdate",
     "MemoryBroker",
     "Reason",
+    "SecureAggregation",
+    "SecureConfig",
+    "Site",
+    "SiteConfig",
     "StateError",
     "StreamData",
     "Task",
