@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -73,6 +74,8 @@ def cluster() -> Iterator[NatsCluster]:
     try:
         yield c
     finally:
+        if os.environ.get("FEDMQTT_KEEP_NATS_LOGS"):
+            shutil.copytree(c.dir, os.environ["FEDMQTT_KEEP_NATS_LOGS"], dirs_exist_ok=True)
         c.close()
 
 

@@ -66,6 +66,9 @@ class BrokerConfig:
     # seconds a connect, publish or subscribe may wait for the broker's reply: long enough for a model or an
     # update to cross a narrowband link behind a few retransmissions (a lost connection fails them at once)
     timeout: float = 60.0
+    # seconds to wait for the CONNACK: a connect is a few bytes each way, and a node that does not answer
+    # (a cluster electing new leaders) should be left for the next one well before ``timeout``
+    connect_timeout: float = 15.0
     max_payload: int = 64 << 20
     protocol: int = 5  # 5 (MQTT 5) or 4 (MQTT 3.1.1, e.g. the embedded broker); payloads are the same
     # more nodes of a clustered broker, (host, port): each new connection attempt takes the next address
@@ -228,7 +231,7 @@ class MqttTransport:
             properties=props,
             keepalive=config.keepalive,
             tls_context=config.ssl_context(),
-            timeout=timeout,
+            timeout=min(timeout, config.connect_timeout),  # the connect's; every other call passes its own
             queue_type=_delivery(on_message),
             logger=_MQTT_LOG,
         )
