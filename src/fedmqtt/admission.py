@@ -11,7 +11,8 @@ Two bounds, each counted under its own rejection reason, with defaults that an h
   Valid but worthless updates sent as fast as the link allows cannot push the version forward alone or
   crowd a buffer: with 30 devices, one holds at most a third of the versions.
 - **majority** (``share_exceeded`` too): while other devices are in the window, one device may hold at most
-  ``max_fraction`` of it (and never fewer than ``min_count``), from the first updates on. In a small fleet
+  ``max_fraction`` of it (and never fewer than ``majority_min``, 32, so that the device that happens to start
+  first is not refused while the others connect), from the first updates on. In a small fleet
   the fair-share bound allows everything (ten times a third of the window is more than the window), so
   without it one device sending at its rate limit would make every version and the others' updates stale
   (``max_staleness`` versions pass within one of their rounds): with it, the others' updates are at most
@@ -37,7 +38,7 @@ devices in the window only; a device that left it starts again with a full bucke
 ...     a = record(a, agent, None, lim)
 >>> a.recent, check(a, "a", None, lim)  # 6 devices in 8: bound max(2, 2 x 8 / 6) = 2.7; "a" holds 3
 (('a', 'a', 'a', 'b', 'c', 'd', 'e', 'f'), 'share_exceeded')
->>> lim = AdmissionLimits(max_rate=None, max_share=None, max_fraction=0.75, min_count=2)
+>>> lim = AdmissionLimits(max_rate=None, max_share=None, max_fraction=0.75, majority_min=2)
 >>> a = record(record(record(Admission(), "a", None, lim), "a", None, lim), "a", None, lim)
 >>> check(a, "a", None, lim)  # alone in the window: the whole federation
 >>> a = record(a, "b", None, lim)
@@ -56,7 +57,8 @@ class AdmissionLimits(NamedTuple):
     max_rate: float | None = 50.0  # accepted updates per second per device, sustained (None: no limit)
     max_burst: float = 50.0  # ... at once, after a pause
     max_share: float | None = 10.0  # times a device's fair share of the window (None: no limit)
-    max_fraction: float | None = 0.75  # of the window, while another device is in it (None: no limit)
+    max_fraction: float | None = 0.75  # of the window, while another device is in it (None: no limit) ...
+    majority_min: int = 32  # ... and never fewer than this: a device that starts before the others is not refused
     window: int = 200  # the last accepted updates the share is counted over
     min_count: int = 8  # a device may always hold this many of the window
     sample_cap: float | None = 2.0  # times the median recent claim: the most samples an update may claim
@@ -91,7 +93,7 @@ def check(adm: Admission, agent: str, now: float | None, lim: AdmissionLimits) -
     if lim.max_rate is not None and now is not None and _tokens(adm, agent, now, lim) < 1.0:
         return "rate_limited"
     held = adm.recent.count(agent)
-    if lim.max_fraction is not None and held >= max(lim.min_count, lim.max_fraction * len(adm.recent)) \
+    if lim.max_fraction is not None and held >= max(lim.majority_min, lim.max_fraction * len(adm.recent)) \
             and held < len(adm.recent):
         return "share_exceeded"
     if lim.max_share is not None and len(adm.recent) >= lim.window // 2:
