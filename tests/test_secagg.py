@@ -224,3 +224,22 @@ def test_a_wrong_share_in_a_reveal_abandons_the_step_instead_of_failing_the_serv
 def test_nan_cannot_be_encoded() -> None:
     with pytest.raises(ValueError, match="NaN"):
         field.encode(np.array([0.0, np.nan], np.float32), 1.0, 16, np.random.default_rng(0))
+
+
+def test_malformed_wire_messages_are_refused_with_a_reason() -> None:
+    from fedmqtt.secagg import messages as m
+
+    bad = [b"{", b'{"type": "keys", "step": "s", "c_pk": "abc", "s_pk": "abc"}',
+           b'{"type": "reveal", "step": "s", "b": {"x": "zz"}, "s": {}}', b'{"type": "nope", "step": "s"}',
+           b'{"type": "ready", "update_id": "u", "base_version": -1, "num_samples": 1, "dim": 3}']
+    def parse_and_decode(payload: bytes) -> None:
+        msg = m.parse_from_agent(payload)
+        if isinstance(msg, m.Keys):
+            m.unb64(msg.c_pk, 32)  # "abc" is not valid base64 (padding)
+
+    for payload in bad:
+        with pytest.raises(SecAggAbort) as err:
+            parse_and_decode(payload)
+        assert err.value.reason == "bad_message"
+    with pytest.raises(SecAggAbort, match="masked input"):
+        m.decode_masked(m.encode_masked("s", np.zeros(4, np.uint32)), 5)

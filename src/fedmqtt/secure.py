@@ -30,7 +30,7 @@ import numpy as np
 
 from fedmqtt import codec, dedup
 from fedmqtt.aggregator import Aggregator
-from fedmqtt.errors import SecAggAbort
+from fedmqtt.errors import SecAggAbort, TransportError
 from fedmqtt.privacy import CentralDP, epsilon
 from fedmqtt.schemas import Ack, dump
 from fedmqtt.secagg import Cohort, Server, default_threshold
@@ -333,21 +333,32 @@ class SecureAggregation(Service):
                        if c != before.rejected.get(r, 0)}
             raise SecAggAbort("refused", f"the aggregator refused the unmasked update: {reasons}")
         version = self.agg.version
-        await self.agg.wait_until(lambda: self.agg.committed_version >= version, 30.0,
-                                  lambda: f"version {version} not durable")
-        for a in survivors:
+        for a in survivors:  # applied: from now on an offer of these updates is answered, never summed again
             self._applied[(a, offers[a].update_id)] = version
         while len(self._applied) > 10_000:
             self._applied.popitem(last=False)
-        return version
+        while True:  # the members' acks wait until the step is durable (as the aggregator's own acks do)
+            try:
+                await self.agg.wait_until(lambda: self.agg.committed_version >= version, 30.0,
+                                          lambda: f"version {version} not durable")
+                return version
+            except TimeoutError as exc:
+                log.warning("%s: %s; still waiting", self.name, exc)
 
     async def _send(self, agent: str, msg: m.CohortMsg | m.Roster | m.Forward | m.Unmask | m.End) -> None:
-        t = self.transport
-        if t is not None:
-            await t.publish(f"{self.topics.base}/agents/{agent}/secagg", m.dump(msg), qos=1)
+        await self._publish(f"{self.topics.base}/agents/{agent}/secagg", m.dump(msg))
 
     async def _ack(self, agent: str, ack: Ack) -> None:
+        await self._publish(self.topics.acks(agent), dump(ack))
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        """A message lost with the connection is not an error of the step: a member that misses one stays
+        silent, the phase times out without it, and its update is offered again."""
         t = self.transport
-        if t is not None:
-            await t.publish(self.topics.acks(agent), dump(ack), qos=1)
+        if t is None:
+            return
+        try:
+            await t.publish(topic, payload, qos=1)
+        except TransportError as exc:
+            log.warning("%s: %s", self.name, exc)
 

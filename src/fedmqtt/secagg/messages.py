@@ -145,7 +145,10 @@ def b64(raw: bytes) -> str:
 
 
 def unb64(text: str, size: int | None = None) -> bytes:
-    raw = base64.b64decode(text, validate=True)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error: bad padding
+        raise SecAggAbort("bad_message", f"not base64: {exc}") from exc
     if size is not None and len(raw) != size:
         raise SecAggAbort("bad_message", f"{len(raw)} bytes where {size} belong")
     return raw
