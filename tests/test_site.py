@@ -209,6 +209,12 @@ def test_a_site_weighs_each_local_update_by_its_staleness_when_the_buffer_is_com
     again = Site(mqtt_connector(BrokerConfig()), params, SiteConfig("site-a", Topics(), buffer_size=2,
                                                                     state_dir=tmp_path))
     assert again.pending == site.pending and upstream in again.outbox  # from the ledger and the outbox on disk
+    # A crash between recording the root's ack and deleting the outbox copy: the copy is not sent again.
+    again._record({"acked": upstream, "ack": {"status": "accepted", "version": 9}})
+    third = Site(mqtt_connector(BrokerConfig()), params, SiteConfig("site-a", Topics(), buffer_size=2,
+                                                                    state_dir=tmp_path))
+    assert third.pending == {} and upstream not in third.outbox
+    assert third.answered[("d1", "u-d1")].status == "accepted" and third.answered[("d2", "u-d2")].version == 9
 
 
 def test_an_update_on_a_version_the_site_has_not_seen_yet_waits_for_it(tmp_path: Path) -> None:

@@ -123,6 +123,8 @@ class Site(Service):
             if "members" in r:
                 members[r["id"]] = [(str(a), str(u), int(b)) for a, u, b in r["members"]]
             elif "acked" in r:
+                if r["acked"] in self.outbox:  # the crash came between the ledger and the outbox's delete
+                    del self.outbox[r["acked"]]
                 ack = r["ack"]
                 for agent, update_id, _ in members.pop(r["acked"], []):
                     self.answered[(agent, update_id)] = Ack(update_id=update_id, status=ack["status"],
