@@ -228,3 +228,19 @@ def test_an_update_on_a_version_the_site_has_not_seen_yet_waits_for_it(tmp_path:
     assert site.local_rejected == 0 and not site.outbox and len(site.early) == 1
     site._on_model(codec.encode_model(params, 5))
     assert site.early == [] and len(site.outbox) == 1  # combined (K = 1) once the site is at version 5
+
+
+def test_a_site_follows_a_new_epoch_of_the_root() -> None:
+    """A root restored from an older backup starts a new epoch with lower versions: the site counts from them,
+    instead of judging its devices' updates against the old epoch's higher version."""
+    params = {"w": np.zeros(3, np.float32)}
+    site = Site(mqtt_connector(BrokerConfig()), params, SiteConfig("site-a", Topics(), buffer_size=1))
+    site._on_model(codec.encode_model(params, 80, extra={"fedmqtt.epoch": "old"}))
+    site._on_model(codec.encode_model(params, 3, extra={"fedmqtt.epoch": "new"}))
+    assert (site.epoch, site.version) == ("new", 3)
+    site._on_update("d1", codec.encode_update({"w": np.ones(3, np.float32)}, agent="d1", update_id="u1",
+                                              base_version=3, num_samples=5,
+                                              model_fingerprint=codec.fingerprint(params)))
+    assert site.local_rejected == 0 and len(site.outbox) == 1
+    site._on_model(codec.encode_model(params, 2, extra={"fedmqtt.epoch": "new"}))  # an older copy: ignored
+    assert site.version == 3

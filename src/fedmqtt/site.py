@@ -76,7 +76,8 @@ class Site(Service):
         super().__init__(f"site-{cfg.site_id}", connect)
         params = {k: np.asarray(v) for k, v in initial.items()}
         self.reference = validation.Reference.of(params)
-        self.version = -1  # the newest global version seen (-1: none yet)
+        self.version = -1  # the newest global version seen (-1: none yet) ...
+        self.epoch: str | None = None  # ... in this epoch of the root
         self.early: list[tuple[str, bytes]] = []  # updates on a version not seen here yet (bounded)
         self.seen = dedup.Seen()
         self.buffer: list[tuple[Member, dict[str, Array], int]] = []  # member, its delta, its sample count
@@ -171,16 +172,23 @@ class Site(Service):
 
     def _on_model(self, payload: bytes) -> None:
         try:
-            version = int(codec.header_metadata(codec.read_header(payload)[0])["fedmqtt.version"])
+            meta = codec.header_metadata(codec.read_header(payload)[0])
+            version, epoch = int(meta["fedmqtt.version"]), meta.get("fedmqtt.epoch", "")
         except (CodecError, KeyError, ValueError) as exc:
             log.warning("%s: unreadable global model: %s", self.name, exc)
             return
-        if version > self.version:  # a new epoch upstream is not followed (left for later)
+        if epoch != self.epoch:  # the root started afresh (a restored backup): its versions count anew
+            if self.epoch is not None:
+                log.warning("%s: new epoch upstream (%s, version %d): following it", self.name, epoch, version)
+            self.epoch, self.version, self.seen = epoch, version, dedup.Seen()
+        elif version > self.version:
             self.version = version
             self.seen = dedup.expire(self.seen, version - self.config.max_staleness)
-            early, self.early = self.early, []
-            for agent, payload in early:  # updates on this version that came before it reached the site
-                self._on_update(agent, payload)
+        else:
+            return
+        early, self.early = self.early, []
+        for agent, payload in early:  # updates on this version that came before it reached the site
+            self._on_update(agent, payload)
 
     def _on_update(self, agent: str, payload: bytes) -> None:
         if self.version < 0:
