@@ -52,14 +52,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from time_to_accuracy import machine  # benchmarks/ is on sys.path when a script in it runs
+from slow_links import cpu_seconds  # benchmarks/ is on sys.path when a script in it runs
+from time_to_accuracy import Curve, machine
 
 from fedmqtt import codec
 from fedmqtt.admission import AdmissionLimits
 from fedmqtt.agent import AgentConfig
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
-from fedmqtt.bridge import bridge_config
-from fedmqtt.broker import MosquittoProcess, has_mosquitto, repo_config
+from fedmqtt.bridge import bridged_brokers
+from fedmqtt.broker import has_mosquitto
 from fedmqtt.core import Limits
 from fedmqtt.errors import CodecError
 from fedmqtt.fleet import Fleet, FleetConfig, speed_factors
@@ -100,38 +101,6 @@ def strategy_of(spec: str) -> Strategy:
 
 
 # ---- brokers and counters -------------------------------------------------------------------------------
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.asynccontextmanager
-async def brokers(topics: Topics, sites: tuple[str, ...]) -> AsyncIterator[tuple[MosquittoProcess, dict[str, MosquittoProcess]]]:
-    """The root broker and one broker per site, bridged to the root (as tests/test_site.py starts them)."""
-    root = MosquittoProcess.prepare()
-    procs: dict[str, MosquittoProcess] = {}
-    dirs: list[Path] = []
-    try:
-        await root.start()
-        base = repo_config()
-        if base is None:
-            raise SystemExit("no mosquitto.conf at the project root")
-        for s in sites:
-            dirs.append(Path(tempfile.mkdtemp(prefix=f"fedmqtt-bench-{s}-")))
-            conf = dirs[-1] / "site.conf"
-            conf.write_text(base.read_text() + "\n" + bridge_config(s, topics, "127.0.0.1", root.port))
-            procs[s] = MosquittoProcess.prepare(config=conf)
-            await procs[s].start()
-        yield root, procs
-    finally:
-        for p in (root, *procs.values()):
-            p.kill()
-            shutil.rmtree(p.data_dir, ignore_errors=True)
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
-
-
 class Tally:
     """Payload bytes and messages, by the last topic level; with ``bases``, each update's base version."""
 
@@ -254,12 +223,12 @@ async def run_one(setup: str, strategy_spec: str, seed: int, task: Task, a: argp
     up, bridged = Tally(bases=True), {s: Tally() for s in SITES}
     arrivals: dict[tuple[str, str], int] = {}
     device_models = Tally()
-    curve: list[dict[str, Any]] = []
-    born: dict[int, tuple[float, int]] = {}
+    recorder = Curve()
+    curve = recorder.points
     state_root = Path(tempfile.mkdtemp(prefix="fedmqtt-bench-site-state-"))
     sites: dict[str, Site] = {}
     try:
-        async with brokers(topics, SITES if two_tier else ()) as (root, procs), contextlib.AsyncExitStack() as stack:
+        async with bridged_brokers(topics, SITES if two_tier else ()) as (root, procs), contextlib.AsyncExitStack() as stack:
             root_connect = mqtt_connector(root.config)
             await stack.enter_async_context(listening(root_connect, "bench-upstream-counter",
                                                       topics.updates_wildcard, up))
@@ -294,21 +263,14 @@ async def run_one(setup: str, strategy_spec: str, seed: int, task: Task, a: argp
                 broker_cpu0 = sum(cpu_seconds(pid) for pid in pids)
                 start: dict[str, Any] = {"up": up.snapshot(), "bridged": sum(t.bytes for t in bridged.values()),
                          "device_models": device_models.bytes}
-                born[agg.version] = (0.0, 0)
-                seen_eval: int | None = None
+                recorder.start(agg)
                 last_log = 0.0
                 while (now := time.monotonic() - t0) < a.seconds:
                     await asyncio.sleep(0.05)
-                    born.setdefault(agg.version, (now, agg.state.counters.accepted))
-                    if agg.evaluated_version is not None and agg.evaluated_version != seen_eval:
-                        seen_eval = agg.evaluated_version
-                        t_v, n_v = born.get(seen_eval, (now, agg.state.counters.accepted))
-                        curve.append({"t": round(t_v, 3), "t_eval": round(now, 3), "version": seen_eval,
-                                      "accepted": n_v, "accuracy": agg.eval.get("accuracy"),
-                                      "loss": agg.eval.get("loss")})
+                    recorder.tick(agg, now)
                     if now - last_log > 20:
                         last_log = now
-                        acc = curve[-1]["accuracy"] if curve else float("nan")
+                        acc = recorder.last_accuracy
                         local = sum(s.local_accepted for s in sites.values())
                         log(f"  [{setup} {strategy_spec} seed {seed}] {now:5.0f}s root v{agg.version} "
                             f"applied {agg.state.counters.accepted}" + (f", local {local}" if two_tier else "")

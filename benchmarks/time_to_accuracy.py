@@ -130,6 +130,31 @@ def build_task(name: str, agents: int, seed: int) -> Task:
     return get_task(name, seed=seed)
 
 
+class Curve:
+    """The aggregator's accuracy curve: each evaluated version with the time it first appeared and the
+    updates accepted by then. ``tick`` every few tens of milliseconds while the fleet runs."""
+
+    def __init__(self) -> None:
+        self.points: list[dict[str, Any]] = []
+        self.born: dict[int, tuple[float, int]] = {}  # version -> (seconds since start when first seen, accepted)
+        self._seen_eval: int | None = None
+
+    def start(self, agg: Aggregator) -> None:
+        self.born[agg.version] = (0.0, 0)
+
+    def tick(self, agg: Aggregator, now: float) -> None:
+        self.born.setdefault(agg.version, (now, agg.state.counters.accepted))
+        if agg.evaluated_version is not None and agg.evaluated_version != self._seen_eval:
+            self._seen_eval = agg.evaluated_version
+            t_v, n_v = self.born.get(self._seen_eval, (now, agg.state.counters.accepted))
+            self.points.append({"t": round(t_v, 3), "t_eval": round(now, 3), "version": self._seen_eval,
+                                "accepted": n_v, "accuracy": agg.eval.get("accuracy"), "loss": agg.eval.get("loss")})
+
+    @property
+    def last_accuracy(self) -> float:
+        return self.points[-1]["accuracy"] if self.points else float("nan")
+
+
 async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict[str, Any]:
     strategy = make(spec.strategy, **applicable(spec.strategy, alpha=spec.alpha, buffer_size=spec.buffer_size,
                                                 server_lr=spec.server_lr))
@@ -141,8 +166,8 @@ async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict
     agg_cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=spec.max_staleness),
                                eval_interval=spec.eval_interval,
                                timing=Timing(round_fraction=spec.round_fraction, round_deadline=spec.round_deadline))
-    curve: list[dict[str, Any]] = []
-    born: dict[int, tuple[float, int]] = {}  # version -> (seconds since start when first seen, accepted then)
+    recorder = Curve()
+    curve = recorder.points
     async with local_broker("mosquitto") as broker:
         connect = counting(mqtt_connector(broker.config), counter)
         async with Aggregator(connect, evaluator.initial, strategy, agg_cfg, evaluate=evaluate) as agg:
@@ -151,21 +176,14 @@ async def run_one(spec: RunSpec, task: Task, log: Callable[[str], None]) -> dict
             fleet.warm_up()
             async with fleet:
                 t0 = time.monotonic()
-                born[agg.version] = (0.0, 0)
-                seen_eval: int | None = None
+                recorder.start(agg)
                 last_log = 0.0
                 while (now := time.monotonic() - t0) < spec.seconds:
                     await asyncio.sleep(0.05)
-                    born.setdefault(agg.version, (now, agg.state.counters.accepted))
-                    if agg.evaluated_version is not None and agg.evaluated_version != seen_eval:
-                        seen_eval = agg.evaluated_version
-                        t_v, n_v = born.get(seen_eval, (now, agg.state.counters.accepted))
-                        curve.append({"t": round(t_v, 3), "t_eval": round(now, 3), "version": seen_eval,
-                                      "accepted": n_v, "accuracy": agg.eval.get("accuracy"),
-                                      "loss": agg.eval.get("loss")})
+                    recorder.tick(agg, now)
                     if now - last_log > 15:
                         last_log = now
-                        acc = curve[-1]["accuracy"] if curve else float("nan")
+                        acc = recorder.last_accuracy
                         log(f"  [{spec.strategy} seed {spec.seed}] {now:5.0f}s version {agg.version} "
                             f"accepted {agg.state.counters.accepted} accuracy {acc:.4f}")
                 sent, acks = fleet.updates_sent, fleet.acks

@@ -19,8 +19,9 @@ def cohort(k: int, degree: int | None = None, threshold: int | None = None, dim:
     return Cohort("epoch-1", 3, members, threshold or default_threshold(holders), degree, 1.0, 16, dim)
 
 
-def run(c: Cohort, inputs: dict[str, np.ndarray], drop_before_mask: set[str] = frozenset(),  # type: ignore[assignment]
-        drop_after_mask: set[str] = frozenset()) -> tuple[np.ndarray, tuple[str, ...]]:  # type: ignore[assignment]
+def through_sharing(c: Cohort, inputs: dict[str, np.ndarray]
+                    ) -> tuple[dict[str, Client], Server, dict[str, dict[str, bytes]]]:
+    """Every member's client, and the server, through keys, roster and shares: the boxes forwarded to each."""
     clients = {m: Client(m, c, inputs[m], np.random.default_rng(i)) for i, m in enumerate(c.members)}
     server = Server(c)
     for m, cl in clients.items():
@@ -28,7 +29,16 @@ def run(c: Cohort, inputs: dict[str, np.ndarray], drop_before_mask: set[str] = f
     roster = server.roster()
     for m in roster:
         server.add_shares(m, clients[m].share_keys(roster))
-    forwarded = server.forward()
+    return clients, server, server.forward()
+
+
+def zeros(c: Cohort) -> dict[str, np.ndarray]:
+    return {m: np.zeros(c.dim, np.float32) for m in c.members}
+
+
+def run(c: Cohort, inputs: dict[str, np.ndarray], drop_before_mask: set[str] = frozenset(),  # type: ignore[assignment]
+        drop_after_mask: set[str] = frozenset()) -> tuple[np.ndarray, tuple[str, ...]]:  # type: ignore[assignment]
+    clients, server, forwarded = through_sharing(c, inputs)
     for m, boxes in forwarded.items():
         if m not in drop_before_mask:
             server.add_masked(m, clients[m].masked_input(boxes))
@@ -76,14 +86,8 @@ def test_a_single_masked_input_is_indistinguishable_from_uniform_noise() -> None
     c = cohort(6, dim=200_000)
     xs = inputs_for(c)
     xs["d000"] = np.full(c.dim, 0.7, np.float32)  # as far from noise as an input gets
-    clients = {m: Client(m, c, xs[m]) for m in c.members}
-    server = Server(c)
-    for m, cl in clients.items():
-        server.add_keys(m, *cl.public_keys())
-    roster = server.roster()
-    for m in roster:
-        server.add_shares(m, clients[m].share_keys(roster))
-    masked = clients["d000"].masked_input(server.forward()["d000"])
+    clients, _, forwarded = through_sharing(c, xs)
+    masked = clients["d000"].masked_input(forwarded["d000"])
     # 255 degrees of freedom: the 99.9th percentile of chi-square is 330; the plain encoding is at ~10^7
     assert chi_square_uniform(masked) < 330
     plain = field.encode(xs["d000"], 1.0, 16, np.random.default_rng(0)) << np.uint32(16)
@@ -123,14 +127,8 @@ def test_below_the_threshold_the_step_is_abandoned_and_nothing_is_unmasked() -> 
 
 def test_a_member_never_reveals_both_kinds_of_shares_of_another() -> None:
     c = cohort(6)
-    clients = {m: Client(m, c, np.zeros(c.dim, np.float32)) for m in c.members}
-    server = Server(c)
-    for m, cl in clients.items():
-        server.add_keys(m, *cl.public_keys())
-    roster = server.roster()
-    for m in roster:
-        server.add_shares(m, clients[m].share_keys(roster))
-    for m, boxes in server.forward().items():
+    clients, _, forwarded = through_sharing(c, zeros(c))
+    for m, boxes in forwarded.items():
         clients[m].masked_input(boxes)
     me = clients["d000"]
     everyone = list(c.members)
@@ -159,14 +157,8 @@ def test_a_server_takes_no_reveal_with_both_kinds_for_one_member() -> None:
 
 def test_a_tampered_share_is_refused() -> None:
     c = cohort(4, threshold=3)
-    clients = {m: Client(m, c, np.zeros(c.dim, np.float32)) for m in c.members}
-    server = Server(c)
-    for m, cl in clients.items():
-        server.add_keys(m, *cl.public_keys())
-    roster = server.roster()
-    for m in roster:
-        server.add_shares(m, clients[m].share_keys(roster))
-    boxes = dict(server.forward()["d000"])
+    clients, _, forwarded = through_sharing(c, zeros(c))
+    boxes = dict(forwarded["d000"])
     boxes["d001"] = boxes["d001"][:-1] + bytes([boxes["d001"][-1] ^ 1])
     with pytest.raises(SecAggAbort, match="does not decrypt"):
         clients["d000"].masked_input(boxes)
@@ -203,14 +195,8 @@ def test_with_dp_each_member_clips_its_weighted_update_to_the_norm() -> None:
 
 def test_a_wrong_share_in_a_reveal_abandons_the_step_instead_of_failing_the_server() -> None:
     c = cohort(4, threshold=3)
-    clients = {m: Client(m, c, np.zeros(c.dim, np.float32)) for m in c.members}
-    server = Server(c)
-    for m, cl in clients.items():
-        server.add_keys(m, *cl.public_keys())
-    roster = server.roster()
-    for m in roster:
-        server.add_shares(m, clients[m].share_keys(roster))
-    for m, boxes in server.forward().items():
+    clients, server, forwarded = through_sharing(c, zeros(c))
+    for m, boxes in forwarded.items():
         server.add_masked(m, clients[m].masked_input(boxes))
     survivors = server.survivors()
     for m in survivors:

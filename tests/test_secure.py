@@ -168,7 +168,7 @@ async def test_with_central_dp_the_unmasked_sum_gets_the_calibrated_noise_and_ep
 async def test_an_update_with_nan_is_settled_on_the_device_not_offered(broker: BrokerConfig, federation: str) -> None:
     topics = Topics(federation=federation)
     refused: list[tuple[str, str]] = []
-    mem = SecureMember("m0", topics, {}.get, refuse=lambda uid, reason, _: refused.append((uid, reason)))
+    mem = SecureMember("m0", topics, {}.get, settle=lambda ack: refused.append((ack.update_id, ack.reason)))
     offers = Inbox()
     async with mqtt_connector(broker)(ConnectOptions(f"nan-{federation}"[:60], on_message=offers)) as t:
         await t.subscribe(f"{topics.base}/secagg/+/ready", qos=1)

@@ -7,11 +7,9 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,8 +20,8 @@ from fedmqtt import codec
 from fedmqtt.admission import AdmissionLimits
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
-from fedmqtt.bridge import bridge_config
-from fedmqtt.broker import MosquittoProcess, has_mosquitto, repo_config
+from fedmqtt.bridge import bridged_brokers
+from fedmqtt.broker import MosquittoProcess, has_mosquitto
 from fedmqtt.core import Limits
 from fedmqtt.schemas import Ack
 from fedmqtt.site import Site, SiteConfig
@@ -41,22 +39,8 @@ async def brokers(topics: Topics, sites: tuple[str, ...]) -> AsyncIterator[tuple
     """The root broker and one bridged broker per site."""
     if not has_mosquitto():
         pytest.skip("no mosquitto binary")
-    root = MosquittoProcess.prepare()
-    await root.start()
-    procs = {}
-    try:
-        base = repo_config()
-        assert base is not None
-        for s in sites:
-            conf = Path(tempfile.mkdtemp(prefix=f"fedmqtt-{s}-")) / "site.conf"
-            conf.write_text(base.read_text() + "\n" + bridge_config(s, topics, "127.0.0.1", root.port))
-            procs[s] = MosquittoProcess.prepare(config=conf)
-            await procs[s].start()
-        yield root, procs
-    finally:
-        for p in (root, *procs.values()):
-            p.kill()
-            shutil.rmtree(p.data_dir, ignore_errors=True)
+    async with bridged_brokers(topics, sites) as brokers:
+        yield brokers
 
 
 def root_limits(sites: tuple[str, ...]) -> Limits:

@@ -38,7 +38,7 @@ from fedmqtt.privacy import ClientPrivacy
 from fedmqtt.schemas import Ack, Status, dump
 from fedmqtt.secure_member import SecureMember
 from fedmqtt.service import Loop, Service
-from fedmqtt.training import Trainer
+from fedmqtt.training import Trainer, delta_of
 from fedmqtt.transport import ConnectOptions, Connector, Message, Transport, Will
 from fedmqtt.types import Array, check_id
 
@@ -100,7 +100,7 @@ class EdgeAgent(Service):
         self._form_seen = form == "float32"  # the aggregator publishes the chosen form (seen once)
         self._spec = {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in trainer.initial.items()}
         self.secure = (SecureMember(self.agent_id, self.topics, lambda u: p.payload if (p := self.outbox.get(u))
-                                    else None, refuse=self._refused_here) if self.config.secure else None)
+                                    else None, settle=self._settle) if self.config.secure else None)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def loops(self) -> dict[str, Loop]:
@@ -206,19 +206,20 @@ class EdgeAgent(Service):
             log.error("%s: %s", self.agent_id, self.error)
             return
         self.models_received += 1
-        held = self.model.info if self.model else None
-        # Within one epoch versions only grow (an older retained copy is ignored); a new epoch means the
-        # aggregator started afresh and its version counter restarted.
-        if held is None or info.epoch != held.epoch or info.version >= held.version:
+        if global_model.supersedes(info, self.model.info if self.model else None):
             self.model = GlobalModel(info, tensors)
             self._fresh = True
             self._model_changed.set()
 
     def _on_ack_message(self, payload: bytes) -> None:
         try:
-            ack = Ack.model_validate_json(payload)
+            self._settle(Ack.model_validate_json(payload))
         except ValueError:
             return
+
+    def _settle(self, ack: Ack) -> None:
+        """What an ack means for the outbox, the counters and the pace (from the aggregator, or from the secure
+        member refusing to offer an update)."""
         self._watch_base(ack)
         pending = self.outbox.pop(ack.update_id, None)
         if pending is None and ack.update_id:
@@ -237,12 +238,6 @@ class EdgeAgent(Service):
             log.warning("%s: update %s rejected: %s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
         if self._on_ack:
             self._on_ack(ack)
-
-    def _refused_here(self, update_id: str, reason: str, detail: str) -> None:
-        """Settle an update that cannot be sent (secure aggregation checks it first), as the aggregator would."""
-        version = self.model.info.version if self.model else 0
-        self._on_ack_message(dump(Ack(update_id=update_id, status="rejected", version=version, reason=reason,
-                                      detail=detail)))
 
     def _watch_base(self, ack: Ack) -> None:
         """Updates refused as ``future_base`` again and again mean the model held is not the aggregator's
@@ -403,8 +398,3 @@ class EdgeAgent(Service):
             for update_id, pending in list(self.outbox.items()):
                 if now - pending.sent_at > self.config.ack_timeout:
                     await self._send(update_id, pending.payload)
-
-
-def delta_of(new: dict[str, Array], base: dict[str, Array]) -> dict[str, Array]:
-    """new - base, per tensor, in the base dtype."""
-    return {k: np.subtract(new[k], base[k], dtype=base[k].dtype) for k in new}

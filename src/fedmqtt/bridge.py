@@ -22,6 +22,14 @@ connection fedmqtt-site-a
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fedmqtt.broker import MosquittoProcess, repo_config
+from fedmqtt.errors import ConfigError
 from fedmqtt.topics import Topics
 from fedmqtt.types import check_id
 
@@ -55,3 +63,28 @@ def bridge_config(site: str, topics: Topics, host: str, port: int, *, cafile: st
     if password is not None:
         lines.append(f"remote_password {password}")
     return "\n".join(lines) + "\n"
+
+
+@contextlib.asynccontextmanager
+async def bridged_brokers(topics: Topics, sites: tuple[str, ...]
+                          ) -> AsyncIterator[tuple[MosquittoProcess, dict[str, MosquittoProcess]]]:
+    """A root Mosquitto and one per site bridged to it, each from the repo's mosquitto.conf on a free loopback
+    port, all on this machine (tests and benchmarks of two tiers); killed and removed on the way out."""
+    base = repo_config()
+    if base is None:
+        raise ConfigError("no mosquitto.conf at the project root")
+    root = MosquittoProcess.prepare()
+    procs: dict[str, MosquittoProcess] = {}
+    try:
+        await root.start()
+        for s in sites:
+            with tempfile.TemporaryDirectory(prefix=f"fedmqtt-{s}-") as d:
+                conf = Path(d) / "site.conf"
+                conf.write_text(base.read_text() + "\n" + bridge_config(s, topics, "127.0.0.1", root.port))
+                procs[s] = MosquittoProcess.prepare(config=conf)  # the config is copied into its data dir
+            await procs[s].start()
+        yield root, procs
+    finally:
+        for p in (root, *procs.values()):
+            p.kill()
+            shutil.rmtree(p.data_dir, ignore_errors=True)

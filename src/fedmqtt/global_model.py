@@ -56,3 +56,9 @@ def accept(payload: bytes, fingerprint: str, spec: compression.Spec, model_key: 
     if not all(np.isfinite(t).all() for t in tensors.values() if t.dtype.kind == "f"):
         raise IncompatibleModel("the global model holds NaN or Inf")
     return info, tensors
+
+
+def supersedes(info: ModelInfo, held: ModelInfo | None) -> bool:
+    """Whether a received model replaces the one held: within one epoch versions only grow (an older retained
+    copy is ignored); a new epoch means the aggregator started afresh and its version counter restarted."""
+    return held is None or info.epoch != held.epoch or info.version >= held.version

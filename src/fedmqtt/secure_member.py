@@ -16,7 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 from fedmqtt import codec
-from fedmqtt.errors import CodecError, SecAggAbort, TransportError
+from fedmqtt.errors import CodecError, Reason, SecAggAbort, TransportError
+from fedmqtt.schemas import Ack
 from fedmqtt.secagg import Client
 from fedmqtt.secagg import messages as m
 from fedmqtt.topics import Topics
@@ -27,10 +28,10 @@ log = logging.getLogger("fedmqtt.secure")
 
 class SecureMember:
     def __init__(self, agent_id: str, topics: Topics, pending: Callable[[str], bytes | None],
-                 min_members: int = 3, refuse: Callable[[str, str, str], None] | None = None) -> None:
+                 min_members: int = 3, settle: Callable[[Ack], None] | None = None) -> None:
         self.agent_id, self.topics = agent_id, topics
         self.min_members = min_members  # a smaller cohort's sum would tell too much about each member
-        self._refuse = refuse  # settles an update that cannot be offered: (update id, reason, detail)
+        self._settle = settle  # settles an update that cannot be offered, with the ack the aggregator would send
         self.topic = f"{topics.base}/agents/{agent_id}/secagg"
         self._pending = pending  # update id -> its payload while it is unacknowledged (the outbox)
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
@@ -39,7 +40,7 @@ class SecureMember:
         self._declined: tuple[str, str] | None = None  # (step, update id) of a cohort refused as too small
         self.steps_done = 0
         self.refused: dict[str, int] = {}
-        self.dropped = 0  # messages from the aggregator dropped (inbox full, or malformed)
+        self.dropped = 0  # messages from the aggregator dropped because the inbox was full
 
     def _out(self, kind: str) -> str:
         return f"{self.topics.base}/secagg/{self.agent_id}/{kind}"
@@ -49,12 +50,13 @@ class SecureMember:
         if update_id == self.update_id:
             return
         decoded = codec.decode(payload)
+        info = decoded.metadata
         if not all(np.isfinite(v).all() for v in decoded.tensors.values()):  # as the plain path refuses it
             log.error("%s: update %s holds NaN or Inf: not offered", self.agent_id, update_id)
-            if self._refuse is not None:
-                self._refuse(update_id, "non_finite", "the update holds NaN or Inf")
+            if self._settle is not None:
+                self._settle(Ack(update_id=update_id, status="rejected", version=int(info["fedmqtt.base_version"]),
+                                 reason=Reason.NON_FINITE.value, detail="the update holds NaN or Inf"))
             return
-        info = decoded.metadata
         ready = m.Ready(update_id=update_id, base_version=int(info["fedmqtt.base_version"]),
                         num_samples=int(info.get("fedmqtt.num_samples", "0")),
                         dim=sum(int(np.size(v)) for v in decoded.tensors.values()))

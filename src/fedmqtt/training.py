@@ -123,3 +123,8 @@ class Trainer:
         """A fresh module holding ``flat``, for inference on the device."""
         module: nnx.Module = nnx.merge(self.graphdef, self._state_of(flat), self.rest)
         return module
+
+
+def delta_of(new: dict[str, Array], base: dict[str, Array]) -> dict[str, Array]:
+    """new - base, per tensor, in the base dtype."""
+    return {k: np.subtract(new[k], base[k], dtype=base[k].dtype) for k in new}
