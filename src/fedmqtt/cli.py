@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,13 +21,22 @@ from rich.markup import escape
 from fedmqtt import __version__
 from fedmqtt.broker_cli import broker_app
 from fedmqtt.choices import BROKER_KINDS, PARTITIONS, STRATEGIES, check_choice, check_task, parse_list, parse_tags
-from fedmqtt.cli_config import print_config
-from fedmqtt.cli_options import BrokerOpt, ConfigOpt, FedOpt, PrefixOpt, PrintConfigOpt, TaskOpt, VerboseOpt
+from fedmqtt.cli_options import (
+    BrokerOpt,
+    ConfigOpt,
+    FedOpt,
+    PrefixOpt,
+    PrintConfigOpt,
+    TaskOpt,
+    VerboseOpt,
+    check_broker_url,
+    check_names,
+    print_config_and_exit,
+)
 from fedmqtt.cli_run import err, fail, run, setup_logging
 from fedmqtt.errors import ConfigError, FedMQTTError
 from fedmqtt.site_cli import site as site_command
-from fedmqtt.topics import Topics, check_federation, check_segment
-from fedmqtt.types import check_id
+from fedmqtt.topics import Topics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Asynchronous federated learning over MQTT.")
@@ -45,24 +54,6 @@ def _version(value: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
     """Asynchronous federated learning over MQTT."""
-
-
-def _names(agent_id: str | None, prefix: str, federation: str) -> None:
-    """Ids and topic levels, checked; a bad one is a ConfigError."""
-    try:
-        if agent_id is not None:
-            check_id(agent_id, "agent id")
-        check_segment(prefix, "prefix")
-        check_federation(federation)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _broker_url(url: str) -> str:
-    from fedmqtt.transport import BrokerConfig
-
-    BrokerConfig.from_url(url)
-    return url
 
 
 # ---- demo ---------------------------------------------------------------------------------------------------
@@ -95,7 +86,7 @@ def demo(
     if not broker.startswith(("mqtt://", "mqtts://")):
         check_choice(broker, BROKER_KINDS, "broker kind (or give an mqtt:// URL)")
     else:
-        _broker_url(broker)
+        check_broker_url(broker)
     from fedmqtt.demo import run_demo
     from fedmqtt.recording import Recorder
     from fedmqtt.schemas import Metrics
@@ -206,12 +197,12 @@ def aggregator(
     settings = {k: v for k, v in locals().items() if k != "print_config"}
     check_choice(strategy, STRATEGIES, "strategy")
     check_task(task)
-    _broker_url(broker)
-    _names(None, prefix, federation)
+    check_broker_url(broker)
+    check_names(None, prefix, federation)
     if ephemeral and state_dir:
         raise typer.BadParameter("--ephemeral keeps no state; drop --state-dir or --ephemeral")
     for site_id in parse_list(sites):
-        _names(site_id, prefix, federation)
+        check_names(site_id, prefix, federation)
     if secure and strategy != "fedbuff":
         raise typer.BadParameter("--secure runs FedBuff steps: give --strategy fedbuff")
     if init_model is not None and not init_model.is_file():
@@ -279,11 +270,11 @@ def edge(
     if not agent_id:
         raise ConfigError("no agent id (give --agent-id or FEDMQTT_AGENT_ID; `broker init` writes it into "
                           "each device's env file)")
-    _names(agent_id, prefix, federation)
+    check_names(agent_id, prefix, federation)
     for name in (task, *parse_list(tasks)):
         check_task(name)
     parse_tags(tags)
-    _broker_url(broker)
+    check_broker_url(broker)
     check_choice(model_delivery, ("pull", "push"), "model delivery")
     check_choice(model_download, ("float32", "float16", "int8"), "model download")
     from fedmqtt.compression import Compression
@@ -295,11 +286,6 @@ def edge(
 
     setup_logging(verbose, services=True)
     run_edge(settings)
-
-
-def print_config_and_exit(settings: dict[str, Any]) -> None:
-    print_config(settings)
-    raise typer.Exit()
 
 
 # ---- coordinator --------------------------------------------------------------------------------------------
@@ -329,8 +315,8 @@ def coordinator(
     """Assign agents to federations and settings from their capabilities (protocol 1.1), for every federation
     under a prefix."""
     settings = {k: v for k, v in locals().items() if k != "print_config"}
-    _broker_url(broker)
-    _names(None, prefix, "default")
+    check_broker_url(broker)
+    check_names(None, prefix, "default")
     from fedmqtt.allocation import make as make_policy
     from fedmqtt.coordinator_cli import parse_federations, run_coordinator
 
@@ -357,7 +343,7 @@ def watch(
         help="also write the metrics into this directory (metrics.csv); `fedmqtt report` plots it")] = None,
 ) -> None:
     """Follow the metrics and agents' presence live; reconnects when the broker goes away."""
-    _broker_url(broker)
+    check_broker_url(broker)
     from fedmqtt.recording import Recorder
     from fedmqtt.watch import watch as run_watch
 

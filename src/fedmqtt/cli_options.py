@@ -1,13 +1,16 @@
-"""The options several commands share (their types, defaults and help), for cli.py."""
+"""The options several commands share (their types, defaults and help) and the checks they share."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from fedmqtt.cli_config import CONFIG_HELP, load_config
+from fedmqtt.cli_config import CONFIG_HELP, load_config, print_config
+from fedmqtt.errors import ConfigError
+from fedmqtt.topics import check_federation, check_segment
+from fedmqtt.types import check_id
 
 BrokerOpt = Annotated[str, typer.Option(envvar="FEDMQTT_BROKER_URL",
                                         help="mqtt://HOST:PORT or mqtts://HOST:PORT; credentials and TLS "
@@ -21,3 +24,26 @@ PrintConfigOpt = Annotated[bool, typer.Option(help="print the settings this comm
 VerboseOpt = Annotated[bool, typer.Option(help="log everything (DEBUG); without it the services log connections "
                                                "and status lines, the demo only errors")]
 
+
+
+def check_names(agent_id: str | None, prefix: str, federation: str) -> None:
+    """Ids and topic levels, checked; a bad one is a ConfigError."""
+    try:
+        if agent_id is not None:
+            check_id(agent_id, "agent id")
+        check_segment(prefix, "prefix")
+        check_federation(federation)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def check_broker_url(url: str) -> str:
+    from fedmqtt.transport import BrokerConfig
+
+    BrokerConfig.from_url(url)
+    return url
+
+
+def print_config_and_exit(settings: dict[str, Any]) -> NoReturn:
+    print_config(settings)
+    raise typer.Exit()

@@ -9,11 +9,18 @@ from typing import Annotated
 import typer
 
 from fedmqtt.choices import check_task
-from fedmqtt.cli_options import BrokerOpt, ConfigOpt, FedOpt, PrefixOpt, TaskOpt, VerboseOpt
+from fedmqtt.cli_options import (
+    BrokerOpt,
+    ConfigOpt,
+    FedOpt,
+    PrefixOpt,
+    TaskOpt,
+    VerboseOpt,
+    check_broker_url,
+    check_names,
+)
 from fedmqtt.cli_run import err, run, serve, setup_logging
-from fedmqtt.errors import ConfigError
 from fedmqtt.topics import Topics
-from fedmqtt.types import check_id
 
 
 def site(
@@ -34,12 +41,10 @@ def site(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a site aggregator: combine the site's device updates, K into one, and send them upstream."""
-    try:
-        check_id(site_id or "", "site id")
-        topics = Topics(prefix, federation)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    check_names(site_id, prefix, federation)
+    check_broker_url(broker)
     check_task(task)
+    topics = Topics(prefix, federation)
     setup_logging(verbose, services=True)
     from fedmqtt.site import Site, SiteConfig
     from fedmqtt.tasks import get_task
