@@ -4,13 +4,14 @@ FedBuff; the accountant's ε; client DP end to end through an in-memory broker."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmqtt import codec, core
+from fedmqtt import codec, core, snapshot
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator
 from fedmqtt.core import Limits
@@ -270,7 +271,8 @@ def test_central_dp_holds_an_agents_second_update_in_a_step_and_reports_epsilon(
     assert state.gate.held == () and state.counters.accepted == 3
     report = strategy.report(state.strategy)
     assert report["dp_steps"] == 1
-    assert report["dp_epsilon"] == pytest.approx(epsilon(1.5, 1, 1e-5))
+    # replace-one adjacency: a step's sum moves by up to 2C, so the accountant's multiplier is 1.5 / 2
+    assert report["dp_epsilon"] == pytest.approx(epsilon(0.75, 1, 1e-5))
 
 
 def test_aggregator_metrics_report_epsilon() -> None:
@@ -284,14 +286,64 @@ def test_aggregator_metrics_report_epsilon() -> None:
     agg.handle("a0", _update(initial, "a0", "held", agg.version))  # a0's second update in step 4: held
     m = agg.metrics().model_dump()
     assert (m["accepted"], m["held"], m["rejected"]) == (7, 1, 0)
-    assert m["dp_steps"] == 3
-    assert m["dp_epsilon"] == pytest.approx(epsilon(1.5, 3, 1e-5))
-    assert m["dp_epsilon"] > epsilon(1.5, 2, 1e-5) > 0
+    assert m["dp_steps"] == 3 and m["dp_participations"] == 3  # both agents are in every step
+    assert m["dp_epsilon"] == pytest.approx(epsilon(0.75, 3, 1e-5))
+    assert m["dp_epsilon"] > epsilon(0.75, 2, 1e-5) > 0
     assert m["dp_delta"] == 1e-5
-    assert m["dp_noise_multiplier"] == 1.5
+    assert m["dp_noise_multiplier"] == 0.75 and m["dp_adjacency"] == "replace"
     # Aggregates only: no field holds an array, a list of samples or an update's values.
     assert all(not isinstance(v, list | tuple) for v in m.values())
     assert len(json.dumps(m)) < 2000
+
+
+def test_epsilon_charges_the_steps_of_the_most_charged_device_not_every_step() -> None:
+    task = get_task("digits", num_clients=2, seed=0)
+    initial = task.trainer(0).initial
+    agg = Aggregator(MemoryBroker().connect, initial, fedbuff(buffer_size=2, dp=CentralDP(clip=1.0, noise=1.5)))
+    for i in range(8):  # four agents in turn: each is in one step of four... and then a0 again
+        agg.handle(f"a{i % 4}", _update(initial, f"a{i % 4}", f"u{i}", agg.version))
+    m = agg.metrics().model_dump()
+    assert (m["dp_steps"], m["dp_participations"]) == (4, 2)
+    assert m["dp_epsilon"] == pytest.approx(epsilon(0.75, 2, 1e-5)) and m["dp_epsilon"] < epsilon(0.75, 4, 1e-5)
+
+
+def test_the_participation_counts_survive_a_snapshot(tmp_path: Path) -> None:
+    params = {"w": np.zeros(4, np.float32)}
+    strategy = fedbuff(buffer_size=2, dp=CentralDP(clip=1.0, noise=1.5))
+    r = core.rules(strategy, params, Limits())
+    state = core.init(r, params, epoch="t")
+    for i, agent in enumerate(["a", "b", "a", "c", "a", "b"]):
+        state, _ = core.receive(state, agent, _update(params, agent, f"u{i}", state.version), r)
+    assert dict(state.gate.taken) == {"a": 3, "b": 2, "c": 1} and state.gate.most_taken() == 3
+    snapshot.write(tmp_path, state, r, seq=1)
+    restored = snapshot.read(tmp_path, r, "t")
+    assert restored is not None and dict(restored[1].gate.taken) == {"a": 3, "b": 2, "c": 1}
+
+
+def test_zero_out_adjacency_and_adaptive_clipping_change_the_multiplier() -> None:
+    assert CentralDP(1.0, 3.0, adjacency="zero-out").multiplier() == 3.0
+    assert CentralDP(1.0, 3.0).multiplier() == 1.5
+    both = CentralDP(1.0, 3.0, quantile=0.5, count_noise=2.0).multiplier()
+    assert both == pytest.approx((1.5 ** -2 + 2.0 ** -2) ** -0.5) and both < 1.5  # the count costs privacy too
+    for bad in (CentralDP(1.0, 1.0, adjacency="add-remove"), CentralDP(1.0, 1.0, quantile=0.5),
+                CentralDP(1.0, 1.0, quantile=1.5, count_noise=1.0)):
+        with pytest.raises(ValueError, match=r"adjacency|adaptive clipping"):
+            bad.check()
+
+
+@pytest.mark.parametrize("start", [0.05, 20.0])
+def test_adaptive_clipping_moves_the_clip_to_the_quantile_of_the_norms(start: float) -> None:
+    rng = np.random.default_rng(0)
+    norms = rng.uniform(1.0, 3.0, 4000)  # median 2.0
+    dp = CentralDP(clip=start, noise=0.0, quantile=0.5, clip_lr=0.2, count_noise=0.5)
+    s = fedbuff(buffer_size=20, dp=dp)
+    params = {"w": jnp.zeros(3)}
+    state = s.init(params)
+    for n in norms:
+        d = rng.normal(size=3)
+        params, state, _ = s.apply(params, ClientUpdate({"w": jnp.asarray(d / np.linalg.norm(d) * n)}, 0, 1), state)
+    assert float(state.clip) == pytest.approx(2.0, rel=0.15)
+    assert s.report is not None and s.report(state)["dp_clip"] == pytest.approx(float(state.clip))
 
 
 def test_metrics_without_dp_carry_no_epsilon() -> None:

@@ -8,8 +8,7 @@ published as the retained model. Timers call ``core.flush`` when a sync round or
 Lifecycle (service.py): ``async with Aggregator(...) as agg: ...`` or ``await agg.run()``. Named loops:
 ``connection`` (subscribe to updates and presence; reconnects with jittered backoff), ``publisher`` (model +
 metrics), ``acks``, ``committer`` and ``snapshotter`` (the store), ``evaluator`` and ``steps`` (sync rounds,
-overdue partial steps). Republishes coalesce: at most one model publish is in
-flight; updates applied meanwhile fold into the next, which always carries the newest committed version;
+overdue partial steps). Republishes coalesce: one model publish at a time, carrying the newest committed version;
 ``publish_interval`` (50 ms) and ``metrics_interval`` (0.5 s) cap how often the model and the metrics go out.
 """
 
@@ -95,14 +94,12 @@ class Aggregator(Service):
         self.acks_dropped = 0
         self._acks: asyncio.Queue[Reply] = asyncio.Queue(maxsize=cfg.max_queued)
         self._dirty = asyncio.Event()
-        self._published_version = -1
-        self._rate: deque[float] = deque(maxlen=256)
+        self._published_version, self._rate = -1, deque[float](maxlen=256)
         self._step_started = time.monotonic()
-        self._own: deque[tuple[int, str]] = deque(maxlen=32)  # (version, epoch) of recent model publishes
-        self.models_restored = 0  # foreign models found on the model topic and replaced by ours
+        self._own: deque[bytes] = deque(maxlen=32)  # digests of recent model publishes (ownership.digest)
+        self.models_restored = self.retained_cleared = 0  # foreign models replaced; retained updates cleared
         self._to_clear: set[str] = set()  # update topics holding a retained message, to be cleared
         self._clearing: set[str] = set()  # cleared, their empty message not yet seen
-        self.retained_cleared = 0
         self.handling = Durations()  # the time each update took here (not counting the journal's fsync)
 
     # ---- reading the state ------------------------------------------------------------------------------
@@ -141,7 +138,8 @@ class Aggregator(Service):
         now = time.monotonic()
         recent = [t for t in self._rate if now - t < 10.0]
         span = now - recent[0] if len(recent) > 1 else 0.0
-        report = self.strategy.report(self.committed.strategy) if self.strategy.report is not None else {}
+        report = (self.strategy.report(self.committed.strategy, self.committed.gate.most_taken())
+                  if self.strategy.report is not None else {})
         return Metrics(
             version=self.committed_version, accepted=c.accepted, rejected=sum(c.rejected.values()),
             rejected_by_reason=dict(c.rejected), strategy=self.strategy.name, accuracy=self.eval.get("accuracy"),
@@ -151,7 +149,8 @@ class Aggregator(Service):
             staleness_hist={str(k): v for k, v in sorted(c.staleness.items())}, agents_online=len(self.presence),
             updates_per_s=(len(recent) - 1) / span if span > 0 else 0.0, ts=time.time(),
             dropped=self.acks_dropped + self.store.dropped + gate.dropped, held=len(gate.held),
-            retained_cleared=self.retained_cleared, models_restored=self.models_restored, **report)
+            retained_cleared=self.retained_cleared, models_restored=self.models_restored,
+            statuses_refused=self.presence.refused, **report)
 
     # ---- feeding the core -------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -216,10 +215,9 @@ class Aggregator(Service):
     def _on_model(self, msg: Message) -> None:
         """The model topic is ours alone: anything else there is replaced by our newest model; a model of our
         epoch above our version means our state is behind what was published: a new epoch (ownership.py)."""
-        c = self.committed
-        info = ownership.model_info(msg.payload, self.rules.reference.max_header)
-        verdict = ownership.judge_model(info, version=c.version, epoch=c.epoch, own=self._own,
-                                        restarted=not self._own)
+        c, info = self.committed, ownership.model_info(msg.payload, self.rules.reference.max_header)
+        verdict = ownership.judge_model(info, ownership.digest(msg.payload), version=c.version, epoch=c.epoch,
+                                        own=self._own, restarted=not self._own)
         if verdict == "ours":
             return
         if verdict == "behind":
@@ -232,7 +230,7 @@ class Aggregator(Service):
         if verdict != "old-own":
             log.warning("a model this aggregator did not publish was on %s: replacing it", msg.topic)
             self.models_restored += 1
-        self._published_version = -1
+        self._published_version = -1  # publish ours again (after a publish in flight, if any)
         self._dirty.set()
 
     def _on_message(self, msg: Message) -> None:
@@ -256,6 +254,7 @@ class Aggregator(Service):
             try:
                 state = Status.model_validate_json(msg.payload).state if msg.payload else "offline"
             except ValueError:
+                self.presence.refused += 1  # not a status: presence stays as it was
                 return
             self.presence.status(agent, state != "offline", time.monotonic())
 
@@ -345,11 +344,12 @@ class Aggregator(Service):
                     self.retained_cleared += 1
                 if self._published_version != self.committed_version:
                     version, payload = self.committed_version, self.model_payload()
-                    self._own.append((version, self.committed.epoch))
+                    self._own.append(ownership.digest(payload))
+                    self._published_version = -2  # until published; a foreign model seen meanwhile makes it -1
                     await t.publish(self.topics.model, payload, qos=1, retain=True)
                     for form in cfg.model_forms:
                         await t.publish(self.topics.model_form(form), self.model_payload(form), qos=1, retain=True)
-                    self._published_version = version
+                    self._published_version = version if self._published_version == -2 else -1  # -1: once more
                     self.changed()
                 if time.monotonic() - last_metrics >= cfg.metrics_interval:
                     await t.publish(self.topics.metrics, dump(self.metrics()), qos=1, retain=True)

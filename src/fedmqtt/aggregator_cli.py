@@ -91,7 +91,7 @@ def run_aggregator(s: dict[str, Any]) -> None:
         k = s["buffer_size"] or 10
         secure = SecureAggregation(mqtt_connector(BrokerConfig.from_url(s["broker"])), agg,
                                    SecureConfig(cohort_size=k, min_cohort=min(3, k), dp=secure_dp))
-        agg.rules = agg.rules._replace(strategy=strategy._replace(report=lambda _: secure.privacy()))
+        agg.rules = agg.rules._replace(strategy=strategy._replace(report=lambda *_: secure.privacy()))
         companions.append(secure)
         err.print(f"aggregator: secure aggregation, cohorts of {k} (edge agents need --secure)"
                   f"{', central DP on each unmasked sum' if secure_dp else ''}")

@@ -10,6 +10,11 @@ bounded: beyond ``max_held`` updates or ``max_held_bytes`` in all, or ``max_held
 more are not held and are counted in ``dropped`` (the agents re-send them after their ack timeout), so one
 device cannot crowd out the others.
 
+The gate also counts, per agent, the steps it contributed to (``taken``): a device's privacy loss under
+central DP accrues only in the steps that hold one of its updates (docs/security.md), so the accountant
+charges the most-charged device. Beyond ``MAX_TRACKED`` agents the counts stop (``untracked``) and the
+accountant falls back to charging every step to every device.
+
 Each held update remembers the version at which it arrived, so its staleness is judged as of its arrival.
 If fewer than K agents are active, a step can never fill with distinct agents; the aggregator then closes a
 partial step after ``step_deadline`` seconds.
@@ -24,7 +29,10 @@ partial step after ``step_deadline`` seconds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
+
+MAX_TRACKED = 100_000  # agents whose steps are counted; memory stays bounded under made-up agent ids
 
 
 class Held(NamedTuple):
@@ -44,6 +52,12 @@ class Gate(NamedTuple):
     in_step: frozenset[str] = frozenset()  # agents that contributed to the current step
     held: tuple[Held, ...] = ()  # in arrival order
     dropped: int = 0  # updates not held because a bound was reached
+    taken: Mapping[str, int] = {}  # steps each agent contributed to; never mutated (a new mapping per step)
+    untracked: bool = False  # an agent was not counted (MAX_TRACKED reached)
+
+    def most_taken(self) -> int | None:
+        """The most steps any one agent contributed to; None once an agent went uncounted."""
+        return None if self.untracked else max(self.taken.values(), default=0)
 
 
 def admits(gate: Gate, agent: str) -> bool:
@@ -70,8 +84,17 @@ def hold(gate: Gate, update: Held, limits: GateLimits) -> Gate:
 
 
 def advance(gate: Gate) -> Gate:
-    """A step was taken: every agent may contribute again."""
-    return gate._replace(in_step=frozenset())
+    """A step was taken: its agents' counts go up, and every agent may contribute again."""
+    if not gate.in_step:
+        return gate
+    taken = dict(gate.taken)
+    untracked = gate.untracked
+    for agent in gate.in_step:
+        if agent in taken or len(taken) < MAX_TRACKED:
+            taken[agent] = taken.get(agent, 0) + 1
+        else:
+            untracked = True
+    return gate._replace(in_step=frozenset(), taken=taken, untracked=untracked)
 
 
 def take_ready(gate: Gate) -> tuple[Gate, tuple[Held, ...]]:

@@ -116,29 +116,70 @@ def noise_for_epsilon(target: float, releases: int, delta: float = DELTA, sampli
 
 
 class CentralDP(NamedTuple):
-    """Central DP for FedBuff (``fedbuff(dp=CentralDP(1.0, 1.1))``): clip each delta to ``clip``, add
-    N(0, (noise·clip)²) to each buffered sum; ``seed`` seeds the noise, ε is reported at ``delta``."""
+    """Central DP for FedBuff (``fedbuff(dp=CentralDP(1.0, 4.0))``): clip each delta to ``clip``, add
+    N(0, (noise·clip)²) to each buffered sum; ``seed`` seeds the noise, ε is reported at ``delta``.
+
+    ``adjacency`` names the neighbouring data sets ε is stated for (docs/security.md): ``replace`` (one
+    device's data replaced by any other; sensitivity 2C per step it takes part in) or ``zero-out`` (one
+    device's deltas replaced by zeros; sensitivity C). ``quantile`` turns on adaptive clipping (Andrew et
+    al. 2021): after each step the clip moves towards the ``quantile`` of the deltas' norms,
+    C ← C·exp(-clip_lr·(b̃ - quantile)), b̃ the fraction of the buffer within C plus N(0, count_noise²)/K;
+    the noisy count costs privacy too, and the accountant's noise multiplier accounts for both."""
 
     clip: float
     noise: float = 0.0
     seed: int = 0
     delta: float = DELTA
+    adjacency: str = "replace"
+    quantile: float | None = None
+    clip_lr: float = 0.2
+    count_noise: float = 0.0
 
     def check(self) -> CentralDP:
         if not (self.clip > 0 and self.noise >= 0):  # also refuses NaN
             raise ValueError("central DP needs clip > 0 and noise >= 0")
+        if self.adjacency not in ADJACENCY:
+            raise ValueError(f"adjacency must be one of {', '.join(ADJACENCY)} (got {self.adjacency!r})")
+        if self.quantile is not None and not (0 < self.quantile < 1 and self.clip_lr > 0 and self.count_noise > 0):
+            raise ValueError("adaptive clipping needs 0 < quantile < 1, clip_lr > 0 and count_noise > 0 (the "
+                             "count of deltas within the clip is released, so it is noised as well)")
         return self
 
+    def multiplier(self) -> float:
+        """The noise multiplier the accountant charges per step a device takes part in: noise / sensitivity
+        in units of C (2 under ``replace``, 1 under ``zero-out``); with adaptive clipping the sum and the
+        count (sensitivity 1, noise ``count_noise``) are one Gaussian mechanism,
+        z = (sensitivity²/noise² + 1/count_noise²)^-½.
 
-def central_accountant(noise_multiplier: float, delta: float = DELTA, sampling_rate: float = 1.0
-                       ) -> Callable[[Any], Mapping[str, Any]]:
-    """A DP FedBuff strategy's ``report`` (set by ``fedbuff(dp=...)``): reads the number of noisy steps from
-    its state and returns the metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_steps``."""
+        >>> CentralDP(1.0, 4.0).multiplier(), CentralDP(1.0, 4.0, adjacency="zero-out").multiplier()
+        (2.0, 4.0)
+        """
+        base = self.noise / ADJACENCY[self.adjacency]
+        if self.quantile is None or base == 0:
+            return base
+        return float((base ** -2 + self.count_noise ** -2) ** -0.5)
 
-    def report(state: Any) -> Mapping[str, Any]:
+
+ADJACENCY = {"replace": 2.0, "zero-out": 1.0}  # sensitivity of a step's sum, in units of the clip C
+
+
+def central_accountant(dp: CentralDP) -> Callable[..., Mapping[str, Any]]:
+    """A DP FedBuff strategy's ``report`` (set by ``fedbuff(dp=...)``): ``report(state, participations)``
+    reads the number of noisy steps from the state and charges the most-charged device: ``participations``
+    (the most steps any one device contributed to, from the server's gate) when known, every step
+    otherwise. Returns the metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``,
+    ``dp_steps``, ``dp_participations``, ``dp_adjacency`` and, with adaptive clipping, ``dp_clip``."""
+    z = dp.multiplier()
+
+    def report(state: Any, participations: int | None = None) -> Mapping[str, Any]:
         steps = int(getattr(state, "dp_steps", 0) or 0)
-        return {"dp_epsilon": epsilon(noise_multiplier, steps, delta, sampling_rate), "dp_delta": delta,
-                "dp_noise_multiplier": noise_multiplier, "dp_steps": steps}
+        charged = steps if participations is None else min(participations, steps)
+        out: dict[str, Any] = {"dp_epsilon": epsilon(z, charged, dp.delta), "dp_delta": dp.delta,
+                               "dp_noise_multiplier": z, "dp_steps": steps, "dp_participations": charged,
+                               "dp_adjacency": dp.adjacency}
+        if dp.quantile is not None and getattr(state, "clip", None) is not None:
+            out["dp_clip"] = float(np.asarray(state.clip))
+        return out
 
     return report
 

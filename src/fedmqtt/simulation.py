@@ -21,25 +21,19 @@ from __future__ import annotations
 import asyncio
 import heapq
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fedmqtt import codec, core
+from fedmqtt.attacks import Attack, Collusion, attack_success
 from fedmqtt.compression import Compression, Compressor
 from fedmqtt.core import Limits
+from fedmqtt.data import ArrayData
 from fedmqtt.privacy import ClientDP, ClientPrivacy
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.tasks import Task
-
-Attack = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-
-def sign_flip(scale: float) -> Attack:
-    """The poisoned update: the honest delta, negated and scaled."""
-    return lambda delta: {k: (-scale * v).astype(v.dtype) for k, v in delta.items()}
 
 
 @dataclass
@@ -54,6 +48,8 @@ class Result:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (arrivals, accuracy)
     uplink_bytes: int = 0  # every update payload, as encoded
+    attack_success: float | None = None  # a backdoor's success rate on the final model
+    privacy: dict[str, Any] = field(default_factory=dict)  # a DP strategy's report, as in the metrics
 
 
 def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sigma_speed: float = 0.75,
@@ -69,6 +65,11 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
     rules = core.rules(strategy, trainer.initial, limits or Limits(max_staleness=64, max_update_norm=None))
     state = core.init(rules, trainer.initial, epoch="sim")
     data = [task.data_for(i, seed) for i in range(n)]
+    collusion = Collusion()
+    sends = {i: attack.attacker(i, collusion) for i in attackers} if attack is not None else {}
+    if attack is not None and attack.data is not None:
+        for i in attackers:
+            data[i] = ArrayData(*attack.examples(data[i].x, data[i].y), batch_size=task.batch_size, seed=seed + i)
     speeds = rng.lognormal(0.0, sigma_speed, n) if sigma_speed else np.ones(n)
     dp = [ClientPrivacy(client_dp, str(i)) for i in range(n)] if client_dp else None
     compressors = [Compressor(compression, np.random.default_rng([seed, i, 0xC0])) for i in range(n)
@@ -94,8 +95,8 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
         base_version, base_params = base[i]
         new, _ = trainer.train(base_params, asyncio.run(data[i].take(task.local_steps)))
         delta = {k: np.asarray(new[k] - base_params[k], dtype=base_params[k].dtype) for k in new}
-        if i in attackers and attack is not None:
-            delta = attack(delta)
+        if i in sends:
+            delta = sends[i](delta)
             attacked += 1
         if dp is not None:
             delta = dp[i](delta)
@@ -129,5 +130,9 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
         if every and arrival % every == 0:
             curve.append((arrival, accuracy()))
     rejected = dict(state.counters.rejected)
+    final = {k: np.asarray(v) for k, v in state.params.items()}
+    success = attack_success(trainer, final, task.test_data, attack) if attack is not None else None
+    report = dict(strategy.report(state.strategy, state.gate.most_taken())) if strategy.report else {}
     return Result(accuracy(), state.version, applied, sum(rejected.values()), deferred,
-                  statistics.median(norms) if norms else 0.0, attacked / updates, rejected, curve, uplink)
+                  statistics.median(norms) if norms else 0.0, attacked / updates, rejected, curve, uplink,
+                  success, report)

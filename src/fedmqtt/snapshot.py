@@ -58,7 +58,8 @@ def encode(state: ServerState, r: Rules, seq: int) -> bytes:
     c = state.counters
     counters = {"accepted": c.accepted, "rejected": dict(c.rejected),
                 "staleness": {str(k): v for k, v in c.staleness.items()}, "round_count": c.since_step,
-                "in_step": sorted(state.gate.in_step), "claims": list(state.admission.claims)}
+                "in_step": sorted(state.gate.in_step), "claims": list(state.admission.claims),
+                "taken": dict(state.gate.taken), "untracked": state.gate.untracked}
     meta = {
         "fedmqtt.snapshot": FORMAT, "seq": str(seq), "version": str(state.version),
         "fingerprint": r.reference.fingerprint, "strategy": r.strategy.name, "state_leaves": str(len(leaves)),
@@ -119,7 +120,9 @@ def read(directory: Path, r: Rules, epoch: str) -> tuple[int, ServerState] | Non
                             {int(k): int(v) for k, v in c.get("staleness", {}).items()}, int(c.get("round_count", 0)))
         seen = dedup.of([(str(k), int(b)) for k, b in json.loads(meta["dedup"])], int(meta["dedup_floor"]))
         state = ServerState(params, version, epoch, rebuild_state(r.strategy.init(params), stored), history, seen,
-                            Gate(in_step=frozenset(str(a) for a in c.get("in_step", []))), counters,
+                            Gate(in_step=frozenset(str(a) for a in c.get("in_step", [])),
+                                 taken={str(k): int(v) for k, v in c.get("taken", {}).items()},
+                                 untracked=bool(c.get("untracked", False))), counters,
                             Admission(claims=tuple(int(n) for n in c.get("claims", []))))
         return int(meta["seq"]), state
     except StateError:

@@ -33,7 +33,8 @@ class Strategy(NamedTuple):
 
     ``one_update_per_step``: the strategy's guarantees assume no agent has two updates in one step (central
     DP); the server then holds an agent's second update until the next step (fedmqtt.gate). ``report`` turns
-    the state into extra metrics (central DP: ε from the accountant)."""
+    the state into extra metrics (central DP: ε from the accountant); the server calls it as
+    ``report(state, participations)``, the most steps one device contributed to (None when not counted)."""
 
     name: str
     wants: Encoding
@@ -42,7 +43,7 @@ class Strategy(NamedTuple):
     apply: Callable[[Params, ClientUpdate, State], tuple[Params, State, Array | bool]]
     flush: Callable[[Params, State], tuple[Params, State, Array | bool]]
     one_update_per_step: bool = False
-    report: Callable[[State], Mapping[str, Any]] | None = None
+    report: Callable[..., Mapping[str, Any]] | None = None
 
 
 class EmptyState(NamedTuple):

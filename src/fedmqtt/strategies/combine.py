@@ -10,6 +10,10 @@ far. Each rule is a part for :func:`fedmqtt.strategies.fedbuff` (``fedbuff(10, c
                K - f - 2 nearest neighbours (Multi-Krum, Blanchard et al. 2017);  Δ̄ = Σ_S wᵢΔᵢ / |S|
     outlier:   m = coordinate-wise median of the Δᵢ, d̃ = median ‖Δᵢ - m‖;
                S = {i : ‖Δᵢ - m‖ <= spread·d̃};  Δ̄ = Σ_S wᵢΔᵢ / |S|
+    guard:     the outlier filter and norm bounding, both scaled by staleness, and each coordinate held
+               within spread median absolute deviations of the median: with rᵢ = w̃ / wᵢ (w̃ the buffer's
+               median weight), S = {i : ‖Δᵢ - m‖ <= spread·d̃·rᵢ},  Δ'ᵢ = clip(Δᵢ, ñ·rᵢ) (ñ the median
+               ‖Δᵢ‖),  Δ''ᵢⱼ = mⱼ + clamp(Δ'ᵢⱼ - mⱼ, ±spread·MADⱼ),  Δ̄ = Σ_S wᵢ·Δ''ᵢ / |S|
 
 Multi-Krum and the outlier filter choose on the deltas as sent (before weighting, which would shrink a
 stale attacker into the honest range) and average the chosen ones with their weights. Each rule tolerates a
@@ -18,6 +22,16 @@ Multi-Krum f (K >= 2f + 3); norm bounding only limits how much each can pull. Th
 a bias on non-IID data (they prefer the typical honest deltas and lose the unusual ones); the outlier filter
 drops only what stands out, so it keeps nearly all of FedBuff's accuracy (docs/benchmarks.md). Every rule but
 the mean keeps K copies of the model.
+
+The guard is the staleness-aware rule. An honest stale delta was computed on an older model, so it lies
+farther from the buffer's centre and gets a smaller weight; a device chooses the staleness it claims
+(its base version). A fixed threshold must be wide enough for honest stale deltas, which lets an attacker
+that claims to be fresh pull with full weight from as far away. The guard widens the threshold and the norm
+bound by the same factor rᵢ = w̃ / wᵢ that the weight shrinks, so the most that any accepted delta can pull,
+wᵢ·ñ·rᵢ = w̃·ñ, is the same at every staleness: claiming to be fresh or stale buys an attacker nothing,
+and a delta far out of the honest range is dropped at any staleness. The coordinate bound catches what
+hides in the L2 norm: a backdoor moves weights that honest deltas leave alone (a trigger's pixels), a
+few coordinates far outside their honest spread in a delta of ordinary length.
 
 >>> import jax.numpy as jnp
 >>> d = {"w": jnp.array([[1.0], [2.0], [100.0]])}
@@ -110,6 +124,34 @@ def outlier(spread: float = 3.0) -> Combine:
     if not spread >= 1.0:
         raise ValueError(f"the outlier filter's spread must be >= 1 (got {spread}): below 1 it can keep nothing")
     return Combine("outlier", lambda d, w: _outlier_filter(d, w, spread), _any_k)
+
+
+def guard(spread: float = 3.0) -> Combine:
+    """The staleness-aware outlier filter with norm bounding (see the module's docstring)."""
+    if not spread >= 1.0:
+        raise ValueError(f"the guard's spread must be >= 1 (got {spread}): below 1 it can keep nothing")
+    return Combine("guard", lambda d, w: _guard(d, w, spread), _any_k)
+
+
+def _guard(deltas: Params, weights: Array, spread: float) -> Params:
+    center = jax.tree.map(lambda d: jnp.median(d, axis=0)[None], deltas)
+    dist = jax.vmap(l2_norm)(jax.tree.map(jnp.subtract, deltas, center))
+    norms = jax.vmap(l2_norm)(deltas)
+    r = jnp.median(weights) / jnp.maximum(weights, 1e-12)  # 1 at the median staleness, > 1 when staler
+    keep = dist <= spread * jnp.median(dist) * jnp.maximum(r, 1.0 / spread)
+    scale = jnp.minimum(1.0, jnp.median(norms) * r / jnp.maximum(norms, 1e-12))
+    clipped = jax.tree.map(lambda d: d * scale.reshape((-1,) + (1,) * (d.ndim - 1)), deltas)
+    return _mean_of(held_near(clipped, deltas, center, spread), weights, keep)
+
+
+def held_near(values: Params, deltas: Params, center: Params, spread: float) -> Params:
+    """Each coordinate of ``values`` (stacked) clamped to centerⱼ ± spread·MADⱼ, the median absolute
+    deviation of ``deltas`` (stacked, as sent) from ``center`` (leading axis 1)."""
+    def leaf(v: Array, d: Array, c: Array) -> Array:
+        mad = jnp.median(jnp.abs(d - c), axis=0, keepdims=True)
+        return c + jnp.clip(v - c, -spread * mad, spread * mad)
+
+    return jax.tree.map(leaf, values, deltas, center)
 
 
 def _mean_of(deltas: Params, weights: Array, chosen: Array) -> Params:

@@ -7,7 +7,8 @@
 The parts compose like optax transforms: ``fedbuff(10, combine=outlier(3.0), optimizer=optax.adam(0.1))``.
 Central differential privacy is one more part, ``dp=CentralDP(clip=C, noise=sigma)`` (fedmqtt.privacy): each
 Δᵢ is clipped to ‖Δᵢ‖ ≤ C and N(0, (sigma C)²) noise is added to the buffered sum before dividing by K; the
-PRNG key and the count of noisy steps live in the state, so the strategy stays pure. The noise is calibrated
+PRNG key, the count of noisy steps and the clip (adaptive clipping moves it) live in the state, so the
+strategy stays pure. The noise is calibrated
 to a sum, so DP composes with the mean only, and the strategy asks the server for one update per agent per
 step (``one_update_per_step``) and reports ε from the accountant (``report``).
 
@@ -36,7 +37,7 @@ import numpy as np
 import optax
 from jax import Array
 
-from fedmqtt.privacy import CentralDP, central_accountant, clip_by_l2, gaussian_noise
+from fedmqtt.privacy import CentralDP, central_accountant, clip_by_l2, gaussian_noise, l2_norm
 from fedmqtt.strategies.base import ClientUpdate, Params, Strategy
 from fedmqtt.strategies.combine import Combine, mean
 from fedmqtt.strategies.staleness import StalenessFn, polynomial
@@ -49,6 +50,8 @@ class FedBuffState(NamedTuple):
     opt_state: optax.OptState
     key: Array | None = None  # central DP only: raw PRNG key for the noise
     dp_steps: Array | None = None  # central DP only: noisy steps taken (for the accountant)
+    clip: Array | None = None  # central DP only: the clip C (moves with adaptive clipping)
+    within: Array | None = None  # central DP only: buffered deltas with norm <= C
 
 
 def server_optimizer(name: str = "sgd", lr: float = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
@@ -89,7 +92,7 @@ def fedbuff(
         dp.check()
     opt = optimizer or optax.sgd(1.0)
     w = weighting or polynomial(0.5)
-    clip = dp.clip if dp is not None else 0.0
+    adaptive = dp is not None and dp.quantile is not None
 
     def init(params: Params) -> FedBuffState:
         if stacked:
@@ -97,9 +100,11 @@ def fedbuff(
             return FedBuffState(slots, jnp.zeros((buffer_size,), jnp.float32), jnp.zeros((), jnp.int32),
                                 opt.init(params))
         zeros = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), params)
-        key, steps = (jax.random.PRNGKey(dp.seed), jnp.zeros((), jnp.int32)) if dp is not None else (None, None)
+        if dp is None:
+            return FedBuffState(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), opt.init(params))
         return FedBuffState(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), opt.init(params),
-                            key, steps)
+                            jax.random.PRNGKey(dp.seed), jnp.zeros((), jnp.int32), jnp.float32(dp.clip),
+                            jnp.zeros((), jnp.float32))
 
     def add(state: FedBuffState, update: ClientUpdate) -> FedBuffState:
         sw = w(update.staleness)
@@ -109,7 +114,13 @@ def fedbuff(
             return state._replace(buffer=buffer, weights=state.weights.at[state.n].set(sw), n=state.n + 1)
         n = jnp.asarray(update.num_samples, jnp.float32)
         weight = sw * (n if weight_by_samples else 1.0)
-        delta = clip_by_l2(update.params, clip) if dp is not None else update.params
+        delta = update.params
+        if dp is not None:
+            clip, within = state.clip, state.within
+            assert clip is not None
+            assert within is not None
+            state = state._replace(within=within + (l2_norm(delta) <= clip))
+            delta = clip_by_l2(delta, clip)
         buffer = jax.tree.map(lambda b, d: b + weight * d, state.buffer, delta)
         return state._replace(buffer=buffer, weights=state.weights + (n if weight_by_samples else 1.0),
                               n=state.n + 1)
@@ -121,9 +132,18 @@ def fedbuff(
         if dp is not None:
             assert state.key is not None
             assert state.dp_steps is not None
+            assert state.clip is not None
+            assert state.within is not None
             key, sub = jax.random.split(state.key)
-            total = jax.tree.map(jnp.add, total, gaussian_noise(total, sub, dp.noise * clip))
-            state = state._replace(key=key, dp_steps=state.dp_steps + 1)
+            total = jax.tree.map(jnp.add, total, gaussian_noise(total, sub, dp.noise * state.clip))
+            clip = state.clip
+            if adaptive:  # the fraction within the clip, noised, moves the clip towards the quantile
+                assert dp.quantile is not None
+                count_noise = dp.count_noise * jax.random.normal(jax.random.fold_in(sub, 1))
+                noisy = (state.within + count_noise) / jnp.maximum(state.n, 1)
+                clip = clip * jnp.exp(-dp.clip_lr * (noisy - dp.quantile))
+            state = state._replace(key=key, dp_steps=state.dp_steps + 1, clip=clip.astype(jnp.float32),
+                                   within=jnp.zeros_like(state.within))
         return jax.tree.map(lambda b: b / jnp.maximum(state.weights, 1e-12), total), state
 
     def step(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState]:
@@ -177,7 +197,7 @@ def fedbuff(
     return Strategy(name or default_name, "delta", "async", init, apply_on_host if host else jax.jit(apply),
                     jax.jit(flush),
                     one_update_per_step=dp is not None,
-                    report=central_accountant(dp.noise, dp.delta) if dp is not None else None)
+                    report=central_accountant(dp) if dp is not None else None)
 
 
 def _accumulate(total: Any, delta: Any, weight: float) -> np.ndarray:

@@ -20,12 +20,13 @@ from fedmqtt.privacy import CentralDP
 from fedmqtt.strategies import combine as rules
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.strategies.fedasync import fedasync
+from fedmqtt.strategies.fedasync_guard import fedasync_guard
 from fedmqtt.strategies.fedavg import fedavg
 from fedmqtt.strategies.fedbuff import fedbuff, server_optimizer
 from fedmqtt.strategies.staleness import by_name as weighting_by_name
 
 _FEDBUFF = ("buffer_size", "server_opt", "server_lr", "staleness_a")
-_DP = ("dp_clip", "dp_noise", "seed")
+_DP = ("dp_clip", "dp_noise", "seed", "dp_adjacency", "dp_quantile", "dp_count_noise")
 
 
 def _fedasync(name: str, weighting: str, extra: tuple[str, ...] = ()
@@ -40,10 +41,14 @@ def _fedbuff(name: str, rule: Callable[..., rules.Combine] | None, rule_options:
              ) -> tuple[Callable[..., Strategy], tuple[str, ...]]:
     def build(buffer_size: int = 10, server_opt: str = "sgd", server_lr: float = 1.0,
               staleness_a: float | None = None, weight_by_samples: bool = False, dp_clip: float | None = None,
-              dp_noise: float | None = None, seed: int | None = None, **rule_args: Any) -> Strategy:
-        if dp_clip is None and (dp_noise is not None or seed is not None):
-            raise ValueError("dp_noise and seed are central DP options: give dp_clip as well")
-        dp = CentralDP(dp_clip, dp_noise or 0.0, seed or 0) if dp_clip is not None else None
+              dp_noise: float | None = None, seed: int | None = None, dp_adjacency: str | None = None,
+              dp_quantile: float | None = None, dp_count_noise: float | None = None, **rule_args: Any) -> Strategy:
+        dp_options = (dp_noise, seed, dp_adjacency, dp_quantile, dp_count_noise)
+        if dp_clip is None and any(o is not None for o in dp_options):
+            raise ValueError("dp_noise, seed, dp_adjacency, dp_quantile and dp_count_noise are central DP options: "
+                             "give dp_clip as well")
+        dp = CentralDP(dp_clip, dp_noise or 0.0, seed or 0, adjacency=dp_adjacency or "replace",
+                       quantile=dp_quantile, count_noise=dp_count_noise or 0.0) if dp_clip is not None else None
         return fedbuff(buffer_size, server_optimizer(server_opt, server_lr),
                        weighting_by_name("polynomial", staleness_a), weight_by_samples, name=name,
                        combine=rule(**rule_args) if rule is not None else None, dp=dp)
@@ -58,12 +63,16 @@ REGISTRY: dict[str, tuple[Callable[..., Strategy], tuple[str, ...]]] = {
     "fedasync-constant": (lambda alpha=0.6: fedasync(alpha, weighting_by_name("constant"),
                                                      name="fedasync-constant"), ("alpha",)),
     "fedasync-hinge": _fedasync("fedasync-hinge", "hinge", ("staleness_b",)),
+    "fedasync-guard": (lambda alpha=0.6, staleness_a=None, window=20, spread=3.0: fedasync_guard(
+        alpha, weighting_by_name("polynomial", staleness_a), int(window), spread),
+        ("alpha", "staleness_a", "window", "spread")),
     "fedbuff": _fedbuff("fedbuff", None),
     "fedbuff-median": _fedbuff("fedbuff-median", lambda: rules.median()),
     "fedbuff-trimmed": _fedbuff("fedbuff-trimmed", lambda trim=0.2: rules.trimmed(trim), ("trim",)),
     "fedbuff-norm": _fedbuff("fedbuff-norm", lambda max_norm=None: rules.norm_bound(max_norm), ("max_norm",)),
     "fedbuff-krum": _fedbuff("fedbuff-krum", lambda trim=0.2: rules.multi_krum(trim), ("trim",)),
     "fedbuff-outlier": _fedbuff("fedbuff-outlier", lambda spread=3.0: rules.outlier(spread), ("spread",)),
+    "fedbuff-guard": _fedbuff("fedbuff-guard", lambda spread=3.0: rules.guard(spread), ("spread",)),
     "fedavg": (lambda: fedavg("weights", name="fedavg"), ()),
     "fedavg-delta": (lambda server_lr=1.0: fedavg("delta", server_lr, name="fedavg-delta"), ("server_lr",)),
 }
