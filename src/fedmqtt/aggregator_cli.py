@@ -37,6 +37,9 @@ def run_aggregator(s: dict[str, Any]) -> None:
         strategy = make(s["strategy"], alpha=s["alpha"], buffer_size=1 if s["secure"] else s["buffer_size"],
                         server_opt=s["server_opt"], server_lr=s["server_lr"], dp_clip=s["dp_clip"] if central else None,
                         dp_noise=s["dp_noise"] if central else None, seed=s["seed"] if central else None,
+                        dp_adjacency=s["dp_adjacency"] if central else None,
+                        dp_quantile=s["dp_quantile"] if central else None,
+                        dp_count_noise=s["buffer_size"] / 20 if central and s["dp_quantile"] else None,
                         trim=s["trim"], spread=s["spread"], staleness_a=0.0 if s["secure"] else None)
         secure_dp = CentralDP(s["dp_clip"], s["dp_noise"] or 0.0).check() if s["secure"] and s["dp_clip"] else None
     except ValueError as exc:

@@ -24,6 +24,8 @@ from fedmqtt.choices import BROKER_KINDS, PARTITIONS, STRATEGIES, check_choice, 
 from fedmqtt.cli_options import (
     BrokerOpt,
     ConfigOpt,
+    DpAdjacencyOpt,
+    DpQuantileOpt,
     FedOpt,
     PrefixOpt,
     PrintConfigOpt,
@@ -162,6 +164,8 @@ def aggregator(
                                                        "(holds a device's second update until the next step)")
                        ] = None,
     dp_noise: Annotated[float | None, typer.Option(help="fedbuff central DP: noise multiplier sigma")] = None,
+    dp_adjacency: DpAdjacencyOpt = "replace",
+    dp_quantile: DpQuantileOpt = None,
     trim: Annotated[float | None, typer.Option(help="fedbuff-trimmed: fraction cut at each end; fedbuff-krum: "
                                                      "attackers assumed per buffer, f = trim x K (default 0.2)")
                     ] = None,

@@ -20,6 +20,12 @@ FedOpt = Annotated[str, typer.Option(help="federation name")]
 TaskOpt = Annotated[str, typer.Option(help="built-in task: digits, or hapt (needs the HAPT file, FEDMQTT_HAPT)")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help=CONFIG_HELP, callback=load_config, is_eager=True, expose_value=False, envvar="FEDMQTT_CONFIG")]
+DpAdjacencyOpt = Annotated[str, typer.Option(
+    help="fedbuff central DP: neighbouring data sets ε is stated for: replace (one device's data replaced; 2C "
+         "per step it is in) or zero-out (its deltas zeroed; C) (docs/security.md)")]
+DpQuantileOpt = Annotated[float | None, typer.Option(
+    help="fedbuff central DP: adaptive clipping, the clip follows this quantile of the deltas' norms (e.g. "
+         "0.5); --dp-clip is where it starts; the count is noised with std K/20")]
 PrintConfigOpt = Annotated[bool, typer.Option(help="print the settings this command would run with, and exit")]
 VerboseOpt = Annotated[bool, typer.Option(help="log everything (DEBUG); without it the services log connections "
                                                "and status lines, the demo only errors")]
