@@ -253,10 +253,10 @@ class Aggregator(Service):
         if agent is not None:
             try:
                 state = Status.model_validate_json(msg.payload).state if msg.payload else "offline"
+                self.presence.status(agent, state != "offline", time.monotonic())
             except ValueError:
                 self.presence.refused += 1  # not a status: presence stays as it was
-                return
-            self.presence.status(agent, state != "offline", time.monotonic())
+            self.changed()
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     async def starting(self) -> None:

@@ -227,6 +227,11 @@ def check_header(method: Method, header: Mapping[str, object], spec: Spec) -> No
 
 def expand(method: Method, tensors: Mapping[str, Array], spec: Spec) -> dict[str, Array]:
     """The dense delta, in the model's dtypes, from wire tensors that passed :func:`check_header`."""
+    with np.errstate(over="ignore"):  # a hostile int8 scale overflows to Inf: the caller refuses it as non-finite
+        return _expand(method, tensors, spec)
+
+
+def _expand(method: Method, tensors: Mapping[str, Array], spec: Spec) -> dict[str, Array]:
     shapes = {name: shape for name, (shape, _) in spec.items()}
     if method == "float16":
         return {name: tensors[name].astype(dtype) for name, (_, dtype) in spec.items()}

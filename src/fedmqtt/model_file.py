@@ -42,6 +42,8 @@ def load(path: str | Path, like: Mapping[str, Array]) -> dict[str, Array]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except (SafetensorError, ValueError) as exc:
         raise ConfigError(f"{path} is not a safetensors file: {exc}") from exc
+    except KeyError as exc:  # safetensors.numpy has no numpy dtype for BF16 or the F8 types
+        raise ConfigError(f"{path} holds a tensor of dtype {exc}, which numpy cannot hold") from exc
     problems = [f"{k}: missing" for k in like if k not in tensors]
     problems += [f"{k}: not in the model" for k in tensors if k not in like]
     for k in set(like) & set(tensors):

@@ -2,21 +2,25 @@
 
 ``check_alone`` reads the retained aggregator presence (``.../aggregator/status``) on a connection of its
 own, before the aggregator's client id could take another aggregator's session, and refuses to go on when
-another instance is online. ``judge_model`` says what a model seen on the model topic means: ours, our own
-older copy from before a restart, a foreign model to replace, or proof that our state is behind what was
-published in our epoch (a restored backup, or a forged far-future version): then a new epoch.
+another instance is online. ``judge_model`` says what a model seen on the model topic means: ours (byte for
+byte one we published), our own older copy from before a restart, a foreign model to replace (a forgery that
+copies our version and epoch included), or proof that our state is behind what was published in our epoch (a
+restored backup, or a forged far-future version): then a new epoch.
 
 >>> from fedmqtt.types import ModelInfo
->>> judge_model(ModelInfo(7, "f", "async", "e1"), version=7, epoch="e1", own=set())
+>>> judge_model(ModelInfo(7, "f", "async", "e1"), b"d1", version=7, epoch="e1", own={b"d1"})
 'ours'
->>> judge_model(ModelInfo(900, "f", "async", "e1"), version=7, epoch="e1", own=set())
+>>> judge_model(ModelInfo(7, "f", "async", "e1"), b"d2", version=7, epoch="e1", own={b"d1"})
+'foreign'
+>>> judge_model(ModelInfo(900, "f", "async", "e1"), b"d3", version=7, epoch="e1", own=set())
 'behind'
->>> judge_model(None, version=7, epoch="e1", own=set())
+>>> judge_model(None, b"d4", version=7, epoch="e1", own=set())
 'foreign'
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Container
@@ -65,14 +69,21 @@ def model_info(payload: bytes, max_header: int) -> ModelInfo | None:
         return None
 
 
-def judge_model(info: ModelInfo | None, *, version: int, epoch: str, own: Container[tuple[int, str]],
-                restarted: bool = False) -> Verdict:
+def digest(payload: bytes) -> bytes:
+    """What :func:`judge_model` compares: the SHA-256 of a whole model payload."""
+    return hashlib.sha256(payload).digest()
+
+
+def judge_model(info: ModelInfo | None, payload_digest: bytes, *, version: int, epoch: str,
+                own: Container[bytes], restarted: bool = False) -> Verdict:
     """What a model seen on the model topic means to an aggregator at ``version`` of ``epoch`` that recently
-    published ``own`` ((version, epoch) pairs); ``restarted``: it has published nothing yet."""
+    published the payloads whose digests are ``own``; ``restarted``: it has published nothing yet. Only the
+    bytes make a model ours: a payload that claims our version and epoch but is not one we published is a
+    forgery, and is replaced like any foreign model."""
+    if payload_digest in own:
+        return "ours"
     if info is None:
         return "foreign"
-    if (info.version, info.epoch) in own or (info.version, info.epoch) == (version, epoch):
-        return "ours"
     if info.epoch == epoch and info.version > version:
         return "behind"
     if info.epoch == epoch and restarted:

@@ -20,6 +20,7 @@ class Presence:
         self.online: set[str] = set()
         self._joined: dict[str, float] = {}  # online agent -> when its status said so
         self._sent: dict[str, int] = {}  # online agent -> version of its last accepted update
+        self.refused = 0  # payloads on status topics that are not a status (ignored, presence unchanged)
 
     def __len__(self) -> int:
         return len(self.online)

@@ -146,6 +146,7 @@ class Metrics(BaseModel):
     held: int = 0  # updates waiting for the next step (one update per agent per step, central DP)
     retained_cleared: int = 0  # retained messages found on update topics (ignored, then cleared)
     models_restored: int = 0  # models the aggregator did not publish, found on its model topic and replaced
+    statuses_refused: int = 0  # payloads on agents' status topics that are not a status (ignored)
     ts: float = 0.0
 
 

@@ -89,6 +89,7 @@ class SecureAggregation(Service):
         self.aborted: collections.Counter[str] = collections.Counter()  # abandoned steps, by reason
         self.refused: collections.Counter[str] = collections.Counter()  # members' refusals, by reason
         self.bad_messages = 0  # messages that broke the protocol (ignored)
+        self.ignored: collections.Counter[str] = collections.Counter()  # those, by reason (bad_message, phase)
         self.last_step: dict[str, float] = {}  # members, survivors, seconds of the last applied step
         ledger = self.config.ledger or (Path(aggregator.config.state_dir) / "secagg.jsonl"
                                         if aggregator.config.state_dir is not None else None)
@@ -171,6 +172,7 @@ class SecureAggregation(Service):
                 self._json(agent, kind, msg.payload)
         except SecAggAbort as exc:
             self.bad_messages += 1
+            self.ignored[exc.reason] += 1
             log.warning("%s: secure aggregation message from %s ignored: %s", self.name, agent, exc)
             return
         if self._server is not None and self._expected <= self._answers():

@@ -40,7 +40,10 @@ class Cohort(NamedTuple):
         n = len(self.members)
         if list(self.members) != sorted(set(self.members)):
             raise SecAggAbort("bad_message", "cohort members must be sorted and distinct")
-        field.check(self.clip, self.bits, n)
+        try:
+            field.check(self.clip, self.bits, n)
+        except ValueError as exc:  # a cohort the aggregator should never have formed: a protocol error
+            raise SecAggAbort("bad_message", str(exc)) from exc
         if self.norm is not None and not 0.0 < self.norm < float("inf"):
             raise SecAggAbort("bad_message", f"the L2 clip norm must be positive and finite, not {self.norm}")
         if self.degree is not None and (self.degree < 2 or self.degree % 2):

@@ -168,8 +168,8 @@ def decode_masked(payload: bytes, dim: int) -> tuple[str, np.ndarray]:
         header = json.loads(payload[8 : 8 + n])
         entry, step = header["masked"], header["__metadata__"]["fedmqtt.secagg.step"]
         ok = entry["dtype"] == "U32" and entry["shape"] == [dim] and len(header) == 2
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SecAggAbort("bad_message", f"not a masked input ({exc})") from exc
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        raise SecAggAbort("bad_message", f"not a masked input ({str(exc)[:200]})") from exc
     if not ok:
         raise SecAggAbort("bad_message", f"a masked input is one U32 tensor 'masked' of shape [{dim}]")
     try:
