@@ -4,7 +4,7 @@ Each target hands the fuzzer's bytes to one decoder and lets through only the er
 (errors.py): anything else that escapes, a hang past ``-timeout`` or memory past ``-rss_limit_mb`` is a
 crash, and libFuzzer saves the input as ``crash-<sha1>`` (or ``timeout-``, ``oom-``) under
 ``-artifact_prefix``. Every target starts from valid messages (seeds.py), written to a fresh corpus
-directory unless corpus directories are given.
+directory, or to the corpus directories given when they are new or empty.
 
     python fuzz/decoders.py list                                 # the targets
     python fuzz/decoders.py codec -max_total_time=600            # fuzz one target for ten minutes
@@ -186,11 +186,15 @@ def main(argv: list[str]) -> None:
     if argv[1] == "secagg_in":
         SECURE.append(secure_service())
     args = [argv[0], *argv[2:]]
-    if not any(not a.startswith("-") for a in argv[2:]):  # no corpus given: start from the seeds
-        corpus = Path(tempfile.mkdtemp(prefix=f"fedmqtt-fuzz-{argv[1]}-"))
-        for i, seed in enumerate(make_seeds()):
-            (corpus / f"seed-{i}").write_bytes(seed)
-        args.append(str(corpus))
+    corpora = [Path(a) for a in argv[2:] if not a.startswith("-")]
+    if not corpora:  # no corpus given: start from the seeds in a fresh one
+        corpora = [Path(tempfile.mkdtemp(prefix=f"fedmqtt-fuzz-{argv[1]}-"))]
+        args.append(str(corpora[0]))
+    for corpus in corpora:  # a new or empty corpus directory starts from the seeds
+        if not corpus.exists() or (corpus.is_dir() and not any(corpus.iterdir())):
+            corpus.mkdir(parents=True, exist_ok=True)
+            for i, seed in enumerate(make_seeds()):
+                (corpus / f"seed-{i}").write_bytes(seed)
     atheris.Setup(args, test)
     atheris.Fuzz()
 
