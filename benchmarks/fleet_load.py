@@ -14,6 +14,16 @@ exponential time of mean ``--mean-offline`` after an exponential online time of 
 version to base its next update on from its acks rather than by receiving every model (the load is the
 aggregator's update path, not model fan-out).
 
+With ``--train TASK`` the agents learn for real (the many-device DP configuration): each load process follows
+the retained model, and an agent's update is one local round of the task's trainer on its own shard of the
+task's data (the shard of agent i of ``--agents``), based on the newest model its process holds, as a device
+that pulls the model when its round starts. The aggregator then runs ``--task TASK`` with the strategy
+options given (``--server-lr``, ``--dp-clip``, ``--dp-noise``); ``--until-version`` stops the run at a version;
+the final model is evaluated on the task's test set and ε is read from the aggregator's retained metrics.
+
+    python benchmarks/fleet_load.py --train digits-linear --agents 1000 --buffer-size 500 --interval 4 \
+        --local-steps 1 --local-lr 0.5 --server-lr 4 --dp-clip 1 --dp-noise 9.6 --until-version 50
+
 At the end the agents stop sending and wait up to 60 s for their outstanding acks; the aggregator is stopped
 and its journal read. Reported: accepted updates per second, update-to-ack latency p50/p99, the
 aggregator's and the broker's resident memory over time and their CPU, the load processes' CPU, and the
@@ -138,21 +148,41 @@ class Worker:
         self.rng = np.random.default_rng()
         self.template: dict[str, np.ndarray] = {}
         self.fingerprint = ""
+        self.learner = Learner(args) if args.train else None
 
     def update(self, agent: str, update_id: str, base: int) -> bytes:
+        if self.learner is not None:  # one local round on the agent's shard, from the newest model held
+            delta, n = self.learner.round(int(agent[1:]), self.template)
+            return codec.encode_update(delta, agent=agent, update_id=update_id, base_version=self.version,
+                                       num_samples=n, model_fingerprint=self.fingerprint)
         delta = {k: (self.rng.standard_normal(v.shape) * 1e-3).astype(v.dtype) for k, v in self.template.items()}
         return codec.encode_update(delta, agent=agent, update_id=update_id, base_version=base, num_samples=100,
                                    model_fingerprint=self.fingerprint)
 
     async def model(self) -> None:
         got: asyncio.Queue[Message] = asyncio.Queue()
-        async with self.connect(ConnectOptions(f"fedmqtt-load-w{self.args.worker}-{uuid.uuid4().hex[:6]}",
-                                               on_message=got.put_nowait)) as t:
-            await t.subscribe(self.topics.model, qos=1)
-            decoded = codec.decode((await asyncio.wait_for(got.get(), 60)).payload)
-        self.template = dict(decoded.tensors)
-        self.fingerprint = codec.fingerprint(self.template)
-        self.version = int(decoded.metadata["fedmqtt.version"])
+        first = asyncio.Event()
+
+        def on_model(msg: Message) -> None:
+            decoded = codec.decode(msg.payload)
+            version = int(decoded.metadata["fedmqtt.version"])
+            if version >= self.version or not first.is_set():
+                self.template, self.version = dict(decoded.tensors), version
+                self.fingerprint = self.fingerprint or codec.fingerprint(self.template)
+                first.set()
+
+        async def follow() -> None:  # training agents base each round on the newest model
+            async with self.connect(ConnectOptions(f"fedmqtt-load-w{self.args.worker}-{uuid.uuid4().hex[:6]}",
+                                                   on_message=on_model)) as t:
+                await t.subscribe(self.topics.model, qos=1)
+                if self.learner is None:
+                    await first.wait()
+                    return
+                await asyncio.Event().wait()
+
+        self._follower = asyncio.ensure_future(follow())
+        await asyncio.wait_for(first.wait(), 60)
+        del got
 
     async def watch_version(self) -> None:
         """The current version, from the retained metrics: what a reconnecting device learns from the retained
@@ -188,7 +218,69 @@ class Worker:
             "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}))
 
 
+class Learner:
+    """A load process's real training: the task's trainer, each agent's shard, one local round per update."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from dataclasses import replace
+
+        from fedmqtt.tasks import get_task
+
+        task = get_task(args.train, num_clients=args.agents, seed=0)
+        self.task = replace(task, local_steps=args.local_steps or task.local_steps,
+                            learning_rate=args.local_lr or task.learning_rate)
+        self.trainer = self.task.trainer(0)
+        self.data: dict[int, Any] = {}
+
+    def round(self, index: int, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        if index not in self.data:
+            self.data[index] = self.task.data_for(index)
+        data = self.data[index]
+        take = data.take(self.task.local_steps)  # ArrayData never suspends
+        try:
+            take.send(None)
+        except StopIteration as done:
+            batch = done.value
+        new, _ = self.trainer.train(params, batch)
+        return {k: np.asarray(new[k] - params[k], dtype=params[k].dtype) for k in params}, data.num_samples
+
+
 # ---- the driver ------------------------------------------------------------------------------------------
+def scrape_version(port: int) -> int:
+    """The aggregator's version, from its Prometheus endpoint (0 while it is not up)."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0
+    return next((int(float(line.split()[-1])) for line in text.splitlines()
+                 if line.startswith("fedmqtt_version ")), 0)
+
+
+async def final_model(url: str, task_name: str) -> dict[str, Any]:
+    """The retained model's accuracy on the task's test set, and the DP fields of the retained metrics."""
+    from fedmqtt.tasks import get_task
+
+    got: asyncio.Queue[Message] = asyncio.Queue()
+    topics = Topics(federation=FEDERATION)
+    async with mqtt_connector(BrokerConfig.from_url(url))(ConnectOptions(f"fedmqtt-load-eval-{uuid.uuid4().hex[:6]}",
+                                                                          on_message=got.put_nowait)) as t:
+        await t.subscribe(topics.model, qos=1)
+        await t.subscribe(topics.metrics, qos=1)
+        model = metrics = None
+        while model is None or metrics is None:
+            msg = await asyncio.wait_for(got.get(), 30)
+            if msg.topic == topics.model:
+                model = codec.decode(msg.payload)
+            else:
+                metrics = json.loads(msg.payload)
+    task = get_task(task_name, seed=0)
+    accuracy = float(task.evaluate_fn(task.trainer(0))(dict(model.tensors))["accuracy"])
+    return {"accuracy": accuracy, "model_version": int(model.metadata["fedmqtt.version"]),
+            **{k: v for k, v in metrics.items() if k.startswith("dp_")}}
+
+
 def proc_stat(pid: int) -> tuple[float, float]:
     """(RSS MB, CPU seconds) of a process."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -213,7 +305,10 @@ def drive(args: argparse.Namespace) -> int:
     agg = subprocess.Popen([sys.executable, "-m", "fedmqtt", "aggregator", "--broker", url, "--federation",
                             FEDERATION, "--state-dir", str(work / "state"), "--keep-journal",
                             "--strategy", args.strategy, "--status-every", "30", "--metrics-port", str(metrics_port),
-                            *(["--buffer-size", str(args.buffer_size)] if args.strategy.startswith("fedbuff") else [])],
+                            *(["--buffer-size", str(args.buffer_size)] if args.strategy.startswith("fedbuff") else []),
+                            *(["--task", args.train, "--server-lr", str(args.server_lr)] if args.train else []),
+                            *(["--dp-clip", str(args.dp_clip), "--dp-noise", str(args.dp_noise)]
+                              if args.dp_clip is not None else [])],
                            stdout=subprocess.DEVNULL, stderr=open(work / "aggregator.log", "wb"), env=env)  # noqa: SIM115
     time.sleep(8)  # JAX import, first model published
     per = -(-args.agents // args.procs)
@@ -226,13 +321,21 @@ def drive(args: argparse.Namespace) -> int:
             [sys.executable, __file__, "--worker", str(i), "--broker", url, "--first", str(first), "--count",
              str(count), "--interval", str(args.interval), "--mean-online", str(args.mean_online),
              "--mean-offline", str(args.mean_offline), "--ack-timeout", str(args.ack_timeout),
-             "--out", str(work / f"worker-{i}.json")], env=env))
+             "--out", str(work / f"worker-{i}.json"),
+             *(["--train", args.train, "--agents", str(args.agents), "--local-steps", str(args.local_steps),
+                "--local-lr", str(args.local_lr)] if args.train else [])], env=env))
     samples = []
     started = time.monotonic()
     assert broker.process is not None
+    learned: dict[str, Any] = {}
     try:
         while time.monotonic() - started < args.seconds:
-            time.sleep(10)
+            time.sleep(10 if args.until_version is None else 1)
+            if args.until_version is not None:
+                if scrape_version(metrics_port) < args.until_version:
+                    continue
+                learned = asyncio.run(final_model(url, args.train))
+                break
             a_rss, a_cpu = proc_stat(agg.pid)
             b_rss, b_cpu = proc_stat(broker.process.pid)
             samples.append({"t": round(time.monotonic() - started, 1), "aggregator_rss_mb": round(a_rss, 1),
@@ -281,6 +384,7 @@ def drive(args: argparse.Namespace) -> int:
                                   / max(samples[-1]["t"] - samples[0]["t"], 1e-9), 3) if len(samples) > 1 else None,
         "load_cpu_share": round(sum(r["cpu_seconds"] for r in results) / window, 3),
         "median_interval_between_updates_s": args.interval,
+        **learned,
     }
     print(json.dumps(summary, indent=1, default=str))
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -308,6 +412,13 @@ def main() -> int:
     p.add_argument("--strategy", default="fedbuff")
     p.add_argument("--buffer-size", type=int, default=50)
     p.add_argument("--out-dir", type=Path, default=ROOT / "results")
+    p.add_argument("--train", default="", help="agents train this task for real (e.g. digits-linear)")
+    p.add_argument("--local-steps", type=int, default=0, help="--train: local steps per round (default: the task's)")
+    p.add_argument("--local-lr", type=float, default=0.0, help="--train: local learning rate (default: the task's)")
+    p.add_argument("--server-lr", type=float, default=1.0, help="--train: the aggregator's server learning rate")
+    p.add_argument("--dp-clip", type=float, default=None, help="central DP at the aggregator: clip")
+    p.add_argument("--dp-noise", type=float, default=None, help="central DP at the aggregator: noise multiplier")
+    p.add_argument("--until-version", type=int, default=None, help="stop when the model reaches this version")
     # a load process (started by the driver)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--broker", default="", help=argparse.SUPPRESS)

@@ -5,14 +5,17 @@ buffered sum; sigma is the smallest noise multiplier whose ε after the run's se
     python benchmarks/privacy.py --tasks digits --seeds 1
     python benchmarks/privacy.py --tasks digits --agents 300 --buffer 100 --updates digits=3000
     python benchmarks/privacy.py --engine mqtt             # through Mosquitto, ε read from the metrics
+    python benchmarks/privacy.py --tasks digits --agents 1000 --buffer 500 --updates digits=20000 \
+        --hidden 16 --local-steps 5 --epsilons inf,8           # the many-device configuration
 
 ``sim`` (default) runs the event-driven asynchronous simulation in ``fedmqtt.simulation`` (no MQTT), 30 agents by
 default, and holds a second update from the same agent until the buffer has been emptied, so that each
 agent contributes at most one delta per noisy step (the sensitivity the accountant assumes). ``mqtt`` runs
 a Mosquitto of its own, the real ``Aggregator`` (the DP strategy holds a second update per step and reports ε) and a
 ``Fleet`` of 30 agents until the planned number of noisy steps is taken, then reads ε from the aggregator's
-retained metrics. ε is from dp-accounting's RDP accountant over the steps actually taken, with no
-amplification by sampling (see fedmqtt.privacy).
+retained metrics. sigma is calibrated for replace-one adjacency (sensitivity 2C per step a device takes part
+in, docs/security.md) over the planned steps; "ε reported" is what the aggregator's accountant reports for
+the run (the most-charged device's steps), with no amplification by sampling.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.broker import local_broker
 from fedmqtt.core import Limits
 from fedmqtt.fleet import Fleet, FleetConfig
-from fedmqtt.privacy import DELTA, epsilon, noise_for_epsilon
+from fedmqtt.privacy import ADJACENCY, DELTA, noise_for_epsilon
 from fedmqtt.simulation import simulate
 from fedmqtt.strategies.base import Strategy
 from fedmqtt.strategies.registry import make
@@ -86,13 +89,20 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=30, help="digits: agents (IID shards); HAPT has 30")
     ap.add_argument("--engine", choices=("sim", "mqtt"), default="sim")
     ap.add_argument("--base-seconds", default="digits=0.2,hapt=0.5", help="mqtt: median seconds per local round")
+    ap.add_argument("--hidden", type=int, default=64, help="digits: the MLP's width")
+    ap.add_argument("--local-steps", type=int, default=None, help="local SGD steps per round (default: the task's)")
+    ap.add_argument("--server-lr", type=float, default=1.0, help="FedBuff server SGD learning rate")
+    ap.add_argument("--quantile", type=float, default=None, help="adaptive clipping to this quantile of norms")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     base_seconds = dict(kv.split("=") for kv in args.base_seconds.split(","))
     budget = dict(kv.split("=") for kv in args.updates.split(","))
     print(f"# {' '.join(sys.argv)}")
     for name in args.tasks.split(","):
-        task = get_task(name, num_clients=args.agents, seed=0) if name == "digits" else get_task(name, seed=0)
+        task = (get_task(name, num_clients=args.agents, seed=0, hidden=args.hidden) if name == "digits"
+                else get_task(name, seed=0))
+        if args.local_steps is not None:
+            task = replace(task, local_steps=args.local_steps)
         updates = int(budget[name])
         clip = CLIP.get(task.name, 1.0)
         planned_steps = updates // args.buffer  # an upper bound: held updates can only lower the count
@@ -107,12 +117,15 @@ def main() -> None:
             elif target == "clip":
                 kw, sigma = {"dp_clip": clip, "dp_noise": 0.0}, 0.0
             else:
-                sigma = noise_for_epsilon(float(target), planned_steps)
+                sigma = ADJACENCY["replace"] * noise_for_epsilon(float(target), planned_steps)
                 kw = {"dp_clip": clip, "dp_noise": sigma}
+                if args.quantile is not None:
+                    kw.update(dp_quantile=args.quantile, dp_count_noise=args.buffer / 20)
             accs, eps, steps, norms = [], [], [], []
             started = time.monotonic()
             for seed in range(args.seeds):
-                strategy = make("fedbuff", buffer_size=args.buffer, seed=seed if kw else None, **kw)  # type: ignore[arg-type]
+                strategy = make("fedbuff", buffer_size=args.buffer, server_lr=args.server_lr,  # type: ignore[arg-type]
+                                seed=seed if kw else None, **kw)
                 if args.engine == "mqtt":
                     r2 = asyncio.run(run_mqtt(task, strategy, sigma if target != "inf" else None,
                                               steps=planned_steps, seed=seed,
@@ -126,7 +139,7 @@ def main() -> None:
                 accs.append(r.accuracy)
                 steps.append(r.version)
                 norms.append(r.delta_norm_median)
-                eps.append(epsilon(sigma, r.version) if target not in ("inf", "clip") else math.inf)
+                eps.append(r.privacy["dp_epsilon"] if target not in ("inf", "clip") else math.inf)
             label = {"inf": "no DP", "clip": "clip only"}.get(target, target)
             noise = f"{sigma:.3g}" if sigma else "0"
             std = f"{sigma * clip / args.buffer:.3g}" if sigma else "0"

@@ -164,7 +164,12 @@ def test_make_passes_its_options_on() -> None:
     dp = make("fedbuff", buffer_size=2, dp_clip=1.0, dp_noise=1.5, seed=3)
     assert dp.one_update_per_step
     assert dp.report is not None
-    assert dp.report(dp.init({"w": jnp.zeros(2)}))["dp_noise_multiplier"] == 1.5
+    assert dp.report(dp.init({"w": jnp.zeros(2)}))["dp_noise_multiplier"] == 1.5 / 2  # replace-one: 2C
+    zero_out = make("fedbuff", buffer_size=2, dp_clip=1.0, dp_noise=1.5, dp_adjacency="zero-out")
+    assert zero_out.report is not None
+    assert zero_out.report(zero_out.init({"w": jnp.zeros(2)}))["dp_noise_multiplier"] == 1.5
+    with pytest.raises(ValueError, match="dp_clip"):
+        make("fedbuff", dp_quantile=0.5)
 
 
 @pytest.mark.parametrize("rule", [median(), trimmed(0.2), norm_bound(1.0), multi_krum(0.2), outlier()],

@@ -17,10 +17,11 @@ from pathlib import Path
 from fedmqtt.errors import ConfigError
 
 # The names the strategy registry builds (a test keeps the two equal).
-STRATEGIES = ("fedasync", "fedasync-polynomial", "fedasync-constant", "fedasync-hinge", "fedbuff", "fedbuff-median",
-              "fedbuff-trimmed", "fedbuff-norm", "fedbuff-krum", "fedbuff-outlier", "fedavg", "fedavg-delta")
+STRATEGIES = ("fedasync", "fedasync-polynomial", "fedasync-constant", "fedasync-hinge", "fedasync-guard", "fedbuff",
+              "fedbuff-median", "fedbuff-trimmed", "fedbuff-norm", "fedbuff-krum", "fedbuff-outlier", "fedbuff-guard",
+              "fedavg", "fedavg-delta")
 PARTITIONS = ("iid", "dirichlet")
-TASKS = ("digits", "hapt", "hapt6", "hapt12")
+TASKS = ("digits", "digits-linear", "hapt", "hapt6", "hapt12")
 BROKER_KINDS = ("auto", "mosquitto", "embedded")
 HAPT_FILE = "hapt_har_30users.npz"
 

@@ -169,8 +169,8 @@ def aggregator(
     trim: Annotated[float | None, typer.Option(help="fedbuff-trimmed: fraction cut at each end; fedbuff-krum: "
                                                      "attackers assumed per buffer, f = trim x K (default 0.2)")
                     ] = None,
-    spread: Annotated[float | None, typer.Option(help="fedbuff-outlier: drop deltas farther from the median "
-                                                       "than spread x the median distance (default 3)")] = None,
+    spread: Annotated[float | None, typer.Option(help="fedbuff-outlier, the guards: drop deltas farther from the "
+                                                       "median than spread x the median distance (default 3)")] = None,
     sites: Annotated[str, typer.Option(help="site aggregators' ids, comma-separated: no per-device rate or "
                                             "share bound for their combined updates")] = "",
     one_update_per_step: Annotated[bool, typer.Option(
