@@ -350,3 +350,21 @@ def test_metrics_without_dp_carry_no_epsilon() -> None:
     params = {"w": np.zeros(4, np.float32)}
     m = Aggregator(MemoryBroker().connect, params, fedbuff(buffer_size=2)).metrics().model_dump()
     assert not any(k.startswith("dp_") for k in m)
+
+
+def test_a_device_past_its_step_budget_is_refused_and_epsilon_stays_bounded() -> None:
+    params = {"w": np.zeros(4, np.float32)}
+    strategy = fedbuff(buffer_size=2, dp=CentralDP(clip=1.0, noise=1.5))
+    r = core.rules(strategy, params, Limits(max_participations=2))
+    state = core.init(r, params, epoch="t")
+    refused = []
+    for i in range(12):  # "a" is fast: it sends between every update of the others
+        agent = "a" if i % 2 == 0 else f"b{i}"
+        state, fx = core.receive(state, agent, _update(params, agent, f"u{i}", state.version), r)
+        refused += [(x.agent, x.reason) for x in fx.replies if not x.accepted]
+    assert refused and set(refused) == {("a", "privacy_budget")}
+    assert state.gate.taken["a"] == 2 and state.gate.most_taken() == 2
+    assert strategy.report is not None
+    report = strategy.report(state.strategy, state.gate.most_taken())
+    assert report["dp_steps"] > 2 and report["dp_participations"] == 2
+    assert report["dp_epsilon"] == pytest.approx(epsilon(0.75, 2, 1e-5))

@@ -50,7 +50,7 @@ def run_aggregator(s: dict[str, Any]) -> None:
     if s["init_model"] is not None:
         initial = model_file.load(s["init_model"], initial)
     limits = Limits(max_staleness=s["max_staleness"], max_update_norm=s["max_update_norm"],
-                    one_update_per_step=s["one_update_per_step"],
+                    one_update_per_step=s["one_update_per_step"], max_participations=s["dp_max_steps"],
                     admission=AdmissionLimits(exempt=frozenset(parse_list(s["sites"]))))
     cfg = AggregatorConfig(topics=topics, limits=limits,
                            timing=Timing(round_size=s["round_size"], round_deadline=s["round_deadline"]),

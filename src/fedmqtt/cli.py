@@ -25,6 +25,7 @@ from fedmqtt.cli_options import (
     BrokerOpt,
     ConfigOpt,
     DpAdjacencyOpt,
+    DpMaxStepsOpt,
     DpQuantileOpt,
     FedOpt,
     PrefixOpt,
@@ -166,6 +167,7 @@ def aggregator(
     dp_noise: Annotated[float | None, typer.Option(help="fedbuff central DP: noise multiplier sigma")] = None,
     dp_adjacency: DpAdjacencyOpt = "replace",
     dp_quantile: DpQuantileOpt = None,
+    dp_max_steps: DpMaxStepsOpt = None,
     trim: Annotated[float | None, typer.Option(help="fedbuff-trimmed: fraction cut at each end; fedbuff-krum: "
                                                      "attackers assumed per buffer, f = trim x K (default 0.2)")
                     ] = None,

@@ -26,6 +26,9 @@ DpAdjacencyOpt = Annotated[str, typer.Option(
 DpQuantileOpt = Annotated[float | None, typer.Option(
     help="fedbuff central DP: adaptive clipping, the clip follows this quantile of the deltas' norms (e.g. "
          "0.5); --dp-clip is where it starts; the count is noised with std K/20")]
+DpMaxStepsOpt = Annotated[int | None, typer.Option(
+    min=1, help="fedbuff central DP: steps one device may take part in; later updates are refused "
+                "(privacy_budget), so ε is bounded by this count however long the federation runs")]
 PrintConfigOpt = Annotated[bool, typer.Option(help="print the settings this command would run with, and exit")]
 VerboseOpt = Annotated[bool, typer.Option(help="log everything (DEBUG); without it the services log connections "
                                                "and status lines, the demo only errors")]

@@ -63,6 +63,7 @@ class Limits(NamedTuple):
     max_payload: int = codec.DEFAULT_MAX_PAYLOAD
     dedup_capacity: int = 100_000
     one_update_per_step: bool = False  # also on when the strategy asks for it (central DP)
+    max_participations: int | None = None  # central DP: steps one device may take part in (its privacy budget)
     held: GateLimits = GateLimits()  # bounds on updates held for the next step
     admission: AdmissionLimits = AdmissionLimits()  # per device: rate and share of accepted updates
 
@@ -267,6 +268,10 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
             held = Held(dedup.key(agent, info.update_id), agent, payload, state.version if arrived is None
                         else arrived)
             return state._replace(gate=gate.hold(state.gate, held, lim.held))  # replied to once applied
+        if (r.gated and not replaying and lim.max_participations is not None
+                and state.gate.taken.get(agent, 0) >= lim.max_participations):
+            raise InvalidUpdate(Reason.PRIVACY_BUDGET, f"{agent!r} took part in {lim.max_participations} steps, "
+                                                       "its privacy budget")
         # the maths of the update, so replayed exactly too (the recent claims are part of the snapshot)
         weight = admission.samples(state.admission, info.num_samples, lim.admission)
         update = _client_update(checked, state.history, r.strategy, None if replaying else lim.max_update_norm,

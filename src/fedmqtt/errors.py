@@ -43,6 +43,7 @@ class Reason(StrEnum):
     RATE_LIMITED = "rate_limited"  # the device sends faster than Limits.admission.max_rate
     SHARE_EXCEEDED = "share_exceeded"  # the device holds too many of the recent accepted updates
     COMPRESSION = "compression"  # an unknown compressed form, or one whose indices or scales are invalid
+    PRIVACY_BUDGET = "privacy_budget"  # central DP: the device took part in its maximum number of steps
 
 
 class FedMQTTError(Exception):

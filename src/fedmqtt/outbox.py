@@ -124,13 +124,21 @@ def outcome(ack: Ack, pending: Pending | None) -> str:
     return "rejected"
 
 
+PRIVACY_BUDGET_PAUSE = 300.0  # seconds between rounds once the aggregator refuses updates as privacy_budget
+
+
 def paced(pause: float, ack: Ack) -> float:
     """Seconds between local rounds after ``ack``: over the aggregator's rate bound, twice as long each time;
-    easing off again as updates are accepted (a device faster than the bound settles just under it).
+    easing off again as updates are accepted (a device faster than the bound settles just under it). A device
+    whose privacy budget is spent tries again only every five minutes (the operator may raise the budget).
 
     >>> paced(0.0, Ack(update_id="u", status="rejected", version=0, reason="rate_limited"))
     0.02
+    >>> paced(0.0, Ack(update_id="u", status="rejected", version=0, reason="privacy_budget"))
+    300.0
     """
+    if ack.reason == "privacy_budget":
+        return PRIVACY_BUDGET_PAUSE
     if ack.reason == "rate_limited":
         return min(max(2 * pause, 0.02), 10.0)
     if ack.status == "accepted":
