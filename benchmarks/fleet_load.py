@@ -22,7 +22,8 @@ options given (``--server-lr``, ``--dp-clip``, ``--dp-noise``); ``--until-versio
 the final model is evaluated on the task's test set and ε is read from the aggregator's retained metrics.
 
     python benchmarks/fleet_load.py --train digits-linear --agents 1000 --buffer-size 500 --interval 4 \
-        --local-steps 1 --local-lr 0.5 --server-lr 4 --dp-clip 1 --dp-noise 9.6 --until-version 50
+        --local-steps 1 --local-lr 0.5 --server-lr 4 --dp-clip 1 --dp-noise 4.42 --dp-max-steps 12 \
+        --until-version 24
 
 At the end the agents stop sending and wait up to 60 s for their outstanding acks; the aggregator is stopped
 and its journal read. Reported: accepted updates per second, update-to-ack latency p50/p99, the
@@ -308,7 +309,9 @@ def drive(args: argparse.Namespace) -> int:
                             *(["--buffer-size", str(args.buffer_size)] if args.strategy.startswith("fedbuff") else []),
                             *(["--task", args.train, "--server-lr", str(args.server_lr)] if args.train else []),
                             *(["--dp-clip", str(args.dp_clip), "--dp-noise", str(args.dp_noise)]
-                              if args.dp_clip is not None else [])],
+                              if args.dp_clip is not None else []),
+                            *(["--dp-max-steps", str(args.dp_max_steps)] if args.dp_max_steps else []),
+                            *(["--dp-adjacency", args.dp_adjacency] if args.dp_clip is not None else [])],
                            stdout=subprocess.DEVNULL, stderr=open(work / "aggregator.log", "wb"), env=env)  # noqa: SIM115
     time.sleep(8)  # JAX import, first model published
     per = -(-args.agents // args.procs)
@@ -418,6 +421,8 @@ def main() -> int:
     p.add_argument("--server-lr", type=float, default=1.0, help="--train: the aggregator's server learning rate")
     p.add_argument("--dp-clip", type=float, default=None, help="central DP at the aggregator: clip")
     p.add_argument("--dp-noise", type=float, default=None, help="central DP at the aggregator: noise multiplier")
+    p.add_argument("--dp-adjacency", default="replace", help="central DP: replace or zero-out")
+    p.add_argument("--dp-max-steps", type=int, default=None, help="central DP: steps one device may take part in")
     p.add_argument("--until-version", type=int, default=None, help="stop when the model reaches this version")
     # a load process (started by the driver)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)

@@ -33,6 +33,8 @@ STRATEGIES = {
     "fedbuff-adam": ("fedbuff", {"buffer_size": 3, "server_opt": "fedadam", "server_lr": 0.1}),
     "fedbuff-dp": ("fedbuff", {"buffer_size": 3, "dp_clip": 0.5, "dp_noise": 1.0}),  # PRNG key, the gate
     "fedasync": ("fedasync", {}),
+    "fedasync-guard": ("fedasync-guard", {"window": 4}),  # a window of deltas and a refusal count
+    "fedbuff-guard": ("fedbuff-guard", {"buffer_size": 3}),
     "fedavg": ("fedavg", {}),
 }
 
