@@ -368,3 +368,5 @@ def test_a_device_past_its_step_budget_is_refused_and_epsilon_stays_bounded() ->
     report = strategy.report(state.strategy, state.gate.most_taken())
     assert report["dp_steps"] > 2 and report["dp_participations"] == 2
     assert report["dp_epsilon"] == pytest.approx(epsilon(0.75, 2, 1e-5))
+    with pytest.raises(ConfigError, match="budget"):  # without DP (no gate) a budget would count nothing
+        core.rules(fedbuff(buffer_size=2), params, Limits(max_participations=2))

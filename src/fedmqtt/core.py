@@ -85,6 +85,9 @@ def rules(strategy: Strategy, initial: Mapping[str, Array], limits: Limits | Non
     lim = limits or Limits()
     sync = strategy.mode == "sync"
     gated = lim.one_update_per_step or strategy.one_update_per_step
+    if lim.max_participations is not None and not gated:
+        raise ConfigError("a budget of steps per device (max_participations, --dp-max-steps) counts the steps of "
+                          "a gated server: use it with central DP (or one update per step)")
     if gated and sync:
         raise ConfigError("one update per step is for asynchronous strategies; a sync round takes one update "
                           "per agent already")
