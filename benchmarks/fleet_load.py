@@ -333,11 +333,12 @@ def drive(args: argparse.Namespace) -> int:
     learned: dict[str, Any] = {}
     try:
         while time.monotonic() - started < args.seconds:
-            time.sleep(10 if args.until_version is None else 1)
-            if args.until_version is not None:
-                if scrape_version(metrics_port) < args.until_version:
-                    continue
-                learned = asyncio.run(final_model(url, args.train))
+            for _ in range(10):  # a sample every 10 s; the version, when the run stops at one, every second
+                time.sleep(1)
+                if args.until_version is not None and scrape_version(metrics_port) >= args.until_version:
+                    learned = asyncio.run(final_model(url, args.train))
+                    break
+            if learned:
                 break
             a_rss, a_cpu = proc_stat(agg.pid)
             b_rss, b_cpu = proc_stat(broker.process.pid)

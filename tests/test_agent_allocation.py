@@ -171,7 +171,10 @@ async def test_two_federations_learn_at_once_with_one_coordinator(broker: Broker
     for f, t in FEDS.items():  # each aggregator's own model, on its own task's test set
         final = tasks[t].evaluate_fn(tasks[t].trainer(0))(aggs[f].numpy_params())["accuracy"]
         assert final >= 0.8 > start[f]  # learnt (0.85 was reached; the updates applied since may dip it)
-        assert aggs[f].state.counters.accepted > 0 and sum(aggs[f].state.counters.rejected.values()) == 0
+        # nothing refused but, at most, by the admission policy: in a federation of three devices of different
+        # speeds the fastest can briefly hold three quarters of the recent updates (share_exceeded)
+        assert aggs[f].state.counters.accepted > 0
+        assert set(aggs[f].state.counters.rejected) <= {"share_exceeded"}, aggs[f].state.counters.rejected
     # Every agent was assigned to the federation of the task it holds, and sent only there.
     assert {a: x.plan.federation for a, x in issued.items() if x is not None} == own
     senders = {(m.topic.split("/")[1], m.topic.rsplit("/", 1)[1]) for m in updates}
