@@ -8,9 +8,9 @@ The parts compose like optax transforms: ``fedbuff(10, combine=outlier(3.0), opt
 Central differential privacy is one more part, ``dp=CentralDP(clip=C, noise=sigma)`` (fedmqtt.privacy): each
 Δᵢ is clipped to ‖Δᵢ‖ ≤ C and N(0, (sigma C)²) noise is added to the buffered sum before dividing by K; the
 PRNG key, the count of noisy steps and the clip (adaptive clipping moves it) live in the state, so the
-strategy stays pure. The noise is calibrated
-to a sum, so DP composes with the mean only, and the strategy asks the server for one update per agent per
-step (``one_update_per_step``) and reports ε from the accountant (``report``).
+strategy stays pure. The noise is calibrated to a sum, so DP composes with the mean only, and the strategy
+asks the server for one update per agent per step (``one_update_per_step``) and reports ε from the
+accountant (``report``).
 
 ``flush`` takes a step with a partly filled buffer (the mean over the n < K deltas held); the aggregator
 calls it when a step is overdue (``step_deadline``). With central DP each device still adds at most one
