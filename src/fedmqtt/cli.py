@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from fedmqtt import __version__
@@ -38,8 +37,8 @@ from fedmqtt.cli_options import (
 )
 from fedmqtt.cli_run import err, fail, run, setup_logging
 from fedmqtt.errors import ConfigError, FedMQTTError
+from fedmqtt.observe_cli import report, watch
 from fedmqtt.site_cli import site as site_command
-from fedmqtt.topics import Topics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Asynchronous federated learning over MQTT.")
@@ -337,41 +336,10 @@ def coordinator(
     run_coordinator(settings)
 
 
-# ---- watch and report ---------------------------------------------------------------------------------------
-@app.command(context_settings=SERVICE)
-def watch(
-    config: ConfigOpt = None,
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
-    prefix: PrefixOpt = "fedmqtt",
-    federation: FedOpt = "default",
-    json_out: Annotated[bool, typer.Option("--json", help="print raw JSON lines")] = False,
-    record: Annotated[Path | None, typer.Option(
-        help="also write the metrics into this directory (metrics.csv); `fedmqtt report` plots it")] = None,
-) -> None:
-    """Follow the metrics and agents' presence live; reconnects when the broker goes away."""
-    check_broker_url(broker)
-    from fedmqtt.recording import Recorder
-    from fedmqtt.watch import watch as run_watch
-
-    recorder = Recorder(record) if record is not None else None
-    run(lambda stop: run_watch(broker, Topics(prefix, federation), json_out, out=Console(highlight=False),
-                                stop=stop, recorder=recorder))
-
-
-@app.command()
-def report(
-    run: Annotated[Path, typer.Argument(help="a directory written by --record (demo or watch)")],
-    out: Annotated[Path | None, typer.Option(help="PNG to write (default: RUN/report.png)")] = None,
-) -> None:
-    """Plot a recorded run: accuracy and version over time, staleness, each agent's accepted updates."""
-    from fedmqtt.report import write_report
-
-    path = write_report(run, out)
-    err.print(f"report written to {path}")
-
-
 app.add_typer(broker_app, name="broker")
 app.command(name="site", context_settings=SERVICE)(site_command)
+app.command(context_settings=SERVICE)(watch)
+app.command()(report)
 
 
 # ---- the entry point ----------------------------------------------------------------------------------------
