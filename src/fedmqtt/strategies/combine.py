@@ -134,24 +134,40 @@ def guard(spread: float = 3.0) -> Combine:
 
 
 def _guard(deltas: Params, weights: Array, spread: float) -> Params:
-    center = jax.tree.map(lambda d: jnp.median(d, axis=0)[None], deltas)
+    keep, bounded = guard_bounds(deltas, weights, reference(deltas, weights), spread)
+    return _mean_of(bounded, weights, keep)
+
+
+class Reference(NamedTuple):
+    """What the guard judges deltas against, from a stack of deltas as sent (rows of NaN are ignored: the
+    empty slots of a window that is still filling)."""
+
+    center: Params  # coordinate-wise median m (leading axis 1)
+    mad: Params  # coordinate-wise median absolute deviation from m (leading axis 1)
+    distance: Array  # median ‖Δᵢ - m‖
+    norm: Array  # median ‖Δᵢ‖
+    weight: Array  # median staleness weight
+
+
+def reference(deltas: Params, weights: Array) -> Reference:
+    center = jax.tree.map(lambda d: jnp.nanmedian(d, axis=0, keepdims=True), deltas)
+    mad = jax.tree.map(lambda d, c: jnp.nanmedian(jnp.abs(d - c), axis=0, keepdims=True), deltas, center)
     dist = jax.vmap(l2_norm)(jax.tree.map(jnp.subtract, deltas, center))
+    return Reference(center, mad, jnp.nanmedian(dist), jnp.nanmedian(jax.vmap(l2_norm)(deltas)),
+                     jnp.nanmedian(weights))
+
+
+def guard_bounds(deltas: Params, weights: Array, ref: Reference, spread: float) -> tuple[Array, Params]:
+    """For stacked ``deltas`` with staleness ``weights``: which pass the guard's distance test, and each
+    clipped to the scaled median norm with every coordinate held within m ± spread·MAD."""
+    dist = jax.vmap(l2_norm)(jax.tree.map(jnp.subtract, deltas, ref.center))
     norms = jax.vmap(l2_norm)(deltas)
-    r = jnp.median(weights) / jnp.maximum(weights, 1e-12)  # 1 at the median staleness, > 1 when staler
-    keep = dist <= spread * jnp.median(dist) * jnp.maximum(r, 1.0 / spread)
-    scale = jnp.minimum(1.0, jnp.median(norms) * r / jnp.maximum(norms, 1e-12))
-    clipped = jax.tree.map(lambda d: d * scale.reshape((-1,) + (1,) * (d.ndim - 1)), deltas)
-    return _mean_of(held_near(clipped, deltas, center, spread), weights, keep)
-
-
-def held_near(values: Params, deltas: Params, center: Params, spread: float) -> Params:
-    """Each coordinate of ``values`` (stacked) clamped to centerⱼ ± spread·MADⱼ, the median absolute
-    deviation of ``deltas`` (stacked, as sent) from ``center`` (leading axis 1)."""
-    def leaf(v: Array, d: Array, c: Array) -> Array:
-        mad = jnp.median(jnp.abs(d - c), axis=0, keepdims=True)
-        return c + jnp.clip(v - c, -spread * mad, spread * mad)
-
-    return jax.tree.map(leaf, values, deltas, center)
+    r = ref.weight / jnp.maximum(weights, 1e-12)  # 1 at the median staleness, > 1 when staler
+    keep = dist <= spread * ref.distance * jnp.maximum(r, 1.0 / spread)
+    scale = jnp.minimum(1.0, ref.norm * r / jnp.maximum(norms, 1e-12))
+    bounded = jax.tree.map(lambda d, c, m: c + jnp.clip(d * scale.reshape((-1,) + (1,) * (d.ndim - 1)) - c,
+                                                        -spread * m, spread * m), deltas, ref.center, ref.mad)
+    return keep, bounded
 
 
 def _mean_of(deltas: Params, weights: Array, chosen: Array) -> Params:

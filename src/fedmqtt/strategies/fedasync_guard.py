@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from fedmqtt.privacy import l2_norm
 from fedmqtt.strategies.base import ClientUpdate, Params, Strategy, no_flush
+from fedmqtt.strategies.combine import guard_bounds, reference
 from fedmqtt.strategies.staleness import StalenessFn, polynomial
 
 WARM_UP = 3  # deltas accepted unjudged while the window fills
@@ -65,26 +65,13 @@ def fedasync_guard(alpha: float = 0.6, weighting: StalenessFn | None = None, win
         delta = jax.tree.map(lambda d: jnp.asarray(d, jnp.float32), update.params)
         weight = w(update.staleness)
         held = state.filled
-        nan_out = jnp.where(held, 0.0, jnp.nan)  # empty slots are NaN, so that nanmedian skips them
-
-        def nanmedian_leaf(leaf: Array) -> Array:
-            return jnp.nanmedian(leaf + nan_out.reshape((-1,) + (1,) * (leaf.ndim - 1)), axis=0)
-
-        center = jax.tree.map(nanmedian_leaf, state.window)
-        dists = jax.vmap(l2_norm)(jax.tree.map(lambda s, c: s - c[None], state.window, center))
-        typical = jnp.nanmedian(dists + nan_out)
-        norm_typical = jnp.nanmedian(jax.vmap(l2_norm)(state.window) + nan_out)
-        r = jnp.nanmedian(state.weights + nan_out) / jnp.maximum(weight, 1e-12)
+        nan_out = jnp.where(held, 0.0, jnp.nan)  # empty slots are NaN, so that the medians skip them
+        recent = jax.tree.map(lambda s: s + nan_out.reshape((-1,) + (1,) * (s.ndim - 1)), state.window)
+        ref = reference(recent, state.weights + nan_out)
+        keep, bounded = guard_bounds(jax.tree.map(lambda d: d[None], delta), weight[None], ref, spread)
         judged = jnp.sum(held) >= WARM_UP
-        dist = l2_norm(jax.tree.map(jnp.subtract, delta, center))
-        accept = ~judged | (dist <= spread * typical * jnp.maximum(r, 1.0 / spread))
-        scale = jnp.where(judged, jnp.minimum(1.0, norm_typical * r / jnp.maximum(l2_norm(delta), 1e-12)), 1.0)
-
-        def near(d: Array, c: Array, win: Array) -> Array:  # coordinates within the window's spread
-            mad = nanmedian_leaf(jnp.abs(win - c[None]))
-            return jnp.where(judged, c + jnp.clip(d * scale - c, -spread * mad, spread * mad), d)
-
-        applied = jax.tree.map(near, delta, center, state.window)
+        accept = ~judged | keep[0]
+        applied = jax.tree.map(lambda b, d: jnp.where(judged, b[0], d), bounded, delta)
         rate = jnp.where(accept, alpha * weight, 0.0)
         params = jax.tree.map(lambda x, d: (x + rate * d).astype(x.dtype), params, applied)
         slot = state.next
