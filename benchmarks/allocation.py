@@ -31,7 +31,6 @@ Medians over seeds; results/allocation-<stamp>.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import heapq
 import json
 import platform
@@ -127,7 +126,7 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
             heapq.heappush(queue, (now + last_round[i], i))
             continue
         base_version, base_params = base[i]
-        new, loss[i] = trainer.train(base_params, asyncio.run(data[i].take(steps[i])))
+        new, loss[i] = trainer.train(base_params, data[i].batches(steps[i]))
         delta = {k: np.asarray(new[k] - base_params[k], dtype=base_params[k].dtype) for k in new}
         payload = codec.encode_update(delta, agent=f"d{i}", update_id=f"u{arrivals}", base_version=base_version,
                                       num_samples=data[i].num_samples, model_fingerprint=rules.reference.fingerprint)

@@ -36,12 +36,7 @@ class Learner:
         if index not in self.data:
             self.data[index] = self.task.data_for(index)
         data = self.data[index]
-        take = data.take(self.task.local_steps)  # ArrayData never suspends
-        try:
-            take.send(None)
-        except StopIteration as done:
-            batch = done.value
-        new, _ = self.trainer.train(params, batch)
+        new, _ = self.trainer.train(params, data.batches(self.task.local_steps))
         return {k: np.asarray(new[k] - params[k], dtype=params[k].dtype) for k in params}, data.num_samples
 
 

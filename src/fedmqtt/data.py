@@ -51,9 +51,13 @@ class ArrayData:
             out.append(chunk)
         return np.concatenate(out)
 
-    async def take(self, steps: int) -> Batch:
+    def batches(self, steps: int) -> Batch:
+        """``steps`` batches stacked on a leading axis, without an event loop (simulations, warm-up)."""
         idx = self._indices(steps * self.batch_size).reshape(steps, self.batch_size)
         return {"x": self.x[idx], "y": self.y[idx]}
+
+    async def take(self, steps: int) -> Batch:
+        return self.batches(steps)
 
 
 class StreamData:

@@ -38,17 +38,6 @@ from fedmqtt.training import Trainer
 from fedmqtt.transport import Connector
 
 
-def _take_sync(data: Any, steps: int) -> Any:
-    """``data.take`` of an ArrayData without awaiting (it never suspends)."""
-    coro = data.take(steps)
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise RuntimeError("this data source suspends; warm up outside the event loop")
-
-
 def speed_factors(n: int, sigma: float, seed: int = 0) -> list[float]:
     """fᵢ ~ lognormal(0, σ), seeded; σ = 0 gives every agent factor 1."""
     if sigma == 0:
@@ -165,7 +154,7 @@ class Fleet(Service):
                 continue
             done.add(id(trainer))
             data = self.tasks[name].data_for(i, self.config.seed)  # a copy: the agent's sampling order is kept
-            trainer.train(trainer.initial, _take_sync(data, self._agent_cfgs[i].local_steps))
+            trainer.train(trainer.initial, data.batches(self._agent_cfgs[i].local_steps))
 
     def loops(self) -> dict[str, Loop]:
         return {self.agents[i].agent_id: self._slot(i) for i in range(len(self.agents))}

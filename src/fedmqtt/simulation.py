@@ -18,7 +18,6 @@ No MQTT, no threads, no clocks.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import statistics
 from dataclasses import dataclass, field
@@ -93,7 +92,7 @@ def simulate(task: Task, strategy: Strategy, *, updates: int, seed: int = 0, sig
     while arrival < updates:
         now, i = heapq.heappop(queue)
         base_version, base_params = base[i]
-        new, _ = trainer.train(base_params, asyncio.run(data[i].take(task.local_steps)))
+        new, _ = trainer.train(base_params, data[i].batches(task.local_steps))
         delta = {k: np.asarray(new[k] - base_params[k], dtype=base_params[k].dtype) for k in new}
         if i in sends:
             delta = sends[i](delta)
