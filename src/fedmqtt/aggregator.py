@@ -66,6 +66,7 @@ class AggregatorConfig:
     backoff_max: float = 10.0
     signing_key: str | Path | None = None  # Ed25519 PEM file: sign every model published (protocol 1.1)
     model_forms: tuple[str, ...] = ()  # also publish the model compressed (float16, int8) on model/<form>
+    workers: bool = False  # take workers' combined updates (fedmqtt.worker) instead of the devices' own
 
 
 class Aggregator(Service):
@@ -87,6 +88,9 @@ class Aggregator(Service):
         self._signer = Signer.from_file(cfg.signing_key) if cfg.signing_key is not None else None
         if set(cfg.model_forms) - set(MODEL_FORMS):
             raise ConfigError(f"model forms {list(cfg.model_forms)}: each one of {', '.join(MODEL_FORMS)}")
+        if cfg.workers and (not strategy.sums or self.rules.gated):
+            raise ConfigError(f"workers send sums of updates: {strategy.name} cannot take them (use fedbuff, "
+                              "the mean, without DP or a robust rule)")
         self._recovered = False
         self.presence = Presence(cfg.max_online)
         self.eval: dict[str, float] = {}
@@ -165,12 +169,12 @@ class Aggregator(Service):
             log.info("recovered version %d (%d journal records replayed)", self.state.version, replayed)
         return replayed
 
-    def handle(self, agent: str, payload: bytes) -> None:
-        """One update from ``agent``'s topic, through the core; its ack and any new version are released
-        once its journal record is durable."""
+    def handle(self, agent: str, payload: bytes, combined: bool = False) -> None:
+        """One update from ``agent``'s topic (a worker's, when ``combined``), through the core; its ack and
+        any new version are released once its journal record is durable."""
         self.recover()
         now = time.monotonic()
-        self._take(*core.receive(self.state, agent, payload, self.rules, now), now)
+        self._take(*core.receive(self.state, agent, payload, self.rules, now, combined), now)
         if self.strategy.mode == "sync" and self._flush_due(now):
             self.close_round()  # at once: a round takes its first arrivals, not whatever came until a timer
         self.handling.add(time.monotonic() - now)
@@ -249,6 +253,10 @@ class Aggregator(Service):
         if agent is not None:
             self.handle(agent, msg.payload)
             return
+        worker = self.topics.worker_of_combined(msg.topic) if self.config.workers else None
+        if worker is not None and msg.payload and not msg.retain:
+            self.handle(worker, msg.payload, combined=True)
+            return
         agent = self.topics.agent_of_status(msg.topic)
         if agent is not None:
             try:
@@ -312,7 +320,8 @@ class Aggregator(Service):
 
     # ---- loops ------------------------------------------------------------------------------------------
     async def _subscribe(self, t: Transport) -> None:
-        await t.subscribe(self.topics.updates_wildcard, qos=1)
+        await t.subscribe(self.topics.combined_wildcard if self.config.workers else self.topics.updates_wildcard,
+                          qos=1)
         await t.subscribe(self.topics.status_wildcard, qos=1)
         await t.subscribe(self.topics.model, qos=1)  # to notice a model that is not ours
         await self._announce(t, "online")

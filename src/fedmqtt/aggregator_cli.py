@@ -55,7 +55,7 @@ def run_aggregator(s: dict[str, Any]) -> None:
     cfg = AggregatorConfig(topics=topics, limits=limits,
                            timing=Timing(round_size=s["round_size"], round_deadline=s["round_deadline"]),
                            state_dir=directory, snapshot_every=s["snapshot_every"], keep_journal=s["keep_journal"],
-                           signing_key=s["signing_key"],
+                           signing_key=s["signing_key"], workers=s["workers"],
                            model_forms=tuple(f.strip() for f in s["model_forms"].split(",") if f.strip()))
     agg = Aggregator(mqtt_connector(BrokerConfig.from_url(s["broker"])), initial, strategy, cfg,
                      evaluate=task.evaluate_fn(trainer))

@@ -39,6 +39,7 @@ from fedmqtt.cli_run import err, fail, run, setup_logging
 from fedmqtt.errors import ConfigError, FedMQTTError
 from fedmqtt.observe_cli import report, watch
 from fedmqtt.site_cli import site as site_command
+from fedmqtt.worker_cli import worker as worker_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Asynchronous federated learning over MQTT.")
@@ -174,6 +175,8 @@ def aggregator(
                                                        "median than spread x the median distance (default 3)")] = None,
     sites: Annotated[str, typer.Option(help="site aggregators' ids, comma-separated: no per-device rate or "
                                             "share bound for their combined updates")] = "",
+    workers: Annotated[bool, typer.Option(help="take the combined updates of `fedmqtt worker` processes "
+                                               "instead of the devices' own (fedbuff)")] = False,
     one_update_per_step: Annotated[bool, typer.Option(
         help="hold a device's second update until the next step (always on with --dp-clip)")] = False,
     secure: Annotated[bool, typer.Option(help="secure aggregation: FedBuff steps over cohorts of --buffer-size "
@@ -208,6 +211,9 @@ def aggregator(
         raise typer.BadParameter("--ephemeral keeps no state; drop --state-dir or --ephemeral")
     for site_id in parse_list(sites):
         check_names(site_id, prefix, federation)
+    if workers and (strategy != "fedbuff" or secure or dp_clip is not None or one_update_per_step):
+        raise typer.BadParameter("--workers sends sums of updates: give --strategy fedbuff, without --secure, "
+                                 "--dp-clip or --one-update-per-step")
     if secure and strategy != "fedbuff":
         raise typer.BadParameter("--secure runs FedBuff steps: give --strategy fedbuff")
     if init_model is not None and not init_model.is_file():
@@ -338,6 +344,7 @@ def coordinator(
 
 app.add_typer(broker_app, name="broker")
 app.command(name="site", context_settings=SERVICE)(site_command)
+app.command(name="worker", context_settings=SERVICE)(worker_command)
 app.command(context_settings=SERVICE)(watch)
 app.command()(report)
 

@@ -19,6 +19,11 @@ An update, from bytes to a new version (:func:`receive`):
 5. the journal record, the counters and the de-duplication window follow; a step makes a new version,
    trims the history and the window, and lets held updates in.
 
+A worker's combined update (``receive(..., combined=True)``, fedmqtt.worker) is checked the same way, then
+its members (fedmqtt.members): none may have been applied before (``duplicate_member``) nor be older than the
+de-duplication window; the strategy takes it as k updates (``ClientUpdate.updates``), each member enters the window, and
+the per-device admission bounds do not apply (the worker, not a device, sent it).
+
 >>> import numpy as np
 >>> from fedmqtt import codec
 >>> from fedmqtt.strategies import fedasync
@@ -43,7 +48,7 @@ from typing import Any, Literal, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from fedmqtt import admission, codec, dedup, gate
+from fedmqtt import admission, codec, dedup, gate, members
 from fedmqtt.admission import Admission, AdmissionLimits
 from fedmqtt.errors import ConfigError, InvalidUpdate, Reason, StateError
 from fedmqtt.gate import Gate, GateLimits, Held
@@ -134,9 +139,10 @@ class Reply(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """A journal record: an accepted update as received, or a flushed step."""
+    """A journal record: an accepted update as received (a device's, or a worker's combined one), or a
+    flushed step."""
 
-    kind: Literal["update", "flush"]
+    kind: Literal["update", "combined", "flush"]
     agent: str = ""
     payload: bytes = b""
 
@@ -168,15 +174,16 @@ class _Out:
 
 
 # ---- events ---------------------------------------------------------------------------------------------
-def receive(state: ServerState, agent: str, payload: bytes, r: Rules, now: float | None = None
-            ) -> tuple[ServerState, Effects]:
+def receive(state: ServerState, agent: str, payload: bytes, r: Rules, now: float | None = None,
+            combined: bool = False) -> tuple[ServerState, Effects]:
     """One update from ``agent`` (the id in its topic), arrived at ``now`` (seconds on any monotonic clock;
-    None: the rate is not checked). Never raises for bad input: every rejection is a reply with a reason,
-    counted in ``state.counters.rejected``."""
+    None: the rate is not checked); ``combined``: a worker's combined update (it came on a worker's topic).
+    Never raises for bad input: every rejection is a reply with a reason, counted in
+    ``state.counters.rejected``."""
     if not is_id(agent):  # e.g. "$x" or 200 characters: no ack topic can be built for it
         return _count_rejection(state, Reason.BAD_TOPIC), Effects()
     out = _Out()
-    state = _take(state, agent, payload, r, out, now=now)
+    state = _take(state, agent, payload, r, out, now=now, combined=combined)
     return _release(state, r, out), out.effects()
 
 
@@ -198,7 +205,7 @@ def replay(state: ServerState, entry: Entry, r: Rules) -> ServerState:
     if entry.kind == "flush":
         return flush(state, r)[0]
     out = _Out()
-    state = _take(state, entry.agent, entry.payload, r, out, replaying=True)
+    state = _take(state, entry.agent, entry.payload, r, out, replaying=True, combined=entry.kind == "combined")
     bad = [x for x in out.replies if not x.accepted]
     if bad:
         raise StateError(f"a journal record of {entry.agent!r} cannot be replayed ({bad[0].reason}: "
@@ -249,7 +256,7 @@ def round_target(online: int, size: int | None = None, fraction: float | None = 
 
 # ---- the steps of one update ----------------------------------------------------------------------------
 def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, arrived: int | None = None,
-          replaying: bool = False, now: float | None = None) -> ServerState:
+          replaying: bool = False, now: float | None = None, combined: bool = False) -> ServerState:
     """Check, hold or apply one update. ``arrived``: the version at which a held update arrived (its
     staleness is judged as of then)."""
     lim = r.limits
@@ -261,10 +268,11 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
                                seen=state.seen, max_payload=_UNBOUNDED if replaying else lim.max_payload)
         info = checked.info
         sync = r.strategy.mode == "sync"
+        carried = _members(state, checked, r) if combined else ()
         if sync and not replaying and not gate.admits(state.gate, agent):  # one device, one vote per round
             raise InvalidUpdate(Reason.ONE_PER_ROUND, f"{agent!r} already has an update in round {state.version}")
-        refused = None if replaying or arrived is not None else admission.check(state.admission, agent, now,
-                                                                                   lim.admission)
+        refused = None if replaying or arrived is not None or combined else admission.check(
+            state.admission, agent, now, lim.admission)
         if refused is not None:
             raise InvalidUpdate(Reason(refused), f"{agent!r} is over its {refused.split('_')[0]} bound")
         if r.gated and not replaying and not gate.admits(state.gate, agent):
@@ -278,29 +286,52 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
         # the maths of the update, so replayed exactly too (the recent claims are part of the snapshot)
         weight = admission.samples(state.admission, info.num_samples, lim.admission)
         update = _client_update(checked, state.history, r.strategy, None if replaying else lim.max_update_norm,
-                                weight)
+                                weight, len(carried))
         params, strategy_state, stepped = r.strategy.apply(state.params, update, state.strategy)
     except InvalidUpdate as exc:
         update_id = exc.update_id or (checked.info.update_id if checked is not None else "")
         out.replies.append(Reply(agent, update_id, False, state.version, exc.reason.value, exc.detail[:300]))
         return _count_rejection(state, exc.reason)
-    out.records.append(Entry("update", agent, payload))  # write-ahead: the record comes before any effect
+    # write-ahead: the record comes before any effect
+    out.records.append(Entry("combined" if combined else "update", agent, payload))
     c = state.counters
+    seen = dedup.add(state.seen, dedup.key(agent, info.update_id), info.base_version, lim.dedup_capacity)
+    staleness = _plus_one(c.staleness, checked.staleness) if not combined else c.staleness
+    for member, update_id, base in carried:
+        seen = dedup.add(seen, dedup.key(member, update_id), base, lim.dedup_capacity)
+        staleness = _plus_one(staleness, state.version - base)
+    count = len(carried) or 1
     state = state._replace(
-        strategy=strategy_state,
-        seen=dedup.add(state.seen, dedup.key(agent, info.update_id), info.base_version, lim.dedup_capacity),
+        strategy=strategy_state, seen=seen,
         gate=gate.admit(state.gate, agent) if r.gated or sync else state.gate,
-        admission=admission.record(state.admission, agent, now, lim.admission, info.num_samples),
-        counters=c._replace(accepted=c.accepted + 1, staleness=_plus_one(c.staleness, checked.staleness),
-                            since_step=c.since_step + 1))
+        admission=state.admission if combined else admission.record(state.admission, agent, now, lim.admission,
+                                                                    info.num_samples),
+        counters=c._replace(accepted=c.accepted + count, staleness=staleness, since_step=c.since_step + count))
     if bool(stepped):
         state = _advance(state, params, r, out)
     out.replies.append(Reply(agent, info.update_id, True, state.version))
     return state
 
 
+def _members(state: ServerState, checked: Checked, r: Rules) -> tuple[members.Member, ...]:
+    """A combined update's members, each new and within the de-duplication window; raises InvalidUpdate."""
+    if not r.strategy.sums or r.gated or r.strategy.mode == "sync":
+        raise InvalidUpdate(Reason.BAD_METADATA, f"{r.strategy.name} takes no combined updates (workers need "
+                                                 "FedBuff with the mean)")
+    carried = members.parse(checked.metadata, checked.info.base_version)
+    old = [m for m in carried if m[2] <= state.seen.floor]
+    if old:
+        raise InvalidUpdate(Reason.STALE, f"member {old[0][0]}/{old[0][1]} (base {old[0][2]}) predates the "
+                                          "de-duplication window")
+    applied = [m for m in carried if dedup.contains(state.seen, dedup.key(m[0], m[1]), m[2])]
+    if applied:
+        raise InvalidUpdate(Reason.DUPLICATE_MEMBER, f"{len(applied)} of {len(carried)} members were applied "
+                                                     f"before, e.g. {applied[0][0]}/{applied[0][1]}")
+    return carried
+
+
 def _client_update(checked: Checked, history: Mapping[int, Params], strategy: Strategy,
-                   max_norm: float | None, num_samples: int) -> ClientUpdate:
+                   max_norm: float | None, num_samples: int, count: int = 0) -> ClientUpdate:
     """What the strategy wants from a checked update; raises InvalidUpdate (base_unavailable, non_finite,
     norm). numpy throughout: the strategies take numpy arrays (FedAsync and FedBuff's running sum stay on
     the host), and element-wise work here costs less than JAX dispatches."""
@@ -321,6 +352,8 @@ def _client_update(checked: Checked, history: Mapping[int, Params], strategy: St
         delta = {k: np.subtract(v, np.asarray(base[k])) for k, v in tensors.items()}
         check_norm(delta, max_norm)
         value = tensors if wants_weights else delta
+    if count:  # a combined update: its members were weighed by their staleness at the worker
+        return ClientUpdate(value, np.int32(0), np.float32(num_samples), count)
     return ClientUpdate(value, np.int32(checked.staleness), np.float32(num_samples))
 
 

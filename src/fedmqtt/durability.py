@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 from urllib.parse import quote
 
 from fedmqtt import core, journal, snapshot
@@ -36,7 +36,8 @@ from fedmqtt.topics import Topics
 log = logging.getLogger("fedmqtt.durability")
 Release = Callable[[Sequence[Reply], ServerState | None], None]  # replies to send, a state whose version to publish
 Current = Callable[[], ServerState]
-_KIND = {"update": journal.UPDATE, "flush": journal.FLUSH}
+_KIND = {"update": journal.UPDATE, "combined": journal.COMBINED, "flush": journal.FLUSH}
+_ENTRY: dict[int, Literal["update", "combined"]] = {journal.UPDATE: "update", journal.COMBINED: "combined"}
 
 
 def data_home(env: Mapping[str, str] | None = None) -> Path:
@@ -168,7 +169,8 @@ class Durability:
         self.snapshot_seq = last
         replayed = 0
         for rec in journal.read_records(self.directory, last, repair=True):
-            entry = Entry("update", rec.agent, rec.payload) if rec.kind == journal.UPDATE else Entry("flush")
+            kind = _ENTRY.get(rec.kind)
+            entry = Entry(kind, rec.agent, rec.payload) if kind is not None else Entry("flush")
             state = core.replay(state, entry, r)
             last, replayed = rec.seq, replayed + 1
         self.journal = journal.Journal(self.directory, last + 1, keep=self.keep_journal, fsync=self.fsync)
@@ -195,7 +197,7 @@ class Durability:
         j = self.journal
         assert j is not None, "open() first"
         for e in records:
-            j.append(_KIND[e.kind], journal.update_body(e.agent, e.payload) if e.kind == "update" else b"")
+            j.append(_KIND[e.kind], journal.update_body(e.agent, e.payload) if e.kind != "flush" else b"")
         if j.written_seq - self.snapshot_seq >= self.snapshot_every:
             self._snapshot_due.set()
 

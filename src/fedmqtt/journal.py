@@ -37,6 +37,7 @@ log = logging.getLogger("fedmqtt.journal")
 
 UPDATE = 1  #: body: u16 agent-id length | agent id (utf-8) | update payload
 FLUSH = 2  #: body: empty (a sync round was closed)
+COMBINED = 3  #: body: as UPDATE, the agent id being a worker's (a combined update, fedmqtt.members)
 _FRAME = struct.Struct("<2sQBII")
 _MAGIC = b"FJ"
 _SEGMENT = re.compile(r"^journal-(\d{12})\.log$")
@@ -61,7 +62,7 @@ def _frame(seq: int, kind: int, body: bytes) -> bytes:
 
 
 def _parse(seq: int, kind: int, body: bytes) -> Record:
-    if kind == UPDATE:
+    if kind in (UPDATE, COMBINED):
         (n,) = struct.unpack_from("<H", body)
         return Record(seq, kind, body[2 : 2 + n].decode(), body[2 + n :])
     return Record(seq, kind, "", b"")
@@ -123,10 +124,10 @@ def read_records(directory: Path, after: int = 0, repair: bool = False) -> Itera
             raise StateError(f"journal {path} starts at record {records[0].seq}, not {start}")
 
 
-def applied_updates(directory: str | Path) -> list[tuple[int, str, bytes]]:
-    """``(seq, agent, payload)`` of every UPDATE record still on disk (all of them with ``keep_journal``):
-    the aggregator's ledger of what it applied."""
-    return [(r.seq, r.agent, r.payload) for r in read_records(Path(directory)) if r.kind == UPDATE]
+def applied_updates(directory: str | Path, kind: int = UPDATE) -> list[tuple[int, str, bytes]]:
+    """``(seq, agent, payload)`` of every UPDATE record (``kind=COMBINED``: every combined update) still on
+    disk (all of them with ``keep_journal``): the aggregator's ledger of what it applied."""
+    return [(r.seq, r.agent, r.payload) for r in read_records(Path(directory)) if r.kind == kind]
 
 
 class Journal:

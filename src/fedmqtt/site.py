@@ -62,6 +62,7 @@ class SiteConfig:
     staleness: StalenessFn = field(default_factory=lambda: polynomial(0.5))
     ack_timeout: float = 30.0  # re-send a combined update the root has not acknowledged after this long
     client_id: str | None = None
+    max_update_norm: float | None = 1e3  # each local update's bound on ‖Δ‖₂, as the root's (None: none)
 
     def __post_init__(self) -> None:
         check_id(self.site_id)
@@ -93,6 +94,8 @@ class Site(Service):
         self.instance = self._instance(directory)
         self._seq = 0
         self._publishing: set[asyncio.Future[Any]] = set()
+        self.updates_filter = self.topics.updates_wildcard  # what the site takes: every local device's updates
+        self.upstream_topic = self.topics.update(cfg.site_id)  # where its combined updates go
         self._load()
 
     # ---- durable state ----------------------------------------------------------------------------------
@@ -123,6 +126,10 @@ class Site(Service):
             self._seq = max(self._seq, int(r.get("seq", 0)))
             if "members" in r:
                 members[r["id"]] = [(str(a), str(u), int(b)) for a, u, b in r["members"]]
+            elif "split" in r:  # refused as a whole: its members went on in other combined updates, or re-send
+                members.pop(r["split"], None)
+                if r["split"] in self.outbox:
+                    del self.outbox[r["split"]]
             elif "acked" in r:
                 if r["acked"] in self.outbox:  # the crash came between the ledger and the outbox's delete
                     del self.outbox[r["acked"]]
@@ -146,7 +153,7 @@ class Site(Service):
         return {"connection": self.connection(opts, self._subscribe), "resender": self._resender()}
 
     async def _subscribe(self, t: Transport) -> None:
-        await t.subscribe(self.topics.updates_wildcard, qos=1)
+        await t.subscribe(self.updates_filter, qos=1)
         await t.subscribe(self.topics.model, qos=1)
         await t.subscribe(self.topics.acks(self.config.site_id), qos=1)
         for upstream, pending in list(self.outbox.items()):
@@ -196,8 +203,7 @@ class Site(Service):
         try:
             checked = validation.check_update(payload, agent, reference=self.reference, version=self.version,
                                               max_staleness=self.config.max_staleness, seen=self.seen)
-            if not all(np.isfinite(v).all() for v in checked.tensors.values()):
-                raise InvalidUpdate(Reason.NON_FINITE, "NaN or Inf in the update")
+            validation.check_norm(checked.tensors, self.config.max_update_norm)  # finite, and within the bound
         except InvalidUpdate as exc:
             if exc.reason == Reason.DUPLICATE:
                 return  # in the buffer already: answered with the rest
@@ -223,17 +229,19 @@ class Site(Service):
     def _combine(self) -> None:
         """The buffer's FedBuff mean, recorded and put in the outbox, then sent upstream."""
         batch, self.buffer = self.buffer, []
+        self._seq += 1
+        self._send_combined(f"{self.config.site_id}-{self.instance}-{self._seq}", batch)
+
+    def _send_combined(self, upstream: str, batch: list[tuple[Member, dict[str, Array], int]]) -> None:
         k = len(batch)
         names = sorted(batch[0][1])
         weights = [float(self.config.staleness(max(0, self.version - base))) for (_, _, base), _, _ in batch]
         mean = {n: np.sum([w * np.asarray(d[n], np.float32) for w, (_, d, _) in zip(weights, batch, strict=True)],
                           axis=0) / np.float32(k) for n in names}
-        self._seq += 1
-        upstream = f"{self.config.site_id}-{self.instance}-{self._seq}"
+        members = [m for m, *_ in batch]
         payload = codec.encode_update(mean, agent=self.config.site_id, update_id=upstream,
                                       base_version=self.version, num_samples=sum(n for *_, n in batch),
-                                      model_fingerprint=self.reference.fingerprint)
-        members = [m for m, *_ in batch]
+                                      model_fingerprint=self.reference.fingerprint, extra=self._extra(members))
         self._record({"seq": self._seq, "id": upstream, "members": members})  # first: a crash now re-sends nothing
         self.outbox[upstream] = Pending(payload, time.monotonic())  # the resender waits from now
         self.pending[upstream] = members
@@ -243,9 +251,13 @@ class Site(Service):
         if t is not None:
             self._spawn(self._send_up(t, upstream, payload))
 
+    def _extra(self, members: list[Member]) -> dict[str, str]:
+        """More metadata for a combined update (a worker names its members)."""
+        return {}
+
     async def _send_up(self, t: Transport, upstream: str, payload: bytes) -> None:
         try:
-            await t.publish(self.topics.update(self.config.site_id), payload, qos=1)
+            await t.publish(self.upstream_topic, payload, qos=1)
         except TransportError as exc:  # the resender tries again
             log.warning("%s: upstream send of %s failed: %s", self.name, upstream, exc)
             return
@@ -259,6 +271,10 @@ class Site(Service):
             ack = Ack.model_validate_json(payload)
         except ValueError:
             return
+        self._settle(ack)
+
+    def _settle(self, ack: Ack) -> None:
+        """The root's answer to a combined update: its members are answered with it."""
         members = self.pending.pop(ack.update_id, None)
         if members is None:
             return  # a duplicate delivery, or an ack for another client

@@ -72,6 +72,19 @@ class Topics:
     def update(self, agent_id: str) -> str:
         return f"{self.base}/updates/{check_id(agent_id)}"
 
+    @property
+    def combined_wildcard(self) -> str:
+        """Where the root's workers send their combined updates to the aggregator that owns the model."""
+        return f"{self.base}/combined/+"
+
+    def combined(self, worker_id: str) -> str:
+        return f"{self.base}/combined/{check_id(worker_id)}"
+
+    def shared(self, group: str, topic: str) -> str:
+        """An MQTT 5 shared subscription to ``topic``: the broker hands each message to one member of
+        ``group``."""
+        return f"$share/{check_segment(group, 'share group')}/{topic}"
+
     def status(self, agent_id: str) -> str:
         return f"{self.base}/agents/{check_id(agent_id)}/status"
 
@@ -85,6 +98,14 @@ class Topics:
             return None
         agent = topic[len(head) :]
         return agent if agent and "/" not in agent else None
+
+    def worker_of_combined(self, topic: str) -> str | None:
+        """The worker id in a combined-update topic, or None if ``topic`` is not one."""
+        head = f"{self.base}/combined/"
+        if not topic.startswith(head):
+            return None
+        worker = topic[len(head) :]
+        return worker if worker and "/" not in worker else None
 
     def agent_of_status(self, topic: str) -> str | None:
         head, tail = f"{self.base}/agents/", "/status"

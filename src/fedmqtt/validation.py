@@ -42,6 +42,7 @@ class Checked(NamedTuple):
     info: UpdateInfo
     tensors: dict[str, Array]
     staleness: int
+    metadata: Mapping[str, str] = {}  # the header's metadata as sent (e.g. a combined update's members)
 
 
 def check_update(
@@ -86,7 +87,7 @@ def check_update(
         if method != "none":
             compression.check_header(method, header, reference.spec)
             tensors = compression.expand(method, codec.tensors_of(payload, where), reference.spec)
-            return Checked(info, tensors, staleness)
+            return Checked(info, tensors, staleness, metadata)
         names = header.keys() - {"__metadata__"}
         if names != reference.spec.keys():
             missing = sorted(reference.spec.keys() - names)[:3]
@@ -100,7 +101,7 @@ def check_update(
                 raise InvalidUpdate(Reason.SHAPE, f"{name}: shape {entry.get('shape')} != {tuple(shape)}")
             if entry["dtype"] != code:
                 raise InvalidUpdate(Reason.DTYPE, f"{name}: dtype {entry['dtype']} != {code}")
-        return Checked(info, codec.tensors_of(payload, where), staleness)
+        return Checked(info, codec.tensors_of(payload, where), staleness, metadata)
     except InvalidUpdate as exc:
         exc.update_id = info.update_id
         raise

@@ -26,13 +26,16 @@ class ClientUpdate(NamedTuple):
     params: Params  # new weights (wants="weights") or new-minus-base delta (wants="delta")
     staleness: ArrayLike  # s = current version - base version, >= 0
     num_samples: ArrayLike  # local examples behind the update
+    updates: int = 1  # updates this one stands for: k for a worker's combined update (strategies with ``sums``)
 
 
 class Strategy(NamedTuple):
     """``apply`` returns (params, state, stepped); a step means a new global version.
 
     ``one_update_per_step``: the strategy's guarantees assume no agent has two updates in one step (central
-    DP); the server then holds an agent's second update until the next step (fedmqtt.gate). ``report`` turns
+    DP); the server then holds an agent's second update until the next step (fedmqtt.gate). ``sums``: ``apply``
+    takes a worker's combined update (``ClientUpdate.updates`` > 1: the staleness-weighted mean of ``count``
+    deltas, weighted already), as if its members had come one by one. ``report`` turns
     the state into extra metrics (central DP: ε from the accountant); the server calls it as
     ``report(state, participations)``, the most steps one device contributed to (None when not counted)."""
 
@@ -44,6 +47,7 @@ class Strategy(NamedTuple):
     flush: Callable[[Params, State], tuple[Params, State, Array | bool]]
     one_update_per_step: bool = False
     report: Callable[..., Mapping[str, Any]] | None = None
+    sums: bool = False
 
 
 class EmptyState(NamedTuple):

@@ -174,11 +174,13 @@ def fedbuff(
         """``apply`` for the mean without DP: the running sum in numpy (new arrays every call), the
         server step jitted once per K updates. Adding one delta is a memory-bound loop that numpy runs in
         less time than JAX takes to dispatch it."""
-        n_samples = float(np.asarray(update.num_samples))
-        weight = rate(int(np.asarray(update.staleness))) * (n_samples if weight_by_samples else 1.0)
+        n_samples, k = float(np.asarray(update.num_samples)), int(update.updates)
+        if k > 1 and weight_by_samples:
+            raise ValueError("a combined update's mean is not weighted by samples")
+        weight = rate(int(np.asarray(update.staleness))) * (n_samples if weight_by_samples else float(k))
         buffer = jax.tree.map(lambda b, d: _accumulate(b, d, weight), state.buffer, update.params)
-        n = int(np.asarray(state.n)) + 1
-        weights = float(np.asarray(state.weights)) + (n_samples if weight_by_samples else 1.0)
+        n = int(np.asarray(state.n)) + k  # a combined update stands for k: its mean counts k times
+        weights = float(np.asarray(state.weights)) + (n_samples if weight_by_samples else float(k))
         # numpy leaves where the jitted path has jax arrays: either works as a leaf of the state pytree
         state = state._replace(buffer=buffer, n=cast(Array, np.asarray(n, np.int32)),
                                weights=cast(Array, np.asarray(weights, np.float32)))
@@ -197,7 +199,8 @@ def fedbuff(
     return Strategy(name or default_name, "delta", "async", init, apply_on_host if host else jax.jit(apply),
                     jax.jit(flush),
                     one_update_per_step=dp is not None,
-                    report=central_accountant(dp) if dp is not None else None)
+                    report=central_accountant(dp) if dp is not None else None,
+                    sums=host and not weight_by_samples)
 
 
 def _accumulate(total: Any, delta: Any, weight: float) -> np.ndarray:
