@@ -10,6 +10,11 @@ a freshly encoded fedmqtt update per message, as fast as the broker takes them):
    in this process, in memory or with ``--durable`` a state directory (journal, fsync); publishers take
    their base version from the aggregator's acks; a watcher process subscribes to the retained model.
 
+``--workers N`` runs the root's worker tier: N worker processes (fedmqtt.worker) share the updates through an
+MQTT 5 shared subscription, check them and send sums of up to ``--worker-k`` to the aggregator, which then
+takes combined updates only (FedBuff). Reported besides: the workers' CPU seconds per update, so that what
+moved off the aggregator is visible.
+
 ``--rate R`` offers R messages/s in all instead of as many as the broker takes: below capacity, the
 latency from publish to retained model is the aggregator's, not a backlog's.
 
@@ -140,6 +145,30 @@ def watcher(port: int, topic: str, ready: Any, stop: Any, out: Any) -> None:
 
 
 # ---- phases -----------------------------------------------------------------------------------------
+def worker_proc(port: int, federation: str, n_params: int, worker_id: str, k: int, ready: Any, stop: Any,
+                out: Any) -> None:
+    """One worker of the root, in its own process, until ``stop``; reports its CPU time."""
+    from fedmqtt import allocator
+    from fedmqtt.topics import Topics
+    from fedmqtt.transport import BrokerConfig, mqtt_connector
+    from fedmqtt.worker import Worker, WorkerConfig
+
+    allocator.tune()  # as `fedmqtt worker` does
+
+    async def serve() -> None:
+        w = Worker(mqtt_connector(BrokerConfig(port=port)), make_params(n_params),
+                   WorkerConfig(worker_id, Topics(federation=federation), buffer_size=k,
+                                max_staleness=1_000_000, max_update_norm=None))
+        async with w:
+            await w.wait_connected()
+            ready.set()
+            cpu0 = time.process_time()
+            await asyncio.to_thread(stop.wait)
+            out.put(("worker", worker_id, time.process_time() - cpu0, w.local_accepted))
+
+    asyncio.run(serve())
+
+
 def rate_in(times: list[float], lo: float, hi: float) -> float:
     return sum(lo <= t < hi for t in times) / (hi - lo)
 
@@ -223,25 +252,35 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
 
     state_dir = tempfile.mkdtemp(prefix="fedmqtt-tp-state-") if args.durable else None
     cfg = AggregatorConfig(topics=topics, limits=Limits(max_staleness=args.max_staleness, admission=unbounded),
-                           max_queued=args.max_queued, state_dir=state_dir)
+                           max_queued=args.max_queued, state_dir=state_dir, workers=args.workers > 0)
     agg = Aggregator(mqtt_connector(BrokerConfig(port=port)), make_params(n_params), strategy, cfg)
     handled: list[float] = []  # completion times of accepted updates
     handle_wall: list[float] = []
     included: dict[str, int] = {}  # update_id -> first version that includes it
     inner = agg.handle
 
-    def timed(topic_agent: str, payload: bytes) -> None:
+    def timed(topic_agent: str, payload: bytes, combined: bool = False) -> None:
         before, accepted = agg.version, agg.state.counters.accepted
         t = time.perf_counter()
-        inner(topic_agent, payload)
+        inner(topic_agent, payload, combined)
         handle_wall.append(time.perf_counter() - t)
-        if agg.state.counters.accepted > accepted:
-            handled.append(time.monotonic())
-            meta = codec.read_header(payload)[0]["__metadata__"]
-            included[meta["fedmqtt.update_id"]] = before + 1  # type: ignore[index]
+        now, added = time.monotonic(), agg.state.counters.accepted - accepted
+        if added:
+            handled.extend([now] * added)  # a combined update: its k device updates
+            meta: Any = codec.read_header(payload)[0]["__metadata__"]
+            ids = [u for _, u, _ in json.loads(meta["fedmqtt.members"])] if combined else [meta["fedmqtt.update_id"]]
+            for uid in ids:
+                included[uid] = before + 1
 
     agg.handle = timed  # type: ignore[method-assign]
     out, ready, stop = ctx.Queue(), ctx.Event(), ctx.Event()
+    up = [ctx.Event() for _ in range(args.workers)]
+    workers = [ctx.Process(target=worker_proc, args=(port, topics.federation, n_params, f"w{i}", args.worker_k,
+                                                     up[i], stop, out)) for i in range(args.workers)]
+    for w in workers:
+        w.start()
+    for e in up:
+        await asyncio.to_thread(e.wait, 60)
     async with agg:
         await agg.wait_connected()
         watch = ctx.Process(target=watcher, args=(port, topics.model, ready, stop, out))
@@ -265,9 +304,11 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
         results = [await asyncio.to_thread(out.get, True, args.seconds + 120) for _ in pubs]
         await asyncio.sleep(2.0)  # let the backlog drain and the last models publish
         stop.set()
-        models = (await asyncio.to_thread(out.get, True, 30))[1]
+        reports = [await asyncio.to_thread(out.get, True, 30) for _ in range(1 + len(workers))]
+        models = next(r for r in reports if r[0] == "models")[1]
+        worker_cpu = sum(r[2] for r in reports if r[0] == "worker")
         metrics = agg.metrics()
-    for p in [*pubs, watch]:
+    for p in [*pubs, watch, *workers]:
         p.join(10)
     if state_dir is not None:
         import shutil
@@ -288,6 +329,9 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
         "rate": applied / (wall1 - wall0), "window_seconds": wall1 - wall0,
         "cpu_ms_per_update": 1000 * (cpu1 - cpu0) / applied if applied else None,
         "cpu_utilisation": (cpu1 - cpu0) / (wall1 - wall0),
+        "workers": args.workers, "worker_k": args.worker_k,
+        "worker_cpu_ms_per_update": 1000 * worker_cpu / agg.state.counters.accepted
+        if workers and agg.state.counters.accepted else None,
         "handle_ms_mean": 1000 * statistics.fmean(handle_wall) if handle_wall else None,
         "handle_ms_p50": 1000 * (pctl(handle_wall, 0.5) or 0), "handle_ms_p99": 1000 * (pctl(handle_wall, 0.99) or 0),
         "latency_ms_p50": 1000 * (pctl(latencies, 0.5) or 0), "latency_ms_p90": 1000 * (pctl(latencies, 0.9) or 0),
@@ -332,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--durable", action="store_true", help="the aggregator keeps a state directory (journal, fsync)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="offered load in messages/s over all publishers (0: as fast as the broker takes them)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes in front of the aggregator (FedBuff)")
+    p.add_argument("--worker-k", type=int, default=16, help="device updates per combined update")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")

@@ -109,3 +109,45 @@ async def test_memory_broker_queues_at_most_max_queued_per_client() -> None:
         await asyncio.sleep(0)
         assert [m.payload for m in [got.queue.get_nowait() for _ in range(3)]] == [b"\x00", b"\x01", b"\x02"]
         assert rx.dropped == 2  # type: ignore[attr-defined]
+
+
+def test_the_publish_decoder_returns_what_pahos_returns_without_its_copies() -> None:
+    """fedmqtt.paho_patch replaces paho's PUBLISH decoder (which copies each payload four times): the same
+    fields on well-formed packets of MQTT 3.1.1 and 5; MalformedPacket wherever paho raises it, and also for
+    properties that run past the end of the packet (paho reads what is there)."""
+    import struct
+
+    from paho.mqtt.enums import MQTTProtocolVersion
+    from paho.mqtt.exception import MalformedPacket
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from fedmqtt import paho_patch
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = "application/octet-stream"
+    props.UserProperty = ("k", "v")
+    checked = 0
+    for topic in (b"fedmqtt/f/updates/a-1", b""):
+        for qos in (0, 1, 2):
+            for v5, prop in ((False, b""), (True, b"\x00"), (True, props.pack())):
+                version = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+                body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", 7) if qos else b"") + prop
+                header = 0x30 | (qos << 1) | 0x01 | 0x08
+                for packet in (body, body + b"x" * 1000, *(body[:cut] for cut in (0, 1, 3, len(body) - 1))):
+                    try:
+                        want = paho_patch.paho_decode_publish(header, bytearray(packet), version)
+                    except MalformedPacket:
+                        with pytest.raises(MalformedPacket):
+                            paho_patch.decode_publish(header, bytearray(packet), version)
+                        continue
+                    if len(packet) < len(body) and v5 and len(prop) > 1:  # properties cut short
+                        with pytest.raises(MalformedPacket, match="properties"):
+                            paho_patch.decode_publish(header, bytearray(packet), version)
+                        continue
+                    got = paho_patch.decode_publish(header, bytearray(packet), version)
+                    assert (got.dup, got.qos, got.retain, got.topic, got.mid, got.payload) == \
+                        (want.dup, want.qos, want.retain, want.topic, want.mid, bytes(want.payload))
+                    assert str(got.properties) == str(want.properties)
+                    checked += 1
+    assert checked >= 24 and paho_patch.install()

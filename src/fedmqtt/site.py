@@ -94,6 +94,7 @@ class Site(Service):
         self.instance = self._instance(directory)
         self._seq = 0
         self._publishing: set[asyncio.Future[Any]] = set()
+        self._weights: dict[int, float] = {}
         self.updates_filter = self.topics.updates_wildcard  # what the site takes: every local device's updates
         self.upstream_topic = self.topics.update(cfg.site_id)  # where its combined updates go
         self._load()
@@ -234,10 +235,14 @@ class Site(Service):
 
     def _send_combined(self, upstream: str, batch: list[tuple[Member, dict[str, Array], int]]) -> None:
         k = len(batch)
-        names = sorted(batch[0][1])
-        weights = [float(self.config.staleness(max(0, self.version - base))) for (_, _, base), _, _ in batch]
-        mean = {n: np.sum([w * np.asarray(d[n], np.float32) for w, (_, d, _) in zip(weights, batch, strict=True)],
-                          axis=0) / np.float32(k) for n in names}
+        mean: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
+        for (_, _, base), delta, _ in batch:  # in place: one model-sized array per tensor, whatever k
+            w = np.float32(self._weight(max(0, self.version - base)) / k)
+            for n, d in delta.items():
+                if n in mean:
+                    np.add(mean[n], w * np.asarray(d, np.float32), out=mean[n])
+                else:
+                    mean[n] = w * np.asarray(d, np.float32)
         members = [m for m, *_ in batch]
         payload = codec.encode_update(mean, agent=self.config.site_id, update_id=upstream,
                                       base_version=self.version, num_samples=sum(n for *_, n in batch),
@@ -250,6 +255,12 @@ class Site(Service):
         t = self.transport
         if t is not None:
             self._spawn(self._send_up(t, upstream, payload))
+
+    def _weight(self, staleness: int) -> float:
+        """w(s), memoised: the staleness function is a JAX function, costly to call per update."""
+        if staleness not in self._weights:
+            self._weights[staleness] = float(self.config.staleness(staleness))
+        return self._weights[staleness]
 
     def _extra(self, members: list[Member]) -> dict[str, str]:
         """More metadata for a combined update (a worker names its members)."""

@@ -30,7 +30,10 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fedmqtt import paho_patch
 from fedmqtt.errors import ConfigError, TransportError
+
+paho_patch.install()  # paho's PUBLISH decoder copies each payload four times
 
 
 class Message(NamedTuple):

@@ -51,10 +51,12 @@ def worker(
     check_task(task)
     topics = Topics(prefix, federation)
     setup_logging(verbose, services=True)
+    from fedmqtt import allocator
     from fedmqtt.tasks import get_task
     from fedmqtt.transport import BrokerConfig, mqtt_connector
     from fedmqtt.worker import Worker, WorkerConfig
 
+    allocator.tune()  # model-sized arrays reused, as in the aggregator
     initial = get_task(task, seed=seed).trainer(seed).initial
     w = Worker(mqtt_connector(BrokerConfig.from_url(broker)), initial,
                WorkerConfig(worker_id, topics, group, buffer_size, max_wait, state_dir, max_staleness,
