@@ -197,3 +197,22 @@ async def test_root_with_two_workers_loses_nothing_when_one_is_killed(mosquitto:
     assert settled and settled <= set(carried)  # lost: 0
     assert [x.reason for _, x in acks if x.status == "rejected" and x.reason != "duplicate"] == []
     assert journal.applied_updates(state) == []  # no device update reached the owner directly
+
+
+def test_a_worker_bounds_a_flooding_device_as_the_aggregator_would() -> None:
+    """Behind workers the aggregator sees only sums, so each worker applies the per-device rate and share
+    bounds to the updates it is handed: a device sending far beyond its rate is refused, the others not."""
+    from fedmqtt.admission import AdmissionLimits
+
+    wk = Worker(mqtt_connector(BrokerConfig()), PARAMS, WorkerConfig(
+        "w1", buffer_size=40, admission=AdmissionLimits(max_rate=5.0, max_burst=5.0, max_share=None,
+                                                     max_fraction=None)))
+    answers: list[tuple[str, Ack]] = []
+    wk._answer = lambda agent, ack: answers.append((agent, ack))  # type: ignore[method-assign]
+    wk._on_model(codec.encode_model(PARAMS, 0))
+    for i in range(30):
+        wk._on_update("flood", device_update("flood", f"u{i}", 0, 1.0))
+    wk._on_update("calm", device_update("calm", "u0", 0, 1.0))
+    refused = [(a, x.reason) for a, x in answers]
+    assert len(refused) >= 20 and set(refused) == {("flood", "rate_limited")}
+    assert ("calm", "u0") in {(a, u) for (a, u, _), *_ in wk.buffer}

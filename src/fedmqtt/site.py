@@ -222,6 +222,12 @@ class Site(Service):
             return
         if key in self.carried:
             return  # in a combined update the root has not answered yet
+        refused = self._admit(agent, info.num_samples)
+        if refused is not None:
+            self.local_rejected += 1
+            self._answer(agent, Ack(update_id=info.update_id, status="rejected", version=self.version,
+                                    reason=refused, detail=f"{agent!r} is over its {refused.split('_')[0]} bound"))
+            return
         self.seen = dedup.add(self.seen, dedup.key(agent, info.update_id), info.base_version, 100_000)
         self.buffer.append(((agent, info.update_id, info.base_version), checked.tensors, info.num_samples))
         if len(self.buffer) >= self.config.buffer_size:
@@ -255,6 +261,11 @@ class Site(Service):
         t = self.transport
         if t is not None:
             self._spawn(self._send_up(t, upstream, payload))
+
+    def _admit(self, agent: str, num_samples: int) -> str | None:
+        """A per-device bound's reason to refuse this update (a worker's; a site's devices are bounded by
+        the site broker's ACL and their own root-side share)."""
+        return None
 
     def _weight(self, staleness: int) -> float:
         """w(s), memoised: the staleness function is a JAX function, costly to call per update."""

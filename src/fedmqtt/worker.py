@@ -4,7 +4,8 @@ and sum them, so that the one process that owns the model only adds sums.
 Every worker subscribes to ``$share/{group}/{prefix}/{federation}/updates/+`` (an MQTT 5 shared
 subscription: the broker hands each update to one member of the group). A worker checks each update as the
 aggregator would (``validation.check_update``: fingerprint, names, shapes, staleness against the newest
-published version, de-duplication; finite values and the norm bound), buffers up to k of them, for at most
+published version, de-duplication; finite values and the norm bound; the per-device rate and share bounds
+over what this worker sees, fed evenly by the shared subscription), buffers up to k of them, for at most
 ``max_wait`` seconds, and sends one **combined update** to the owner on ``.../combined/{worker}``: the
 staleness-weighted mean Σ w(sᵢ)·Δᵢ / k on the newest version it has seen, its members named in
 ``fedmqtt.members``. The owner (``fedmqtt aggregator --workers``) takes it as k updates of FedBuff's buffer
@@ -32,7 +33,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmqtt import admission
 from fedmqtt import members as members_
+from fedmqtt.admission import Admission, AdmissionLimits
 from fedmqtt.errors import Reason
 from fedmqtt.schemas import Ack
 from fedmqtt.service import Loop
@@ -60,6 +63,7 @@ class WorkerConfig:
     max_update_norm: float | None = 1e3
     ack_timeout: float = 10.0  # re-send a combined update the owner has not acknowledged after this long
     client_id: str | None = None
+    admission: AdmissionLimits = AdmissionLimits()  # per device, over this worker's share of the updates
 
     def __post_init__(self) -> None:
         check_id(self.worker_id, "worker id")
@@ -84,6 +88,7 @@ class Worker(Site):
         self.batches: dict[str, Batch] = {}  # combined update -> its members' deltas, until the owner answers
         self.buffered_at = 0.0  # when the oldest update in the buffer arrived
         self.splits = 0  # combined updates refused as a whole and sent on member by member
+        self.admission = Admission()
 
     def loops(self) -> dict[str, Loop]:
         opts = ConnectOptions(self.config.client_id or self.name, on_message=self._on_message)  # clean start
@@ -103,6 +108,13 @@ class Worker(Site):
         super()._on_update(agent, payload)
         if empty and self.buffer:
             self.buffered_at = time.monotonic()
+
+    def _admit(self, agent: str, num_samples: int) -> str | None:
+        now, limits = time.monotonic(), self.worker.admission
+        refused = admission.check(self.admission, agent, now, limits)
+        if refused is None:
+            self.admission = admission.record(self.admission, agent, now, limits, num_samples)
+        return refused
 
     def _extra(self, members: list[Member]) -> dict[str, str]:
         return {members_.MEMBERS: members_.encode(members)}
