@@ -95,6 +95,8 @@ class Site(Service):
         self._seq = 0
         self._publishing: set[asyncio.Future[Any]] = set()
         self._weights: dict[int, float] = {}
+        self._acks: asyncio.Queue[tuple[str, Ack]] = asyncio.Queue(maxsize=10_000)
+        self.acks_dropped = 0
         self.updates_filter = self.topics.updates_wildcard  # what the site takes: every local device's updates
         self.upstream_topic = self.topics.update(cfg.site_id)  # where its combined updates go
         self._load()
@@ -151,7 +153,8 @@ class Site(Service):
     def loops(self) -> dict[str, Loop]:
         opts = ConnectOptions(self.config.client_id or f"fedmqtt-{self.topics.federation}-site-{self.config.site_id}",
                               clean_start=False, session_expiry=3600, on_message=self._on_message)
-        return {"connection": self.connection(opts, self._subscribe), "resender": self._resender()}
+        return {"connection": self.connection(opts, self._subscribe), "resender": self._resender(),
+                "acks": self._ack_sender()}
 
     async def _subscribe(self, t: Transport) -> None:
         await t.subscribe(self.updates_filter, qos=1)
@@ -324,9 +327,23 @@ class Site(Service):
             self.answered.pop(next(iter(self.answered)))
 
     def _answer(self, agent: str, ack: Ack) -> None:
-        t = self.transport
-        if t is not None:
-            self._spawn(t.publish(self.topics.acks(agent), dump(ack), qos=1))
+        try:
+            self._acks.put_nowait((agent, ack))
+        except asyncio.QueueFull:
+            self.acks_dropped += 1  # the device re-sends; the answer is kept for it
+
+    async def _ack_sender(self) -> None:
+        """Acks go out up to 256 at a time (as the aggregator's): a publish per ack, each waiting its PUBACK,
+        with a bound on how many wait at once."""
+        while True:
+            batch = [await self._acks.get()]
+            while not self._acks.empty() and len(batch) < 256:
+                batch.append(self._acks.get_nowait())
+            t = self.transport
+            if t is None:
+                continue  # lost with the connection: the devices re-send, and are answered again
+            await asyncio.gather(*(t.publish(self.topics.acks(a), dump(x), qos=1) for a, x in batch),
+                                 return_exceptions=True)
 
     def _spawn(self, coro: Any) -> None:
         """Publish from a message callback: a task, kept until it is done. A publish lost with the connection

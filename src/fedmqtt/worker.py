@@ -93,7 +93,7 @@ class Worker(Site):
     def loops(self) -> dict[str, Loop]:
         opts = ConnectOptions(self.config.client_id or self.name, on_message=self._on_message)  # clean start
         return {"connection": self.connection(opts, self._subscribe), "resender": self._resender(),
-                "combiner": self._combiner()}
+                "acks": self._ack_sender(), "combiner": self._combiner()}
 
     async def _combiner(self) -> None:
         """Sends a partly filled buffer once its oldest update has waited ``max_wait``."""
