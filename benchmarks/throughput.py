@@ -149,6 +149,7 @@ def worker_proc(port: int, federation: str, n_params: int, worker_id: str, k: in
                 out: Any) -> None:
     """One worker of the root, in its own process, until ``stop``; reports its CPU time."""
     from fedmqtt import allocator
+    from fedmqtt.admission import AdmissionLimits
     from fedmqtt.topics import Topics
     from fedmqtt.transport import BrokerConfig, mqtt_connector
     from fedmqtt.worker import Worker, WorkerConfig
@@ -158,7 +159,8 @@ def worker_proc(port: int, federation: str, n_params: int, worker_id: str, k: in
     async def serve() -> None:
         w = Worker(mqtt_connector(BrokerConfig(port=port)), make_params(n_params),
                    WorkerConfig(worker_id, Topics(federation=federation), buffer_size=k,
-                                max_staleness=1_000_000, max_update_norm=None))
+                                max_staleness=1_000_000, max_update_norm=None,
+                                admission=AdmissionLimits(max_rate=None, max_share=None)))  # as the aggregator's
         async with w:
             await w.wait_connected()
             ready.set()
