@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (kB) and Threads of a live process."""
+    """VmRSS, VmHWM, RssAnon and RssFile (kB) and Threads of a live process."""
     out: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "Threads"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
             out[key] = int(value.split()[0])
     return out
 
@@ -67,8 +67,8 @@ def one_run(a: argparse.Namespace, repeat: int) -> dict[str, Any]:
                     if edge.poll() is not None:
                         raise RuntimeError(f"edge exited: {log.read_text()[-2000:]}")
                     s = proc_status(edge.pid)
-                    samples.append({"t": now, "rss_kb": s["VmRSS"], "hwm_kb": s["VmHWM"],
-                                    "threads": s["Threads"], "cpu": cpu_seconds(edge.pid)})
+                    samples.append({"t": now, "rss_kb": s["VmRSS"], "hwm_kb": s["VmHWM"], "anon_kb": s["RssAnon"],
+                                    "file_kb": s["RssFile"], "threads": s["Threads"], "cpu": cpu_seconds(edge.pid)})
             finally:
                 for p in (edge, agg):
                     p.terminate()
@@ -85,6 +85,8 @@ def one_run(a: argparse.Namespace, repeat: int) -> dict[str, Any]:
         "repeat": repeat,
         "peak_rss_mb": samples[-1]["hwm_kb"] / 1024,
         "steady_rss_mb": statistics.median(s["rss_kb"] for s in steady) / 1024,
+        "steady_anon_mb": statistics.median(s["anon_kb"] for s in steady) / 1024,
+        "steady_file_mb": statistics.median(s["file_kb"] for s in steady) / 1024,
         "threads_max": max(int(s["threads"]) for s in samples),
         "threads_steady": statistics.median(int(s["threads"]) for s in steady),
         "cpu_share_steady": (steady[-1]["cpu"] - steady[0]["cpu"]) / window if len(steady) > 1 else None,
@@ -108,15 +110,17 @@ def main() -> None:
     for r in range(a.repeats):
         run = one_run(a, r)
         runs.append(run)
-        print(f"  repeat {r}: peak RSS {run['peak_rss_mb']:.0f} MB, steady RSS {run['steady_rss_mb']:.0f} MB, "
+        print(f"  repeat {r}: peak RSS {run['peak_rss_mb']:.0f} MB, steady RSS {run['steady_rss_mb']:.0f} MB "
+              f"({run['steady_anon_mb']:.0f} anonymous, {run['steady_file_mb']:.0f} file-backed), "
               f"threads {run['threads_steady']:.0f} (max {run['threads_max']}), CPU {run['cpu_share_steady']:.0%} "
               f"of one core, {run['accepted']} updates accepted", flush=True)
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    print(f"\n| task | peak RSS (MB) | steady RSS (MB) | threads | CPU (one core) | accepted in {a.seconds:.0f} s |\n"
-          f"|---|---|---|---|---|---|\n| {a.task} | {med('peak_rss_mb'):.0f} | {med('steady_rss_mb'):.0f} | "
+    print(f"\n| task | peak RSS (MB) | steady RSS (MB) | of which anonymous | threads | CPU (one core) | "
+          f"accepted in {a.seconds:.0f} s |\n|---|---|---|---|---|---|---|\n| {a.task} | {med('peak_rss_mb'):.0f} | "
+          f"{med('steady_rss_mb'):.0f} | {med('steady_anon_mb'):.0f} | "
           f"{med('threads_steady'):.0f} | {med('cpu_share_steady'):.0%} | {med('accepted'):.0f} |")
     path = a.out / f"edge-footprint-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"argv": sys.argv, "task": a.task, "runs": runs}, indent=1))

@@ -271,6 +271,8 @@ def edge(
     metrics_port: Annotated[int | None, typer.Option(
         help="serve Prometheus metrics on this port (/metrics; 0: a free port)")] = None,
     metrics_bind: Annotated[str, typer.Option(help="address for --metrics-port")] = "127.0.0.1",
+    threads: Annotated[int, typer.Option(min=1, help="XLA compute threads (more can speed up a large model "
+                                                     "on a multi-core device, at some memory)")] = 1,
     print_config: PrintConfigOpt = False,
     seed: Annotated[int, typer.Option(help="seed for data shards, speeds and initial weights")] = 0,
     verbose: VerboseOpt = False,

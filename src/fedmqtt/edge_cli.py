@@ -12,6 +12,7 @@ import functools
 from dataclasses import replace
 from typing import Any
 
+from fedmqtt import footprint
 from fedmqtt.agent import AgentConfig, AllocationConfig, EdgeAgent
 from fedmqtt.agent_allocation import moved_config
 from fedmqtt.choices import parse_list, parse_tags
@@ -52,15 +53,20 @@ def build_agent(s: dict[str, Any], cfg: AgentConfig) -> EdgeAgent:
     task = get_task(name, num_clients=s["num_shards"], seed=s["seed"]) if name == "digits" \
         else get_task(name, seed=s["seed"])
     index = s["shard"] if s["shard"] is not None else index_of(s["agent_id"], task.num_clients)
-    agent = EdgeAgent(mqtt_connector(BrokerConfig.from_url(s["broker"])), s["agent_id"],
-                      task.trainer(s["seed"], prox_rho=s["prox_rho"]), task.data_for(index, s["seed"]), cfg)
+    trainer = task.trainer(s["seed"], prox_rho=s["prox_rho"], zero_init=True,  # it trains the aggregator's model
+                           compiler_options=footprint.COMPILER_OPTIONS)
+    agent = EdgeAgent(mqtt_connector(BrokerConfig.from_url(s["broker"])), s["agent_id"], trainer,
+                      task.data_for(index, s["seed"]), cfg)
     err.print(f"edge agent {s['agent_id']}: shard {index} of {task.name}, {agent.data.num_samples} examples, "
               f"federation {cfg.topics.federation}, {s['broker']}")
     return agent
 
 
 def run_edge(s: dict[str, Any]) -> None:
+    footprint.limit_threads(s["threads"])  # before the first array: JAX's backend starts with it
+    footprint.hand_back()  # the library's code run once, at import
     current = [build_agent(s, agent_config(s))]  # the agent of the federation it works on now
+    trained: list[EdgeAgent] = []  # agents that have done a local round, after which memory is handed back
     exporter = None
     if s["metrics_port"] is not None:
         from fedmqtt.prometheus import EdgeExporter, EdgeReading
@@ -71,6 +77,9 @@ def run_edge(s: dict[str, Any]) -> None:
 
     def tick() -> None:
         agent = current[0]
+        if agent.trained_versions and agent not in trained:  # its local round is compiled: what that took
+            footprint.hand_back()
+            trained[:] = [agent]
         if exporter is not None:
             exporter.update(EdgeReading(agent.updates_sent, dict(agent.acks), len(agent.outbox),
                                         agent.model.info.version if agent.model is not None else None,

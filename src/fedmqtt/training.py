@@ -46,6 +46,8 @@ class Trainer:
     """Trains copies of one model architecture from given flat parameters.
 
     ``prox_rho`` adds FedAsync's proximal term ρ/2·‖x − x_base‖² to the local loss (0 turns it off).
+    ``compiler_options`` go to XLA when the local round and the metrics are compiled (``jax.jit``); where this
+    JAX's XLA does not know one of them, both are compiled without any.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class Trainer:
         optimizer: optax.GradientTransformation,
         metrics_fn: MetricsFn | None = None,
         prox_rho: float = 0.0,
+        compiler_options: Mapping[str, Any] | None = None,
     ) -> None:
         parts: tuple[Any, ...] = nnx.split(model, nnx.Param, ...)
         self.graphdef: Any = parts[0]
@@ -90,19 +93,20 @@ class Trainer:
             (p, _), losses = jax.lax.scan(step, (p, opt_state), batches)
             return p, jnp.mean(losses)
 
-        self._round = jax.jit(local_round)
+        self._round = _jit(local_round, compiler_options)
         self._metrics = None
         if metrics_fn is not None:
             def evaluate(p: Any, batch: Batch) -> Mapping[str, jax.Array]:
                 return metrics_fn(nnx.merge(graphdef, p, rest), batch)
 
-            self._metrics = jax.jit(evaluate)
+            self._metrics = _jit(evaluate, compiler_options)
 
     def _state_of(self, flat: FlatParams) -> Any:
         missing = self.names.symmetric_difference(flat)
         if missing:
             raise IncompatibleModel(f"parameter names differ from the local model: {sorted(missing)[:5]}")
-        return jax.tree_util.tree_unflatten(self._treedef, [jnp.asarray(flat[n]) for n in self._order])
+        # device_put, not jnp.asarray: the latter compiles a copy kernel per tensor shape on first use
+        return jax.tree_util.tree_unflatten(self._treedef, [jax.device_put(flat[n]) for n in self._order])
 
     def _flat_of(self, state: Any) -> dict[str, Array]:
         return dict(zip(self._order, (np.asarray(x) for x in jax.tree_util.tree_leaves(state)), strict=True))
@@ -123,6 +127,47 @@ class Trainer:
         """A fresh module holding ``flat``, for inference on the device."""
         module: nnx.Module = nnx.merge(self.graphdef, self._state_of(flat), self.rest)
         return module
+
+
+def _jit(fn: Callable[..., Any], options: Mapping[str, Any] | None) -> Callable[..., Any]:
+    """``jax.jit(fn)`` with XLA ``options``; without them if the first compilation refuses one (an older XLA)."""
+    plain = jax.jit(fn)
+    if not options:
+        return plain
+    tuned = [jax.jit(fn, compiler_options=dict(options))]
+
+    def call(*args: Any) -> Any:
+        if tuned:
+            try:
+                return tuned[0](*args)
+            except Exception as exc:  # JaxRuntimeError (XlaRuntimeError before JAX 0.4.36): not importable by one name
+                if "compile option" not in str(exc):
+                    raise
+                tuned.clear()
+        return plain(*args)
+
+    return call
+
+
+def zero_model(make: Callable[[], nnx.Module]) -> nnx.Module:
+    """The module ``make()`` builds, with zeros for its parameters; nothing is computed or compiled.
+
+    For a device that only ever trains the aggregator's model: its own initial values would never be used,
+    and initialising them eagerly compiles a kernel per random-number operation and shape (14 for the
+    digits MLP, about 30 MB of a device's memory). A module that holds state other than parameters (batch
+    statistics, counters) is built by ``make()`` as it is, since zeros may not be a valid value there.
+
+    >>> model = zero_model(lambda: nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> float(abs(model.kernel[...]).sum()), model.kernel.shape
+    (0.0, (3, 2))
+    """
+    parts: tuple[Any, ...] = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    graphdef, params, rest = parts
+    if jax.tree_util.tree_leaves(rest):
+        return make()
+    zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), params)
+    model: nnx.Module = nnx.merge(graphdef, zeros, rest)
+    return model
 
 
 def delta_of(new: dict[str, Array], base: dict[str, Array]) -> dict[str, Array]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from fedmqtt.data import ArrayData
-from fedmqtt.training import LossFn, MetricsFn, Trainer
+from fedmqtt.training import LossFn, MetricsFn, Trainer, zero_model
 from fedmqtt.types import Array
 
 
@@ -35,10 +35,14 @@ class Task:
     def optimizer(self) -> optax.GradientTransformation:
         return optax.sgd(self.learning_rate, momentum=0.9)
 
-    def trainer(self, seed: int = 0, prox_rho: float = 0.0, optimizer: optax.GradientTransformation | None = None
-                ) -> Trainer:
-        return Trainer(self.make_model(seed), self.loss_fn, optimizer or self.optimizer(), self.metrics_fn,
-                       prox_rho=prox_rho)
+    def trainer(self, seed: int = 0, prox_rho: float = 0.0, optimizer: optax.GradientTransformation | None = None,
+                *, zero_init: bool = False, compiler_options: Mapping[str, Any] | None = None) -> Trainer:
+        """A trainer of this task's model, its initial parameters from ``seed``; with ``zero_init``, zeros
+        (for a device, which only trains the aggregator's model: see :func:`fedmqtt.training.zero_model`).
+        ``compiler_options``: see :class:`fedmqtt.training.Trainer`."""
+        model = zero_model(lambda: self.make_model(seed)) if zero_init else self.make_model(seed)
+        return Trainer(model, self.loss_fn, optimizer or self.optimizer(), self.metrics_fn, prox_rho=prox_rho,
+                       compiler_options=compiler_options)
 
     def data_for(self, index: int, seed: int = 0) -> ArrayData:
         x, y = self.client_data(index)
