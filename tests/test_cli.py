@@ -60,6 +60,9 @@ def assert_one_error_line(done: subprocess.CompletedProcess[str], *words: str) -
     (["edge", "--agent-id", "a1", "--model-download", "int4"], ["unknown model download 'int4'"]),
     (["aggregator", "--ephemeral", "--model-forms", "int8,bf16"], ["unknown model form 'bf16'"]),
     (["report", "/nonexistent-run"], ["no recorded run"]),
+    (["aggregator", "--ephemeral", "--workers"], ["--workers", "--strategy fedbuff"]),
+    (["worker", "--worker-id", "bad/id"], ["'bad/id'"]),
+    (["worker", "--worker-id", "w1", "--buffer-size", "41"], ["--buffer-size"]),
     (["broker", "run", "--kind", "nope"], ["unknown broker kind"]),
 ])
 def test_a_mistake_is_one_line_and_a_non_zero_exit(args: list[str], words: list[str]) -> None:
