@@ -341,20 +341,21 @@ def _client_update(checked: Checked, history: Mapping[int, Params], strategy: St
     if base is None and (info.encoding == "weights" or wants_weights):
         raise InvalidUpdate(Reason.BASE_UNAVAILABLE, f"base version {info.base_version} no longer held")
     tensors = checked.tensors
+    owned = False  # True when value's arrays are made here: the strategy may reuse them
     if info.encoding == "delta":
         check_norm(tensors, max_norm)
         value = tensors
         if wants_weights:
             assert base is not None
-            value = {k: np.add(np.asarray(base[k]), v) for k, v in tensors.items()}
+            value, owned = {k: np.add(np.asarray(base[k]), v) for k, v in tensors.items()}, True
     else:
         assert base is not None
         delta = {k: np.subtract(v, np.asarray(base[k])) for k, v in tensors.items()}
         check_norm(delta, max_norm)
         value = tensors if wants_weights else delta
     if count:  # a combined update: its members were weighed by their staleness at the worker
-        return ClientUpdate(value, np.int32(0), np.float32(num_samples), count)
-    return ClientUpdate(value, np.int32(checked.staleness), np.float32(num_samples))
+        return ClientUpdate(value, np.int32(0), np.float32(num_samples), owned, count)
+    return ClientUpdate(value, np.int32(checked.staleness), np.float32(num_samples), owned)
 
 
 def _advance(state: ServerState, params: Params, r: Rules, out: _Out) -> ServerState:

@@ -63,7 +63,7 @@ class WorkerConfig:
     max_update_norm: float | None = 1e3
     ack_timeout: float = 10.0  # re-send a combined update the owner has not acknowledged after this long
     client_id: str | None = None
-    admission: AdmissionLimits = AdmissionLimits()  # per device, over this worker's share of the updates
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)  # per device, on this worker's share
 
     def __post_init__(self) -> None:
         check_id(self.worker_id, "worker id")

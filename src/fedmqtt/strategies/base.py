@@ -26,6 +26,7 @@ class ClientUpdate(NamedTuple):
     params: Params  # new weights (wants="weights") or new-minus-base delta (wants="delta")
     staleness: ArrayLike  # s = current version - base version, >= 0
     num_samples: ArrayLike  # local examples behind the update
+    owned: bool = False  # params were made for this call (the server's scratch): the strategy may write into them
     updates: int = 1  # updates this one stands for: k for a worker's combined update (strategies with ``sums``)
 
 

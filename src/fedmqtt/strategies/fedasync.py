@@ -43,17 +43,25 @@ def fedasync(alpha: float = 0.6, weighting: StalenessFn | None = None, name: str
 
     def apply(params: Params, update: ClientUpdate, state: EmptyState) -> tuple[Params, EmptyState, bool]:
         a = rate(int(np.asarray(update.staleness)))
-        return jax.tree.map(lambda x, y: mix(x, y, a), params, update.params), state, True
+        return jax.tree.map(lambda x, y: mix(x, y, a, update.owned), params, update.params), state, True
 
     return Strategy(name, "weights", "async", init, apply, no_flush)
 
 
-def mix(x: Any, y: Any, a: float) -> np.ndarray:
-    """(1 - a) · x + a · y as a new array of x's dtype, computed as x + a · (y - x) in two passes."""
+def mix(x: Any, y: Any, a: float, reuse_y: bool = False) -> np.ndarray:
+    """(1 - a) · x + a · y as a new array of x's dtype, computed as x + a · (y - x) in two passes; into y
+    itself when ``reuse_y`` (y is the server's scratch, of x's dtype and writeable), saving an allocation
+    and a pass over the model."""
     x, y = np.asarray(x), np.asarray(y)
     if x.dtype.kind != "f":
         mixed: np.ndarray = ((1.0 - a) * x + a * y).astype(x.dtype)
         return mixed
+    if reuse_y and y.dtype == x.dtype and y.flags.writeable and y.shape == x.shape:
+        reused: np.ndarray = y
+        reused -= x
+        reused *= x.dtype.type(a)
+        reused += x
+        return reused
     out: np.ndarray = np.subtract(y, x, dtype=x.dtype)
     out *= x.dtype.type(a)
     out += x
