@@ -117,10 +117,11 @@ def test_members_count_only_on_the_workers_topic_and_only_for_a_strategy_that_su
         Aggregator(mqtt_connector(BrokerConfig()), PARAMS, fedasync(), AggregatorConfig(workers=True))
 
 
-def test_a_worker_splits_a_combined_update_refused_for_one_member(tmp_path: Path) -> None:
+def test_a_worker_refused_for_a_member_applied_before_settles_it_and_takes_the_others_again(
+        tmp_path: Path) -> None:
     """No broker: the worker's decisions. The owner refuses a combined update because one member was applied
-    before (a device's re-send reached two workers); the worker sends each member on alone, and answers the
-    one applied before as a duplicate (settled) and the others as the owner answers them."""
+    before (a device's re-send reached two workers) and names it: the worker answers that device ``accepted``,
+    lets the other member go unanswered and takes its device's re-send as new."""
     topics = Topics()
     wk = Worker(mqtt_connector(BrokerConfig()), PARAMS, WorkerConfig("w1", topics, buffer_size=2,
                                                                       state_dir=tmp_path))
@@ -133,16 +134,16 @@ def test_a_worker_splits_a_combined_update_refused_for_one_member(tmp_path: Path
     sent = codec.decode(pending.payload)
     assert json.loads(sent.metadata[members.MEMBERS]) == [["d1", "u1", 0], ["d2", "u1", 0]]
     assert wk.upstream_topic == topics.combined("w1") and wk.updates_filter.startswith("$share/")
-    wk._settle(Ack(update_id=first, status="rejected", version=3, reason="duplicate_member", detail="d1/u1"))
-    assert answers == [] and wk.splits == 1 and first not in wk.outbox and len(wk.outbox) == 2
-    singles = {json.loads(codec.decode(p.payload).metadata[members.MEMBERS])[0][0]: u
-               for u, p in wk.outbox.items()}
-    wk._settle(Ack(update_id=singles["d1"], status="rejected", version=3, reason="duplicate_member"))
-    wk._settle(Ack(update_id=singles["d2"], status="accepted", version=4))
-    assert [(a, x.status, x.update_id) for a, x in answers] == [("d1", "accepted", "u1"), ("d2", "accepted", "u1")]
-    assert wk.pending == {} and not wk.outbox
+    refusal = Ack(update_id=first, status="rejected", version=3, reason="duplicate_member", members=["d1/u1"])
+    wk._settle(Ack.model_validate_json(refusal.model_dump_json()))  # the members survive the wire
+    assert [(a, x.status, x.update_id, x.version) for a, x in answers] == [("d1", "accepted", "u1", 3)]
+    assert wk.released == 1 and not wk.outbox and wk.pending == {}
+    wk._on_update("d1", device_update("d1", "u1", 0, 1.0))  # a late re-send of the settled one: answered again
+    wk._on_update("d2", device_update("d2", "u1", 0, 3.0))  # the other's re-send is taken again
+    assert [a for a, _ in answers] == ["d1", "d1"] and len(wk.buffer) == 1
     restarted = Worker(mqtt_connector(BrokerConfig()), PARAMS, WorkerConfig("w1", topics, state_dir=tmp_path))
-    assert restarted.pending == {} and ("d1", "u1") in restarted.answered  # the ledger knows the split
+    assert restarted.pending == {} and restarted.answered[("d1", "u1")].status == "accepted"  # from the ledger
+    assert ("d2", "u1") not in restarted.answered
 
 
 async def test_root_with_two_workers_loses_nothing_when_one_is_killed(mosquitto: MosquittoProcess,

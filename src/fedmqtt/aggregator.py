@@ -406,4 +406,4 @@ class Aggregator(Service):
 
 def _ack(r: Reply) -> Ack:
     return Ack(update_id=r.update_id, status="accepted" if r.accepted else "rejected", version=r.version,
-               reason=r.reason, detail=r.detail)
+               reason=r.reason, detail=r.detail, members=list(r.members) if r.members else None)

@@ -136,6 +136,7 @@ class Reply(NamedTuple):
     version: int
     reason: str | None = None
     detail: str | None = None
+    members: tuple[str, ...] = ()  # duplicate_member: the members applied before
 
 
 class Entry(NamedTuple):
@@ -290,7 +291,8 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
         params, strategy_state, stepped = r.strategy.apply(state.params, update, state.strategy)
     except InvalidUpdate as exc:
         update_id = exc.update_id or (checked.info.update_id if checked is not None else "")
-        out.replies.append(Reply(agent, update_id, False, state.version, exc.reason.value, exc.detail[:300]))
+        out.replies.append(Reply(agent, update_id, False, state.version, exc.reason.value, exc.detail[:300],
+                                 exc.members))
         return _count_rejection(state, exc.reason)
     # write-ahead: the record comes before any effect
     out.records.append(Entry("combined" if combined else "update", agent, payload))
@@ -326,7 +328,8 @@ def _members(state: ServerState, checked: Checked, r: Rules) -> tuple[members.Me
     applied = [m for m in carried if dedup.contains(state.seen, dedup.key(m[0], m[1]), m[2])]
     if applied:
         raise InvalidUpdate(Reason.DUPLICATE_MEMBER, f"{len(applied)} of {len(carried)} members were applied "
-                                                     f"before, e.g. {applied[0][0]}/{applied[0][1]}")
+                                                     f"before, e.g. {applied[0][0]}/{applied[0][1]}",
+                            members=tuple(dedup.key(a, u) for a, u, _ in applied))
     return carried
 
 

@@ -63,6 +63,16 @@ def add(seen: Seen, name: str, base: int, capacity: int) -> Seen:
     return Seen(by_base, size, floor)
 
 
+def discard(seen: Seen, name: str, base: int) -> Seen:
+    """``seen`` without ``name`` (a worker letting an update go unanswered, to take its re-send)."""
+    names = seen.by_base.get(base)
+    if names is None or name not in names:
+        return seen
+    names = names.delete(name)
+    by_base = seen.by_base.set(base, names) if names else seen.by_base.delete(base)
+    return Seen(by_base, seen.size - 1, seen.floor)
+
+
 def expire(seen: Seen, oldest_acceptable_base: int) -> Seen:
     """``seen`` without the bases older than ``oldest_acceptable_base``."""
     old = [b for b in seen.by_base if b < oldest_acceptable_base]

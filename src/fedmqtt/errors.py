@@ -73,11 +73,13 @@ class InvalidUpdate(FedMQTTError):
     """An update breaks a validation rule. ``reason`` names the rule, ``detail`` says how, and
     ``update_id`` names the update once its metadata parsed (so its ack can say which one)."""
 
-    def __init__(self, reason: Reason, detail: str, update_id: str | None = None) -> None:
+    def __init__(self, reason: Reason, detail: str, update_id: str | None = None,
+                 members: tuple[str, ...] = ()) -> None:
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
         self.update_id = update_id
+        self.members = members  # duplicate_member: the members applied before (``agent/update_id``)
 
 
 class StateError(FedMQTTError):

@@ -97,6 +97,8 @@ class Ack(_Message):
     version: int
     reason: str | None = None
     detail: str | None = None
+    # duplicate_member (a worker's combined update, protocol 12): its members applied before, "agent/update_id"
+    members: list[str] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class Status(_Message):

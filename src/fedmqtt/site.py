@@ -129,10 +129,13 @@ class Site(Service):
             self._seq = max(self._seq, int(r.get("seq", 0)))
             if "members" in r:
                 members[r["id"]] = [(str(a), str(u), int(b)) for a, u, b in r["members"]]
-            elif "split" in r:  # refused as a whole: its members went on in other combined updates, or re-send
-                members.pop(r["split"], None)
-                if r["split"] in self.outbox:
-                    del self.outbox[r["split"]]
+            elif "released" in r:  # a worker's, refused as a whole: some members applied before, the rest re-send
+                members.pop(r["released"], None)
+                if r["released"] in self.outbox:
+                    del self.outbox[r["released"]]
+                for agent, update_id in r["applied"]:
+                    self.answered[(agent, update_id)] = Ack(update_id=update_id, status="accepted",
+                                                            version=r["version"])
             elif "acked" in r:
                 if r["acked"] in self.outbox:  # the crash came between the ledger and the outbox's delete
                     del self.outbox[r["acked"]]
@@ -209,8 +212,10 @@ class Site(Service):
                                               max_staleness=self.config.max_staleness, seen=self.seen)
             validation.check_norm(checked.tensors, self.config.max_update_norm)  # finite, and within the bound
         except InvalidUpdate as exc:
-            if exc.reason == Reason.DUPLICATE:
-                return  # in the buffer already: answered with the rest
+            if exc.reason == Reason.DUPLICATE:  # settled: the same answer again; else held: answered with the rest
+                if (agent, exc.update_id or "") in self.answered:
+                    self._answer(agent, self.answered[(agent, exc.update_id or "")])
+                return
             if exc.reason == Reason.FUTURE_BASE and len(self.early) < 1_000:
                 self.early.append((agent, payload))  # the device got the new model before the site did
                 return

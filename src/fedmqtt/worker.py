@@ -15,10 +15,10 @@ worker (at most one publish interval behind the owner).
 Acks stay truthful: a device update is acknowledged ``accepted`` only once the owner has acknowledged, hence
 applied and journaled, the combined update carrying it (site.py: the same ledger and outbox). Nothing is
 applied twice: the owner keeps every member in its de-duplication window and refuses a combined update that
-carries one applied before (``duplicate_member``); a device's re-send can reach another worker while the
-first one still holds it, or after it died between the owner's ack and its own. A combined update of more
-than one member that the owner refuses is split: each member goes on alone, and the owner judges it by itself
-(applied before: the device is told ``duplicate``, i.e. settled).
+carries one applied before (``duplicate_member``, naming them); a device's re-send can reach another worker
+while the first one still holds it, or after it died between the owner's ack and its own. The worker then
+answers those members ``accepted`` (they were applied) and lets the others go unanswered: their devices
+re-send them, and they are taken again.
 
 A worker has no broker session to lose (clean start): what the broker was delivering to a worker that dies is
 dropped, never acknowledged, and its devices re-send it (their outbox) to the workers that are left. With a
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmqtt import admission
+from fedmqtt import admission, dedup
 from fedmqtt import members as members_
 from fedmqtt.admission import Admission, AdmissionLimits
 from fedmqtt.errors import Reason
@@ -47,7 +47,6 @@ from fedmqtt.types import Array, check_id
 
 log = logging.getLogger("fedmqtt.worker")
 MAX_BUFFER = 40  # members: their ids (128 characters at most) stay within members.MAX_BYTES
-Batch = list[tuple[Member, dict[str, Array], int]]
 
 
 @dataclass(frozen=True)
@@ -85,9 +84,8 @@ class Worker(Site):
         self.worker = cfg
         self.updates_filter = self.topics.shared(cfg.group, self.topics.updates_wildcard)
         self.upstream_topic = self.topics.combined(cfg.worker_id)
-        self.batches: dict[str, Batch] = {}  # combined update -> its members' deltas, until the owner answers
         self.buffered_at = 0.0  # when the oldest update in the buffer arrived
-        self.splits = 0  # combined updates refused as a whole and sent on member by member
+        self.released = 0  # combined updates refused as a whole (their members re-sent by their devices)
         self.admission = Admission()
 
     def loops(self) -> dict[str, Loop]:
@@ -119,35 +117,36 @@ class Worker(Site):
     def _extra(self, members: list[Member]) -> dict[str, str]:
         return {members_.MEMBERS: members_.encode(members)}
 
-    def _send_combined(self, upstream: str, batch: Batch) -> None:
-        self.batches[upstream] = batch
-        super()._send_combined(upstream, batch)
-
     def _settle(self, ack: Ack) -> None:
-        batch = self.batches.pop(ack.update_id, None)
         carried = self.pending.get(ack.update_id)
         if carried is None:
             return  # a duplicate delivery
         refused = ack.status != "accepted" and ack.reason != Reason.DUPLICATE.value
-        if refused and len(carried) > 1:
-            self._split(ack, carried, batch)
-            return
-        if ack.reason == Reason.DUPLICATE_MEMBER.value:  # applied before, through another combined update
-            ack = ack.model_copy(update={"reason": Reason.DUPLICATE.value})
-        super()._settle(ack)
+        if ack.reason == Reason.DUPLICATE_MEMBER.value or (refused and len(carried) > 1):
+            self._release(ack, carried)
+        else:
+            super()._settle(ack)
 
-    def _split(self, ack: Ack, carried: list[Member], batch: Batch | None) -> None:
-        """Refused as a whole: each member goes on alone. Without the deltas (sent before a restart) the
-        members are let go unanswered: their devices re-send them."""
+    def _release(self, ack: Ack, carried: list[Member]) -> None:
+        """Refused as a whole: members the owner names as applied before are answered ``accepted`` (through
+        another combined update); the others go unanswered and leave the de-duplication window, so that
+        their devices' re-sends are taken and judged again. No delta is kept for this: holding every pending
+        sum's updates cost as much memory as the owner's acks took time."""
+        applied = set(ack.members or ()) if ack.reason == Reason.DUPLICATE_MEMBER.value else set()
         del self.pending[ack.update_id]
-        self._record({"split": ack.update_id})
+        settled = [(a, u) for a, u, _ in carried if dedup.key(a, u) in applied]
+        self._record({"released": ack.update_id, "version": ack.version, "applied": settled})
         if ack.update_id in self.outbox:
             del self.outbox[ack.update_id]
-        for agent, update_id, _ in carried:
+        for agent, update_id, base in carried:
             self.carried.pop((agent, update_id), None)
-        self.splits += 1
-        log.info("%s: %s refused (%s: %s): its %d members go on one by one", self.name, ack.update_id,
-                 ack.reason, ack.detail, len(carried))
-        for item in batch or []:
-            self._seq += 1
-            self._send_combined(f"{self.config.site_id}-{self.instance}-{self._seq}", [item])
+            if (agent, update_id) not in settled:
+                self.seen = dedup.discard(self.seen, dedup.key(agent, update_id), base)
+        for agent, update_id in settled:
+            answer = Ack(update_id=update_id, status="accepted", version=ack.version)
+            self.answered[(agent, update_id)] = answer
+            self._answer(agent, answer)
+            self.local_accepted += 1
+        self.released += 1
+        log.info("%s: %s refused (%s: %s): %d of its %d members were applied before, the others will be "
+                 "re-sent", self.name, ack.update_id, ack.reason, ack.detail, len(settled), len(carried))

@@ -64,4 +64,4 @@ def worker(
     err.print(f"worker {worker_id}: k = {buffer_size} on {broker}, federation {federation!r}, group {group!r}"
               f"{f', state in {state_dir}' if state_dir else ' (no state kept)'}")
     run(serve(w, lambda: (f"global v{w.version}, {w.local_accepted} updates accepted, {w.acked_up} combined "
-                          f"applied, {len(w.pending)} pending, {w.splits} split"), status_every))
+                          f"applied, {len(w.pending)} pending, {w.released} released"), status_every))
