@@ -217,3 +217,23 @@ def test_a_worker_bounds_a_flooding_device_as_the_aggregator_would() -> None:
     refused = [(a, x.reason) for a, x in answers]
     assert len(refused) >= 20 and set(refused) == {("flood", "rate_limited")}
     assert ("calm", "u0") in {(a, u) for (a, u, _), *_ in wk.buffer}
+
+
+def test_the_combined_update_vector_decodes_and_counts_as_its_members() -> None:
+    """tests/vectors/combined_worker-1.safetensors and combined.json (protocol section 12): what another
+    language's worker must produce, and what an owner makes of it."""
+    vectors = Path(__file__).parent / "vectors"
+    want = json.loads((vectors / "combined.json").read_text())
+    payload = (vectors / "combined_worker-1.safetensors").read_bytes()
+    got = codec.decode(payload)
+    assert got.metadata == want["metadata"]
+    for name, t in want["tensors"].items():
+        np.testing.assert_array_equal(got.tensors[name].ravel(), np.asarray(t["values"], np.float32))
+    assert [list(m) for m in members.parse(got.metadata, 7)] == want["members"]
+    model = codec.decode((vectors / "model_v7.safetensors").read_bytes()).tensors
+    r = core.rules(fedbuff(10), model)
+    s = core.init(r, model, "e", version=7)
+    s, fx = core.receive(s, "worker-1", payload, r, combined=True)
+    assert fx.replies[0].accepted and s.counters.accepted == want["updates_it_stands_for"] == int(s.strategy.n)
+    ack = Ack.model_validate(want["duplicate_member_ack"])
+    assert ack.reason == "duplicate_member" and ack.members == ["edge-2/fedcba9876543210"]

@@ -53,6 +53,33 @@ def main() -> None:
     (HERE / "expected.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
     print("fingerprint", fp)
     allocation_vectors()
+    combined_vectors(params)
+
+
+def combined_vectors(params: dict[str, np.ndarray]) -> None:
+    """Section 12: a worker's combined update of two members on model_v7, and the duplicate_member ack that
+    names one of them."""
+    from fedmqtt import members
+    from fedmqtt.schemas import Ack, dump
+
+    mean = {"dense/kernel": np.full((2, 3), 0.0625, dtype=np.float32),
+            "dense/bias": np.array([0.5, -0.125, 0.0], dtype=np.float32)}
+    carried = [("edge-1", "0123456789abcdef", 7), ("edge-2", "fedcba9876543210", 6)]
+    payload = codec.encode_update(mean, agent="worker-1", update_id="worker-1-a1b2c3d4-1", base_version=7,
+                                  num_samples=84, model_fingerprint=codec.fingerprint(params),
+                                  extra={members.MEMBERS: members.encode(carried)})
+    (HERE / "combined_worker-1.safetensors").write_bytes(payload)
+    refusal = Ack(update_id="worker-1-a1b2c3d4-1", status="rejected", version=9, reason="duplicate_member",
+                  detail="1 of 2 members were applied before, e.g. edge-2/fedcba9876543210",
+                  members=["edge-2/fedcba9876543210"])
+    (HERE / "combined.json").write_text(json.dumps({
+        "topic": "fedmqtt/default/combined/worker-1",
+        "metadata": codec.decode(payload).metadata,
+        "members": [list(m) for m in carried],
+        "updates_it_stands_for": len(carried),
+        "tensors": {k: {"dtype": "F32", "shape": list(v.shape), "values": v.ravel().tolist()} for k, v in mean.items()},
+        "duplicate_member_ack": json.loads(dump(refusal)),
+    }, indent=2, sort_keys=True) + "\n")
 
 
 def allocation_vectors() -> None:
