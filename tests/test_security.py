@@ -47,7 +47,7 @@ class SecureBroker:
     def __init__(self, directory: Path, client_certs: bool) -> None:
         port = free_port()
         self.profile = init_broker(directory, AGENTS, topics=TOPICS, hosts=("127.0.0.1", "localhost"),
-                                   port=port, bind="127.0.0.1", client_certs=client_certs)
+                                   port=port, bind="127.0.0.1", client_certs=client_certs, workers=["w1"])
         conf = self.profile.config  # as written: started by root or by its owner, it reads its 0600 files
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.log = directory / "mosquitto.log"
@@ -202,6 +202,29 @@ async def test_agent_reads_only_model_and_own_acks(secure: SecureBroker) -> None
         got = await collect(a1, TOPICS.acks("a1"))
     assert [(m.topic, m.payload) for m in got] == [(TOPICS.model, b"model"), (TOPICS.model_form("int8"), b"int8 model"),
                                                    (TOPICS.acks("a1"), b"mine")]
+
+
+@pytest.mark.broker
+async def test_a_worker_takes_its_share_and_writes_sums_and_acks_which_no_device_may(secure: SecureBroker) -> None:
+    """A worker identity (`broker init --workers`): its shared subscription to the updates is allowed, it may
+    write its sums and the devices' acks; a device may write neither."""
+    async with connected(secure.config("aggregator"), "wk-agg") as agg, \
+            connected(secure.config("w1"), "wk-w1") as w1, connected(secure.config("a1"), "wk-a1") as a1:
+        await agg.subscribe(TOPICS.combined_wildcard)
+        await a1.subscribe(TOPICS.acks("a1"))
+        await w1.subscribe(TOPICS.shared("fedmqtt-workers", TOPICS.updates_wildcard))
+        for topic in (TOPICS.combined("a1"), TOPICS.combined("w1")):
+            with contextlib.suppress(TransportError):
+                await a1.publish(topic, b"forged sum", qos=1)
+        await a1.publish(TOPICS.update("a1"), b"an update", qos=1)
+        taken = await collect(w1, TOPICS.update("a1"))
+        await w1.publish(TOPICS.combined("w1"), b"a sum", qos=1)
+        await w1.publish(TOPICS.acks("a1"), b"accepted", qos=1)
+        sums = await collect(agg, TOPICS.combined("w1"))
+        acks = await collect(a1, TOPICS.acks("a1"))
+    assert [(m.topic, m.payload) for m in taken] == [(TOPICS.update("a1"), b"an update")]
+    assert [(m.topic, m.payload) for m in sums] == [(TOPICS.combined("w1"), b"a sum")]
+    assert [m.payload for m in acks] == [b"accepted"]
 
 
 @pytest.mark.broker

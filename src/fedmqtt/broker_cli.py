@@ -77,6 +77,8 @@ def broker_init(
     coordinator: Annotated[str | None, typer.Option(
         help="also make an identity for a coordinator (protocol 1.1): it reads every federation's agent "
              "statuses and alone writes the assignments")] = None,
+    workers: Annotated[str, typer.Option(help="comma-separated ids of the aggregator's workers (`fedmqtt "
+                                              "worker`): each reads the updates and writes sums and acks")] = "",
     force: Annotated[bool, typer.Option(help="replace an existing CA and every credential")] = False,
 ) -> None:
     """Create the secure broker profile: local CA, TLS certificates, passwords, ACL and one env file each."""
@@ -85,7 +87,8 @@ def broker_init(
     hosts = tuple(host) if host else ("localhost", "127.0.0.1", "::1")
     try:
         profile = init_broker(Path(out), agents.split(","), topics=Topics(prefix, federation), hosts=hosts,
-                              port=port, client_certs=client_certs, coordinator=coordinator, overwrite=force)
+                              port=port, client_certs=client_certs, coordinator=coordinator,
+                              workers=[w for w in workers.split(",") if w], overwrite=force)
     except (FedMQTTError, ValueError) as exc:
         raise fail(str(exc)) from exc
     err.print(f"secure profile in {profile.directory}: mosquitto -c {profile.config}")

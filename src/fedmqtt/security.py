@@ -76,7 +76,8 @@ def mosquitto_password_hash(password: str, rounds: int = PBKDF2_ROUNDS, salt: by
 
 
 def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR,
-             watchers: Iterable[str] = (WATCHER,), coordinator: str | None = None) -> str:
+             watchers: Iterable[str] = (WATCHER,), coordinator: str | None = None,
+             workers: Iterable[str] = ()) -> str:
     """The ACL: each agent (username = agent id) writes only its own update and status topics and reads only
     the model and its own acks; only the aggregator writes the model, metrics and acks. Anything not granted
     is denied. Rules are listed per user rather than as ``%u`` patterns, because patterns would also hand
@@ -96,6 +97,12 @@ def acl_text(topics: Topics, agents: Iterable[str], aggregator: str = AGGREGATOR
                   f"user {check_username(coordinator, 'coordinator username')}",
                   f"topic read {topics.prefix}/+/agents/+/status",
                   f"topic readwrite {topics.prefix}/coordinator/agents/+/assignment", ""]
+    for w in workers:
+        lines += ["# A worker of the aggregator (`fedmqtt worker`, protocol section 12): reads the updates (its",
+                  "# share, through $share/...) and the model, writes its sums and the devices' acks.",
+                  f"user {check_username(w, 'worker id')}", f"topic read {b}/updates/+", f"topic read {b}/model",
+                  f"topic write {b}/combined/{w}", f"topic read {b}/agents/{w}/acks",
+                  f"topic write {b}/agents/+/acks", ""]
     for w in watchers:
         lines += ["# A read-only observer (`fedmqtt watch`): metrics and presence only.",
                   f"user {check_username(w, 'watcher username')}", f"topic read {b}/metrics",
@@ -258,6 +265,7 @@ def init_broker(
     aggregator: str = AGGREGATOR,
     watcher: str | None = WATCHER,
     coordinator: str | None = None,
+    workers: Sequence[str] = (),
     valid_days: int = 825,
     overwrite: bool = False,
 ) -> SecureProfile:
@@ -274,8 +282,9 @@ def init_broker(
                           "pip install 'fedmqtt[security]'") from exc
     topics = topics or Topics()
     names = [check_username(a.strip(), "agent id") for a in agents if a.strip()]
+    crew = [check_username(w.strip(), "worker id") for w in workers if w.strip()]
     users = [check_username(u) for u in (aggregator, *([watcher] if watcher else []),
-                                         *([coordinator] if coordinator else []), *names)]
+                                         *([coordinator] if coordinator else []), *crew, *names)]
     if len(set(users)) != len(users):
         raise ConfigError(f"usernames must be unique (aggregator {aggregator!r}, watcher {watcher!r}, "
                           "agents)")
@@ -306,7 +315,7 @@ def init_broker(
         identities[user] = Identity(user, password, cert, key, out / "env" / f"{user}.env")
         hashes.append(f"{user}:{mosquitto_password_hash(password)}")
     _write_private(out / "passwd", "\n".join(hashes) + "\n")
-    (out / "acl").write_text(acl_text(topics, names, aggregator, [watcher] if watcher else [], coordinator))
+    (out / "acl").write_text(acl_text(topics, names, aggregator, [watcher] if watcher else [], coordinator, crew))
     if client_certs:  # Mosquitto checks every client certificate against the CA's CRL: start with an empty one
         (out / "crl.pem").write_bytes(crl_pem(ca_key, ca_cert))
     config = out / "mosquitto.conf"
