@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 from fleet_learning import FEDERATION, Learner, final_model, scrape_version  # benchmarks/ is on sys.path
 
-from fedmqtt import codec, journal
+from fedmqtt import codec, dedup, journal, members
 from fedmqtt.broker import MosquittoProcess, free_port
 from fedmqtt.topics import Topics
 from fedmqtt.transport import BrokerConfig, ConnectOptions, Message, mqtt_connector
@@ -249,8 +249,13 @@ def drive(args: argparse.Namespace) -> int:
                             *(["--dp-clip", str(args.dp_clip), "--dp-noise", str(args.dp_noise)]
                               if args.dp_clip is not None else []),
                             *(["--dp-max-steps", str(args.dp_max_steps)] if args.dp_max_steps else []),
-                            *(["--dp-adjacency", args.dp_adjacency] if args.dp_clip is not None else [])],
+                            *(["--dp-adjacency", args.dp_adjacency] if args.dp_clip is not None else []),
+                            *(["--workers"] if args.root_workers else [])],
                            stdout=subprocess.DEVNULL, stderr=open(work / "aggregator.log", "wb"), env=env)  # noqa: SIM115
+    crew = [subprocess.Popen([sys.executable, "-m", "fedmqtt", "worker", "--broker", url, "--federation", FEDERATION,
+                              "--worker-id", f"w{i}", "--status-every", "30", *(["--task", args.train] if args.train else [])],
+                             stdout=subprocess.DEVNULL, stderr=open(work / f"w{i}.log", "wb"), env=env)  # noqa: SIM115
+            for i in range(args.root_workers)]  # the aggregator's workers (`fedmqtt worker`), when asked for
     time.sleep(8)  # JAX import, first model published
     per = -(-args.agents // args.procs)
     workers = []
@@ -278,6 +283,10 @@ def drive(args: argparse.Namespace) -> int:
                     break
             if learned:
                 break
+            if crew and args.kill_worker_at is not None and time.monotonic() - started >= args.kill_worker_at \
+                    and crew[0].poll() is None:
+                crew[0].send_signal(signal.SIGKILL)  # not restarted: the others take its share
+                print(f"[{time.monotonic() - started:6.1f}s] worker w0 killed (SIGKILL)", flush=True)
             a_rss, a_cpu = proc_stat(agg.pid)
             b_rss, b_cpu = proc_stat(broker.process.pid)
             samples.append({"t": round(time.monotonic() - started, 1), "aggregator_rss_mb": round(a_rss, 1),
@@ -290,6 +299,10 @@ def drive(args: argparse.Namespace) -> int:
             w.send_signal(signal.SIGTERM)
         for w in workers:
             w.wait(120)
+        for c in crew:
+            c.send_signal(signal.SIGTERM)
+        for c in crew:
+            c.wait(60)
         agg.send_signal(signal.SIGTERM)
         agg.wait(60)
         broker.stop()
@@ -300,6 +313,9 @@ def drive(args: argparse.Namespace) -> int:
     rejected = Counter(reason for _, _, status, reason, _, _ in acks if status == "rejected" and reason != "duplicate")
     applied_list = [f"{agent}/{codec.decode(p).metadata['fedmqtt.update_id']}"
                     for _, agent, p in journal.applied_updates(work / "state")]
+    for _, _, p in journal.applied_updates(work / "state", journal.COMBINED):  # a worker's sum: its members
+        meta = codec.decode(p).metadata
+        applied_list += [dedup.key(a, u) for a, u, _ in members.parse(meta, int(meta["fedmqtt.base_version"]))]
     applied = set(applied_list)
     latencies = [lat for _, _, status, _, lat, _ in acks if status == "accepted"]
     online = [lat for _, _, status, _, _, lat in acks if status == "accepted" and lat is not None]
@@ -325,7 +341,8 @@ def drive(args: argparse.Namespace) -> int:
         "broker_cpu_share": round((samples[-1]["broker_cpu_s"] - samples[0]["broker_cpu_s"])
                                   / max(samples[-1]["t"] - samples[0]["t"], 1e-9), 3) if len(samples) > 1 else None,
         "load_cpu_share": round(sum(r["cpu_seconds"] for r in results) / window, 3),
-        "median_interval_between_updates_s": args.interval,
+        "median_interval_between_updates_s": args.interval, "root_workers": args.root_workers,
+        "worker_killed_at_s": args.kill_worker_at if args.root_workers else None,
         **learned,
     }
     print(json.dumps(summary, indent=1, default=str))
@@ -363,6 +380,10 @@ def main() -> int:
     p.add_argument("--dp-adjacency", default="replace", help="central DP: replace or zero-out")
     p.add_argument("--dp-max-steps", type=int, default=None, help="central DP: steps one device may take part in")
     p.add_argument("--until-version", type=int, default=None, help="stop when the model reaches this version")
+    p.add_argument("--root-workers", type=int, default=0, help="`fedmqtt worker` processes in front of the "
+                                                               "aggregator (FedBuff; the aggregator takes their sums)")
+    p.add_argument("--kill-worker-at", type=float, default=None, help="--root-workers: SIGKILL one worker at "
+                                                                       "this second (not restarted)")
     # a load process (started by the driver)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--broker", default="", help=argparse.SUPPRESS)
