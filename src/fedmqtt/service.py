@@ -197,16 +197,21 @@ class Service:
         await self._closed.wait()
 
     # ---- the broker connection --------------------------------------------------------------------------
-    async def connection(self, opts: ConnectOptions, on_connect: Callable[[Transport], Awaitable[None]]) -> None:
-        """Keep one connection: connect, ``on_connect``, serve until lost or closing; reconnect with backoff."""
+    async def connection(self, opts: ConnectOptions, on_connect: Callable[[Transport], Awaitable[None]],
+                         slot: str = "transport") -> None:
+        """Keep one connection: connect, ``on_connect``, serve until lost or closing; reconnect with backoff.
+        A service with a second connection names another attribute as its ``slot``; only the first one
+        (``transport``) sets ``connected``."""
+        primary = slot == "transport"
         assert self._connect is not None
         attempt = 0
         while not self._closed.is_set():
             try:
                 async with self._connect(opts) as t:
-                    self.transport = t
+                    setattr(self, slot, t)
                     await on_connect(t)
-                    self.connected.set()
+                    if primary:
+                        self.connected.set()
                     self.connects += 1
                     self.changed()
                     if attempt or self.connects > 1:
@@ -225,8 +230,9 @@ class Service:
                     log.warning("%s: connection: %s", self.name, exc)
                 self.last_error = str(exc)
             finally:
-                self.transport = None
-                self.connected.clear()
+                setattr(self, slot, None)
+                if primary:
+                    self.connected.clear()
                 self.changed()
             if self._closed.is_set():
                 return

@@ -168,7 +168,7 @@ class Site(Service):
 
     async def _resender(self) -> None:
         while not await self.sleep(max(self.config.ack_timeout / 4, 0.05)):
-            t, now = self.transport, time.monotonic()
+            t, now = self._upstream(), time.monotonic()
             for upstream, pending in list(self.outbox.items()):
                 if t is not None and now - pending.sent_at > self.config.ack_timeout:
                     await self._send_up(t, upstream, pending.payload)
@@ -266,7 +266,7 @@ class Site(Service):
         self.pending[upstream] = members
         for agent, update_id, _ in members:
             self.carried[(agent, update_id)] = upstream
-        t = self.transport
+        t = self._upstream()
         if t is not None:
             self._spawn(self._send_up(t, upstream, payload))
 
@@ -280,6 +280,10 @@ class Site(Service):
         if staleness not in self._weights:
             self._weights[staleness] = float(self.config.staleness(staleness))
         return self._weights[staleness]
+
+    def _upstream(self) -> Transport | None:
+        """The connection combined updates go up on (a site's one connection)."""
+        return self.transport
 
     def _extra(self, members: list[Member]) -> dict[str, str]:
         """More metadata for a combined update (a worker names its members)."""

@@ -23,6 +23,11 @@ re-send them, and they are taken again.
 A worker has no broker session to lose (clean start): what the broker was delivering to a worker that dies is
 dropped, never acknowledged, and its devices re-send it (their outbox) to the workers that are left. With a
 ``state_dir``, the combined updates it had sent are sent again on restart under the same ids.
+
+Two connections: ``connection`` takes the devices' updates (and the model) and answers the devices;
+``upstream`` (client id ``...-up``) sends the sums and takes the aggregator's acks. On one connection, the
+PUBACKs for the updates queued behind the worker's own 400 kB sums in its socket; a busy broker then saw no
+PUBACK, stopped sending updates to the worker, and the sums waited seconds for theirs.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from fedmqtt.service import Loop
 from fedmqtt.site import Member, Site, SiteConfig
 from fedmqtt.strategies.staleness import StalenessFn, polynomial
 from fedmqtt.topics import Topics, check_segment
-from fedmqtt.transport import ConnectOptions, Connector
+from fedmqtt.transport import ConnectOptions, Connector, Transport
 from fedmqtt.types import Array, check_id
 
 log = logging.getLogger("fedmqtt.worker")
@@ -87,11 +92,27 @@ class Worker(Site):
         self.buffered_at = 0.0  # when the oldest update in the buffer arrived
         self.released = 0  # combined updates refused as a whole (their members re-sent by their devices)
         self.admission = Admission()
+        self.up: Transport | None = None  # the upstream connection, while connected
 
     def loops(self) -> dict[str, Loop]:
-        opts = ConnectOptions(self.config.client_id or self.name, on_message=self._on_message)  # clean start
-        return {"connection": self.connection(opts, self._subscribe), "resender": self._resender(),
+        client_id = self.config.client_id or self.name
+        down = ConnectOptions(client_id, on_message=self._on_message)  # clean start
+        up = ConnectOptions(f"{client_id}-up", on_message=self._on_message)
+        return {"connection": self.connection(down, self._subscribe),
+                "upstream": self.connection(up, self._subscribe_up, slot="up"), "resender": self._resender(),
                 "acks": self._ack_sender(), "combiner": self._combiner()}
+
+    async def _subscribe(self, t: Transport) -> None:
+        await t.subscribe(self.updates_filter, qos=1)
+        await t.subscribe(self.topics.model, qos=1)
+
+    async def _subscribe_up(self, t: Transport) -> None:
+        await t.subscribe(self.topics.acks(self.config.site_id), qos=1)
+        for upstream, pending in list(self.outbox.items()):
+            await self._send_up(t, upstream, pending.payload)
+
+    def _upstream(self) -> Transport | None:
+        return self.up
 
     async def _combiner(self) -> None:
         """Sends a partly filled buffer once its oldest update has waited ``max_wait``."""
