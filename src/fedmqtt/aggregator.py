@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedmqtt import core, global_model, ownership
+from fedmqtt import acks, core, global_model, ownership
 from fedmqtt.compression import MODEL_FORMS
 from fedmqtt.core import Limits, Reply, ServerState, Timing
 from fedmqtt.durability import Durability, Store, Volatile
@@ -35,7 +35,7 @@ from fedmqtt.errors import ConfigError, StateError, TransportError
 from fedmqtt.files import Fsync
 from fedmqtt.histogram import Durations
 from fedmqtt.presence import Presence
-from fedmqtt.schemas import Ack, Metrics, Status, dump
+from fedmqtt.schemas import Metrics, Status, dump
 from fedmqtt.service import Loop, Service
 from fedmqtt.signing import Signer
 from fedmqtt.strategies.base import Strategy
@@ -204,6 +204,9 @@ class Aggregator(Service):
         self.store.hold(effects.replies, state if effects.stepped else None)
         self._dirty.set()
 
+    def _ack_message(self, r: Reply) -> tuple[str, bytes]:
+        return self.topics.acks(r.agent), dump(acks.of_reply(r))
+
     def _release(self, replies: Sequence[Reply], state: ServerState | None) -> None:
         """From the store: these replies and this version are durable now."""
         for r in replies:
@@ -285,7 +288,8 @@ class Aggregator(Service):
         opts = ConnectOptions(client_id, will=will, clean_start=False, session_expiry=cfg.session_expiry,
                               on_message=self._on_message)
         loops: dict[str, Loop] = {"connection": self.connection(opts, self._subscribe),
-                                  "publisher": self._publisher(), "acks": self._ack_sender(),
+                                  "publisher": self._publisher(),
+                                  "acks": acks.send_queued(self._acks, lambda: self.transport, self._ack_message),
                                   "committer": self.store.committer(),
                                   "snapshotter": self.store.snapshotter(lambda: self.state)}
         if self._evaluate is not None:
@@ -370,19 +374,6 @@ class Aggregator(Service):
                 self._dirty.set()
             await asyncio.sleep(cfg.publish_interval)
 
-    async def _ack_sender(self) -> None:
-        """Publish acks concurrently: each QoS 1 publish waits a PUBACK round trip, so one at a time would
-        cap acks at a few hundred per second; everything queued meanwhile goes out together."""
-        while True:
-            batch = [await self._acks.get()]
-            while not self._acks.empty() and len(batch) < 256:
-                batch.append(self._acks.get_nowait())
-            t = self.transport
-            if t is None:
-                continue  # lost with the connection; the agents' outboxes re-send
-            await asyncio.gather(*(t.publish(self.topics.acks(r.agent), dump(_ack(r)), qos=1) for r in batch),
-                                 return_exceptions=True)  # a failed publish is a lost ack: the agent re-sends
-
     async def _evaluator(self, evaluate: Evaluate) -> None:
         while True:
             if self.evaluated_version != self.version:
@@ -403,7 +394,3 @@ class Aggregator(Service):
         return core.flush_due(self.state, self.rules, self.config.timing, self.round_members(),
                               now - self._step_started)
 
-
-def _ack(r: Reply) -> Ack:
-    return Ack(update_id=r.update_id, status="accepted" if r.accepted else "rejected", version=r.version,
-               reason=r.reason, detail=r.detail, members=list(r.members) if r.members else None)

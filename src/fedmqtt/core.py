@@ -298,10 +298,10 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
     out.records.append(Entry("combined" if combined else "update", agent, payload))
     c = state.counters
     seen = dedup.add(state.seen, dedup.key(agent, info.update_id), info.base_version, lim.dedup_capacity)
-    staleness = _plus_one(c.staleness, checked.staleness) if not combined else c.staleness
     for member, update_id, base in carried:
         seen = dedup.add(seen, dedup.key(member, update_id), base, lim.dedup_capacity)
-        staleness = _plus_one(staleness, state.version - base)
+    staleness = _plus(c.staleness, [state.version - base for *_, base in carried] if combined
+                      else [checked.staleness])
     count = len(carried) or 1
     state = state._replace(
         strategy=strategy_state, seen=seen,
@@ -394,7 +394,9 @@ def _count_rejection(state: ServerState, reason: Reason) -> ServerState:
     return state._replace(counters=c._replace(rejected=rejected))
 
 
-def _plus_one(hist: Mapping[int, int], key: int) -> dict[int, int]:
+def _plus(hist: Mapping[int, int], keys: list[int]) -> dict[int, int]:
+    """``hist`` with one more count for each of ``keys`` (one copy, however many)."""
     out = dict(hist)
-    out[key] = out.get(key, 0) + 1
+    for key in keys:
+        out[key] = out.get(key, 0) + 1
     return out

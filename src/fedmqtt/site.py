@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmqtt import codec, dedup, validation
+from fedmqtt import acks, codec, dedup, validation
 from fedmqtt.errors import CodecError, InvalidUpdate, Reason, TransportError
 from fedmqtt.files import atomic_write
 from fedmqtt.outbox import Outbox, Pending
@@ -341,18 +341,10 @@ class Site(Service):
         except asyncio.QueueFull:
             self.acks_dropped += 1  # the device re-sends; the answer is kept for it
 
-    async def _ack_sender(self) -> None:
-        """Acks go out up to 256 at a time (as the aggregator's): a publish per ack, each waiting its PUBACK,
-        with a bound on how many wait at once."""
-        while True:
-            batch = [await self._acks.get()]
-            while not self._acks.empty() and len(batch) < 256:
-                batch.append(self._acks.get_nowait())
-            t = self.transport
-            if t is None:
-                continue  # lost with the connection: the devices re-send, and are answered again
-            await asyncio.gather(*(t.publish(self.topics.acks(a), dump(x), qos=1) for a, x in batch),
-                                 return_exceptions=True)
+    def _ack_sender(self) -> Loop:
+        """The devices' acks, from the queue ``_answer`` fills (fedmqtt.acks)."""
+        return acks.send_queued(self._acks, lambda: self.transport, lambda item: (self.topics.acks(item[0]),
+                                                                                  dump(item[1])))
 
     def _spawn(self, coro: Any) -> None:
         """Publish from a message callback: a task, kept until it is done. A publish lost with the connection

@@ -93,19 +93,11 @@ class Topics:
 
     def agent_of_update(self, topic: str) -> str | None:
         """The agent id in an update topic, or None if ``topic`` is not one."""
-        head = f"{self.base}/updates/"
-        if not topic.startswith(head):
-            return None
-        agent = topic[len(head) :]
-        return agent if agent and "/" not in agent else None
+        return _level_after(topic, f"{self.base}/updates/")
 
     def worker_of_combined(self, topic: str) -> str | None:
         """The worker id in a combined-update topic, or None if ``topic`` is not one."""
-        head = f"{self.base}/combined/"
-        if not topic.startswith(head):
-            return None
-        worker = topic[len(head) :]
-        return worker if worker and "/" not in worker else None
+        return _level_after(topic, f"{self.base}/combined/")
 
     def agent_of_status(self, topic: str) -> str | None:
         head, tail = f"{self.base}/agents/", "/status"
@@ -113,6 +105,14 @@ class Topics:
             return None
         agent = topic[len(head) : -len(tail)]
         return agent if agent and "/" not in agent else None
+
+
+def _level_after(topic: str, head: str) -> str | None:
+    """The one non-empty topic level after ``head``, or None."""
+    if not topic.startswith(head):
+        return None
+    level = topic[len(head) :]
+    return level if level and "/" not in level else None
 
 
 @dataclass(frozen=True)
