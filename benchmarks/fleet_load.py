@@ -24,6 +24,9 @@ the final model is evaluated on the task's test set and ε is read from the aggr
     python benchmarks/fleet_load.py --train digits-linear --agents 1000 --buffer-size 500 --interval 4 \
         --local-steps 1 --local-lr 0.5 --server-lr 4 --dp-clip 1 --dp-noise 4.42 --dp-max-steps 12 \
         --until-version 24
+    python benchmarks/fleet_load.py --train digits-linear --agents 1000 --buffer-size 1000 --interval 4 \
+        --local-steps 1 --local-lr 0.5 --server-lr 4 --dp-clip 1 --dp-noise 3.13 --dp-sampling 1 \
+        --dp-step-seconds 4 --until-version 24        # clocked steps, add/remove neighbours
 
 At the end the agents stop sending and wait up to 60 s for their outstanding acks; the aggregator is stopped
 and its journal read. Reported: accepted updates per second, update-to-ack latency p50/p99, the
@@ -249,7 +252,9 @@ def drive(args: argparse.Namespace) -> int:
                             *(["--dp-clip", str(args.dp_clip), "--dp-noise", str(args.dp_noise)]
                               if args.dp_clip is not None else []),
                             *(["--dp-max-steps", str(args.dp_max_steps)] if args.dp_max_steps else []),
-                            *(["--dp-adjacency", args.dp_adjacency] if args.dp_clip is not None else []),
+                            *(["--dp-adjacency", args.dp_adjacency] if args.dp_adjacency else []),
+                            *(["--dp-sampling", str(args.dp_sampling), "--dp-step-seconds", str(args.dp_step_seconds)]
+                              if args.dp_sampling is not None else []),
                             *(["--workers"] if args.root_workers else [])],
                            stdout=subprocess.DEVNULL, stderr=open(work / "aggregator.log", "wb"), env=env)  # noqa: SIM115
     crew = [subprocess.Popen([sys.executable, "-m", "fedmqtt", "worker", "--broker", url, "--federation", FEDERATION,
@@ -377,7 +382,11 @@ def main() -> int:
     p.add_argument("--server-lr", type=float, default=1.0, help="--train: the aggregator's server learning rate")
     p.add_argument("--dp-clip", type=float, default=None, help="central DP at the aggregator: clip")
     p.add_argument("--dp-noise", type=float, default=None, help="central DP at the aggregator: noise multiplier")
-    p.add_argument("--dp-adjacency", default="replace", help="central DP: replace or zero-out")
+    p.add_argument("--dp-adjacency", default=None, help="central DP: replace (default), zero-out, add-remove "
+                                                        "(with --dp-sampling: the default there)")
+    p.add_argument("--dp-sampling", type=float, default=None, help="central DP: steps on a clock, each update "
+                                                                    "taken with this probability")
+    p.add_argument("--dp-step-seconds", type=float, default=4.0, help="--dp-sampling: seconds between steps")
     p.add_argument("--dp-max-steps", type=int, default=None, help="central DP: steps one device may take part in")
     p.add_argument("--until-version", type=int, default=None, help="stop when the model reaches this version")
     p.add_argument("--root-workers", type=int, default=0, help="`fedmqtt worker` processes in front of the "

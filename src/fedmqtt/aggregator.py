@@ -295,7 +295,8 @@ class Aggregator(Service):
         if self._evaluate is not None:
             loops["evaluator"] = self._evaluator(self._evaluate)
         if self.strategy.mode == "sync" or self.rules.gated:
-            loops["steps"] = self._steps(0.02 if self.strategy.mode == "sync" else 0.5)
+            clocked = self.strategy.mode == "sync" or self.strategy.sampling is not None
+            loops["steps"] = self._steps(0.02 if clocked else 0.5)
         return loops
 
     async def closing(self) -> None:

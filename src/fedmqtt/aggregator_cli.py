@@ -39,6 +39,7 @@ def run_aggregator(s: dict[str, Any]) -> None:
                         dp_noise=s["dp_noise"] if central else None, seed=s["seed"] if central else None,
                         dp_adjacency=s["dp_adjacency"] if central else None,
                         dp_quantile=s["dp_quantile"] if central else None,
+                        dp_sampling=s["dp_sampling"] if central else None,
                         dp_count_noise=s["buffer_size"] / 20 if central and s["dp_quantile"] else None,
                         trim=s["trim"], spread=s["spread"], staleness_a=0.0 if s["secure"] else None)
         secure_dp = CentralDP(s["dp_clip"], s["dp_noise"] or 0.0).check() if s["secure"] and s["dp_clip"] else None
@@ -53,7 +54,8 @@ def run_aggregator(s: dict[str, Any]) -> None:
                     one_update_per_step=s["one_update_per_step"], max_participations=s["dp_max_steps"],
                     admission=AdmissionLimits(exempt=frozenset(parse_list(s["sites"]))))
     cfg = AggregatorConfig(topics=topics, limits=limits,
-                           timing=Timing(round_size=s["round_size"], round_deadline=s["round_deadline"]),
+                           timing=Timing(round_size=s["round_size"], round_deadline=s["round_deadline"],
+                                         step_every=s["dp_step_seconds"]),
                            state_dir=directory, snapshot_every=s["snapshot_every"], keep_journal=s["keep_journal"],
                            signing_key=s["signing_key"], workers=s["workers"],
                            model_forms=tuple(f.strip() for f in s["model_forms"].split(",") if f.strip()))

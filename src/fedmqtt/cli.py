@@ -26,6 +26,8 @@ from fedmqtt.cli_options import (
     DpAdjacencyOpt,
     DpMaxStepsOpt,
     DpQuantileOpt,
+    DpSamplingOpt,
+    DpStepSecondsOpt,
     FedOpt,
     PrefixOpt,
     PrintConfigOpt,
@@ -165,7 +167,9 @@ def aggregator(
                                                        "(holds a device's second update until the next step)")
                        ] = None,
     dp_noise: Annotated[float | None, typer.Option(help="fedbuff central DP: noise multiplier sigma")] = None,
-    dp_adjacency: DpAdjacencyOpt = "replace",
+    dp_adjacency: DpAdjacencyOpt = None,
+    dp_sampling: DpSamplingOpt = None,
+    dp_step_seconds: DpStepSecondsOpt = 10.0,
     dp_quantile: DpQuantileOpt = None,
     dp_max_steps: DpMaxStepsOpt = None,
     trim: Annotated[float | None, typer.Option(help="fedbuff-trimmed: fraction cut at each end; fedbuff-krum: "
@@ -214,6 +218,9 @@ def aggregator(
     if workers and (strategy != "fedbuff" or secure or dp_clip is not None or one_update_per_step):
         raise typer.BadParameter("--workers sends sums of updates: give --strategy fedbuff, without --secure, "
                                  "--dp-clip or --one-update-per-step")
+    if dp_sampling is not None and (dp_clip is None or secure or strategy != "fedbuff"):
+        raise typer.BadParameter("--dp-sampling is a mode of FedBuff's central DP: give --strategy fedbuff and "
+                                 "--dp-clip, without --secure")
     if secure and strategy != "fedbuff":
         raise typer.BadParameter("--secure runs FedBuff steps: give --strategy fedbuff")
     if init_model is not None and not init_model.is_file():

@@ -20,9 +20,16 @@ FedOpt = Annotated[str, typer.Option(help="federation name")]
 TaskOpt = Annotated[str, typer.Option(help="built-in task: digits, or hapt (needs the HAPT file, FEDMQTT_HAPT)")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help=CONFIG_HELP, callback=load_config, is_eager=True, expose_value=False, envvar="FEDMQTT_CONFIG")]
-DpAdjacencyOpt = Annotated[str, typer.Option(
+DpAdjacencyOpt = Annotated[str | None, typer.Option(
     help="fedbuff central DP: neighbouring data sets ε is stated for: replace (one device's data replaced; 2C "
-         "per step it is in) or zero-out (its deltas zeroed; C) (docs/security.md)")]
+         "per step it is in; the default), zero-out (its deltas zeroed; C) or, with --dp-sampling only, "
+         "add-remove (the device absent; C; the default there) (docs/security.md)")]
+DpSamplingOpt = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="fedbuff central DP: steps on a clock (--dp-step-seconds) instead of after K "
+                           "deltas, each update taken with this probability (Poisson sampling, amplified ε; "
+                           "1: clocked steps without sampling); K is the fixed denominator of each step")]
+DpStepSecondsOpt = Annotated[float, typer.Option(
+    min=0.01, help="with --dp-sampling: a step every this many seconds, whatever it holds")]
 DpQuantileOpt = Annotated[float | None, typer.Option(
     help="fedbuff central DP: adaptive clipping, the clip follows this quantile of the deltas' norms (e.g. "
          "0.5); --dp-clip is where it starts; the count is noised with std K/20")]

@@ -42,6 +42,9 @@ the per-device admission bounds do not apply (the worker, not a device, sent it)
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -83,10 +86,13 @@ class Rules(NamedTuple):
     max_staleness: int  # 0 in sync mode
     history_len: int  # past versions kept to turn deltas into weights (FedAsync, FedAvg), else 1
     gated: bool  # one update per agent per step
+    sampling_key: bytes = b""  # participation sampling: the secret the server's coins are drawn from
 
 
-def rules(strategy: Strategy, initial: Mapping[str, Array], limits: Limits | None = None) -> Rules:
-    """The rules for ``strategy`` on a model shaped like ``initial``."""
+def rules(strategy: Strategy, initial: Mapping[str, Array], limits: Limits | None = None,
+          sampling_key: bytes | None = None) -> Rules:
+    """The rules for ``strategy`` on a model shaped like ``initial``; ``sampling_key``: the secret a strategy
+    with participation sampling draws its coins from (default: 32 bytes from the OS)."""
     lim = limits or Limits()
     sync = strategy.mode == "sync"
     gated = lim.one_update_per_step or strategy.one_update_per_step
@@ -102,8 +108,24 @@ def rules(strategy: Strategy, initial: Mapping[str, Array], limits: Limits | Non
     if changed:  # e.g. float64 without jax_enable_x64: the published model would not match its fingerprint
         raise ConfigError(f"JAX cannot hold parameters {changed[:3]} in their dtype "
                           f"({ref.spec[changed[0]][1]}); convert the model (e.g. to float32) first")
+    if strategy.sampling is not None and sampling_key is None:
+        sampling_key = secrets.token_bytes(32)
     return Rules(strategy, ref, lim, max_staleness, max_staleness + 1 if strategy.wants == "weights" else 1,
-                 gated)
+                 gated, sampling_key or b"")
+
+
+def sampled(key: bytes, epoch: str, step: int, agent: str, q: float) -> bool:
+    """The server's coin for ``agent`` in step ``step``: True with probability ``q``. A keyed hash, so every
+    update of a device in one step gets the same answer (re-sending does not buy another draw), coins of
+    different steps and devices are independent, and nobody without the key can predict them.
+
+    >>> [sampled(b"k", "e", 3, "a", q) for q in (0.0, 1.0)]
+    [False, True]
+    >>> sum(sampled(b"k", "e", 3, f"a{i}", 0.25) for i in range(4000))  # about 1,000
+    997
+    """
+    digest = hmac.new(key, f"{epoch}/{step}/{agent}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") < q * 2.0 ** 64
 
 
 class Counters(NamedTuple):
@@ -221,6 +243,7 @@ class Timing(NamedTuple):
     round_fraction: float | None = None  # sync: round = the first ceil(fraction × agents online) updates
     round_deadline: float | None = 30.0  # sync: close a round after this many seconds with >= 1 update
     step_deadline: float | None = 30.0  # one update per step: with updates held, a partial step after this
+    step_every: float = 10.0  # participation sampling: a step every this many seconds, whatever it holds
 
 
 def flush_due(state: ServerState, r: Rules, timing: Timing, online: int, waited: float) -> bool:
@@ -237,6 +260,8 @@ def flush_due(state: ServerState, r: Rules, timing: Timing, online: int, waited:
         if count >= round_target(online, timing.round_size, timing.round_fraction):
             return True
         return bool(timing.round_deadline is not None and waited > timing.round_deadline and count)
+    if r.strategy.sampling is not None:
+        return waited >= timing.step_every
     deadline = timing.step_deadline
     return bool(r.gated and deadline is not None and state.gate.held and waited > deadline)
 
@@ -280,6 +305,10 @@ def _take(state: ServerState, agent: str, payload: bytes, r: Rules, out: _Out, a
             held = Held(dedup.key(agent, info.update_id), agent, payload, state.version if arrived is None
                         else arrived)
             return state._replace(gate=gate.hold(state.gate, held, lim.held))  # replied to once applied
+        q = r.strategy.sampling
+        if q is not None and not replaying and not sampled(r.sampling_key, state.epoch, state.version, agent, q):
+            raise InvalidUpdate(Reason.NOT_SAMPLED, f"{agent!r} was not drawn for step {state.version + 1} (each "
+                                                    f"device is taken with probability {q:g} per step)")
         if (r.gated and not replaying and lim.max_participations is not None
                 and state.gate.taken.get(agent, 0) >= lim.max_participations):
             raise InvalidUpdate(Reason.PRIVACY_BUDGET, f"{agent!r} took part in {lim.max_participations} steps, "

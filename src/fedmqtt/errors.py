@@ -44,6 +44,7 @@ class Reason(StrEnum):
     SHARE_EXCEEDED = "share_exceeded"  # the device holds too many of the recent accepted updates
     COMPRESSION = "compression"  # an unknown compressed form, or one whose indices or scales are invalid
     PRIVACY_BUDGET = "privacy_budget"  # central DP: the device took part in its maximum number of steps
+    NOT_SAMPLED = "not_sampled"  # participation sampling: the server's coin left the device out of this step
     DUPLICATE_MEMBER = "duplicate_member"  # a worker's combined update carries an update applied before
 
 

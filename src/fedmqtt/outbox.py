@@ -131,6 +131,8 @@ def paced(pause: float, ack: Ack) -> float:
     """Seconds between local rounds after ``ack``: over the aggregator's rate bound, twice as long each time;
     easing off again as updates are accepted (a device faster than the bound settles just under it). A device
     whose privacy budget is spent tries again only every five minutes (the operator may raise the budget).
+    An update the server's coin left out (``not_sampled``) paces like an accepted one: a device's schedule
+    must not depend on the coins, or its arrivals would tell them (docs/security.md).
 
     >>> paced(0.0, Ack(update_id="u", status="rejected", version=0, reason="rate_limited"))
     0.02
@@ -141,6 +143,6 @@ def paced(pause: float, ack: Ack) -> float:
         return PRIVACY_BUDGET_PAUSE
     if ack.reason == "rate_limited":
         return min(max(2 * pause, 0.02), 10.0)
-    if ack.status == "accepted":
+    if ack.status == "accepted" or ack.reason == "not_sampled":
         return pause * 0.9 if pause > 0.005 else 0.0
     return pause

@@ -16,8 +16,11 @@ releases). Sampling assumptions, stated because they decide the numbers:
   not a random sample (fast devices arrive more often), so each release is charged as if every device took
   part in it. ``sampling_rate=q`` gives the Poisson-subsampled figure for deployments that do sample
   devices at random with probability q; it is not valid otherwise.
-* Central DP assumes one update per device per buffer (add/remove-one-device adjacency, sensitivity C,
-  staleness weights w(s) <= 1). A device with m updates in one buffer has sensitivity mC.
+* Central DP assumes one update per device per buffer (staleness weights w(s) <= 1); the neighbouring data
+  sets and the sensitivity per mode are argued in docs/security.md. A device with m updates in one buffer
+  has sensitivity mC. With ``CentralDP(sampling=q)`` the server steps on a clock with a fixed denominator
+  and takes each arriving update with probability q: then add/remove adjacency holds and the accountant
+  charges the Poisson-subsampled Gaussian.
 * Client (local) DP protects a device's whole data set: any two data sets give clipped deltas at most 2C
   apart, so each release is a Gaussian mechanism with noise multiplier sigma/2.
 
@@ -78,40 +81,54 @@ def privatize(tree: Tree, key: jax.Array, clip_norm: float, noise_multiplier: fl
 
 # ---- accounting (dp-accounting) -------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4096)
-def epsilon(noise_multiplier: float, releases: int, delta: float = DELTA, sampling_rate: float = 1.0
-            ) -> float:
+def epsilon(noise_multiplier: float, releases: int, delta: float = DELTA, sampling_rate: float = 1.0,
+            relation: str = "add-remove") -> float:
     """ε(δ) of ``releases`` Gaussian mechanisms with the given noise multiplier (sigma = std / sensitivity),
-    from dp-accounting's RDP accountant; Poisson subsampling with ``sampling_rate`` < 1 when assumed.
+    from dp-accounting's RDP accountant; Poisson subsampling with ``sampling_rate`` < 1 when assumed, for
+    neighbours that differ by adding or removing one device (``add-remove``) or by zeroing its data
+    (``zero-out``, dp-accounting's REPLACE_SPECIAL).
 
     >>> round(epsilon(5.0, 100), 2)
     10.73
+    >>> round(epsilon(1.0, 100, sampling_rate=0.01), 2)
+    1.21
     """
     if releases <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return float("inf")
+    import logging
+
     import dp_accounting
     from dp_accounting import rdp
 
     event: Any = dp_accounting.GaussianDpEvent(noise_multiplier)
     if sampling_rate < 1.0:
         event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
-    accountant = rdp.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, releases))
-    return float(accountant.get_epsilon(delta))
+    neighbours = dp_accounting.NeighboringRelation
+    accountant = rdp.RdpAccountant(neighboring_relation=neighbours.REPLACE_SPECIAL if relation == "zero-out"
+                                   else neighbours.ADD_OR_REMOVE_ONE)
+    absl = logging.getLogger("absl")  # it warns, once per order and call, that a few fractional orders
+    level = absl.level                # below 2 did not converge; those orders are left out of the minimum
+    absl.setLevel(logging.ERROR)
+    try:
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, releases))
+        return float(accountant.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
-def noise_for_epsilon(target: float, releases: int, delta: float = DELTA, sampling_rate: float = 1.0
-                      ) -> float:
+def noise_for_epsilon(target: float, releases: int, delta: float = DELTA, sampling_rate: float = 1.0,
+                      relation: str = "add-remove") -> float:
     """The smallest noise multiplier (to 0.1 %) whose ε after ``releases`` is at most ``target``."""
     lo, hi = 1e-2, 1.0
-    while epsilon(hi, releases, delta, sampling_rate) > target:
+    while epsilon(hi, releases, delta, sampling_rate, relation) > target:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError(f"no noise multiplier reaches ε={target} in {releases} releases")
     while hi - lo > 1e-3 * hi:
         mid = round((lo + hi) / 2, 6)
-        lo, hi = (lo, mid) if epsilon(mid, releases, delta, sampling_rate) <= target else (mid, hi)
+        lo, hi = (lo, mid) if epsilon(mid, releases, delta, sampling_rate, relation) <= target else (mid, hi)
     return hi
 
 
@@ -124,7 +141,14 @@ class CentralDP(NamedTuple):
     device's deltas replaced by zeros; sensitivity C). ``quantile`` turns on adaptive clipping (Andrew et
     al. 2021): after each step the clip moves towards the ``quantile`` of the deltas' norms,
     C ← C·exp(-clip_lr·(b̃ - quantile)), b̃ the fraction of the buffer within C plus N(0, count_noise²)/K;
-    the noisy count costs privacy too, and the accountant's noise multiplier accounts for both."""
+    the noisy count costs privacy too, and the accountant's noise multiplier accounts for both.
+
+    ``sampling=q`` takes steps on the server's clock instead of after K deltas: each arriving update is
+    included with probability q (a coin the server draws from a secret key, the same for every update of a
+    device in one step), the step's sum is divided by K whatever it holds, and a step is taken even when
+    it holds nothing. Removing a device then changes no step but the ones that included it, so
+    ``add-remove`` adjacency holds (sensitivity C), and each step is a Poisson-subsampled Gaussian charged
+    to every device (q = 1: clocked steps without sampling)."""
 
     clip: float
     noise: float = 0.0
@@ -134,6 +158,7 @@ class CentralDP(NamedTuple):
     quantile: float | None = None
     clip_lr: float = 0.2
     count_noise: float = 0.0
+    sampling: float | None = None
 
     def check(self) -> CentralDP:
         if not (self.clip > 0 and self.noise >= 0):  # also refuses NaN
@@ -143,6 +168,14 @@ class CentralDP(NamedTuple):
         if self.quantile is not None and not (0 < self.quantile < 1 and self.clip_lr > 0 and self.count_noise > 0):
             raise ValueError("adaptive clipping needs 0 < quantile < 1, clip_lr > 0 and count_noise > 0 (the "
                              "count of deltas within the clip is released, so it is noised as well)")
+        if self.sampling is not None and not 0 < self.sampling <= 1:
+            raise ValueError(f"the sampling probability must be in (0, 1] (got {self.sampling})")
+        if self.sampling is None and self.adjacency == "add-remove":
+            raise ValueError("add-remove adjacency holds only for steps on a clock (give a sampling probability, "
+                             "1 for none): a buffer that closes after K deltas shifts when a device is removed")
+        if self.sampling is not None and self.adjacency == "replace":
+            raise ValueError("with sampling, state ε for add-remove or zero-out neighbours: the subsampled "
+                             "Gaussian's accounting covers those (add-remove is the stronger)")
         return self
 
     def multiplier(self) -> float:
@@ -160,23 +193,29 @@ class CentralDP(NamedTuple):
         return float((base ** -2 + self.count_noise ** -2) ** -0.5)
 
 
-ADJACENCY = {"replace": 2.0, "zero-out": 1.0}  # sensitivity of a step's sum, in units of the clip C
+ADJACENCY = {"replace": 2.0, "zero-out": 1.0, "add-remove": 1.0}  # a step sum's sensitivity, in units of C
 
 
 def central_accountant(dp: CentralDP) -> Callable[..., Mapping[str, Any]]:
     """A DP FedBuff strategy's ``report`` (set by ``fedbuff(dp=...)``): ``report(state, participations)``
     reads the number of noisy steps from the state and charges the most-charged device: ``participations``
     (the most steps any one device contributed to, from the server's gate) when known, every step
-    otherwise. Returns the metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``,
-    ``dp_steps``, ``dp_participations``, ``dp_adjacency`` and, with adaptive clipping, ``dp_clip``."""
+    otherwise; with sampling, every step (a Poisson-subsampled Gaussian) to every device. Returns the
+    metrics fields ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_steps``,
+    ``dp_participations``, ``dp_adjacency``, with sampling ``dp_sampling`` and, with adaptive clipping,
+    ``dp_clip``."""
     z = dp.multiplier()
+    q = dp.sampling
 
     def report(state: Any, participations: int | None = None) -> Mapping[str, Any]:
         steps = int(getattr(state, "dp_steps", 0) or 0)
-        charged = steps if participations is None else min(participations, steps)
-        out: dict[str, Any] = {"dp_epsilon": epsilon(z, charged, dp.delta), "dp_delta": dp.delta,
+        charged = steps if participations is None or q is not None else min(participations, steps)
+        eps = epsilon(z, charged, dp.delta, 1.0 if q is None else q, dp.adjacency)
+        out: dict[str, Any] = {"dp_epsilon": eps, "dp_delta": dp.delta,
                                "dp_noise_multiplier": z, "dp_steps": steps, "dp_participations": charged,
                                "dp_adjacency": dp.adjacency}
+        if q is not None:
+            out["dp_sampling"] = q
         if dp.quantile is not None and getattr(state, "clip", None) is not None:
             out["dp_clip"] = float(np.asarray(state.clip))
         return out

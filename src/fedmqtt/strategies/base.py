@@ -38,7 +38,9 @@ class Strategy(NamedTuple):
     takes a worker's combined update (``ClientUpdate.updates`` > 1: the staleness-weighted mean of ``count``
     deltas, weighted already), as if its members had come one by one. ``report`` turns
     the state into extra metrics (central DP: ε from the accountant); the server calls it as
-    ``report(state, participations)``, the most steps one device contributed to (None when not counted)."""
+    ``report(state, participations)``, the most steps one device contributed to (None when not counted).
+    ``sampling``: the strategy steps only on the server's clock (``flush``), and the server includes each
+    arriving update with this probability (central DP with participation sampling)."""
 
     name: str
     wants: Encoding
@@ -49,6 +51,7 @@ class Strategy(NamedTuple):
     one_update_per_step: bool = False
     report: Callable[..., Mapping[str, Any]] | None = None
     sums: bool = False
+    sampling: float | None = None
 
 
 class EmptyState(NamedTuple):

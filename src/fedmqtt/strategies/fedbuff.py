@@ -12,6 +12,11 @@ strategy stays pure. The noise is calibrated to a sum, so DP composes with the m
 asks the server for one update per agent per step (``one_update_per_step``) and reports ε from the
 accountant (``report``).
 
+With ``CentralDP(sampling=q)`` the strategy steps only when the server's clock calls ``flush``: every
+step, even an empty one, adds the noise and divides the sum by K (the expected count, fixed), so a step's
+shape does not depend on who took part; the server includes each arriving update with probability q
+(``Strategy.sampling``, fedmqtt.core).
+
 ``flush`` takes a step with a partly filled buffer (the mean over the n < K deltas held); the aggregator
 calls it when a step is overdue (``step_deadline``). With central DP each device still adds at most one
 clipped delta and the noise on the sum is the same, so a partial step costs no extra privacy. Robust rules
@@ -93,6 +98,7 @@ def fedbuff(
     opt = optimizer or optax.sgd(1.0)
     w = weighting or polynomial(0.5)
     adaptive = dp is not None and dp.quantile is not None
+    clocked = dp is not None and dp.sampling is not None  # steps on the server's clock, sum / K
 
     def init(params: Params) -> FedBuffState:
         if stacked:
@@ -144,7 +150,8 @@ def fedbuff(
                 clip = clip * jnp.exp(-dp.clip_lr * (noisy - dp.quantile))
             state = state._replace(key=key, dp_steps=state.dp_steps + 1, clip=clip.astype(jnp.float32),
                                    within=jnp.zeros_like(state.within))
-        return jax.tree.map(lambda b: b / jnp.maximum(state.weights, 1e-12), total), state
+        denominator = jnp.float32(buffer_size) if clocked else jnp.maximum(state.weights, 1e-12)
+        return jax.tree.map(lambda b: b / denominator, total), state
 
     def step(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState]:
         mean_delta, state = combined(state)
@@ -159,7 +166,7 @@ def fedbuff(
 
     def apply(params: Params, update: ClientUpdate, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
         state = add(state, update)
-        stepped = state.n >= buffer_size
+        stepped = (state.n >= buffer_size) & (not clocked)
         params, state = jax.lax.cond(stepped, step, lambda p, s: (p, s), params, state)
         return params, state, stepped
 
@@ -190,7 +197,7 @@ def fedbuff(
         return params, state, True
 
     def flush(params: Params, state: FedBuffState) -> tuple[Params, FedBuffState, Array]:
-        stepped = (state.n > 0) & (not stacked)
+        stepped = ((state.n > 0) | clocked) & (not stacked)
         params, state = jax.lax.cond(stepped, step, lambda p, s: (p, s), params, state)
         return params, state, stepped
 
@@ -200,7 +207,7 @@ def fedbuff(
                     jax.jit(flush),
                     one_update_per_step=dp is not None,
                     report=central_accountant(dp) if dp is not None else None,
-                    sums=host and not weight_by_samples)
+                    sums=host and not weight_by_samples, sampling=dp.sampling if dp is not None else None)
 
 
 def _accumulate(total: Any, delta: Any, weight: float) -> np.ndarray:

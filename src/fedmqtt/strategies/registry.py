@@ -26,7 +26,7 @@ from fedmqtt.strategies.fedbuff import fedbuff, server_optimizer
 from fedmqtt.strategies.staleness import by_name as weighting_by_name
 
 _FEDBUFF = ("buffer_size", "server_opt", "server_lr", "staleness_a")
-_DP = ("dp_clip", "dp_noise", "seed", "dp_adjacency", "dp_quantile", "dp_count_noise")
+_DP = ("dp_clip", "dp_noise", "seed", "dp_adjacency", "dp_quantile", "dp_count_noise", "dp_sampling")
 
 
 def _fedasync(name: str, weighting: str, extra: tuple[str, ...] = ()
@@ -42,13 +42,15 @@ def _fedbuff(name: str, rule: Callable[..., rules.Combine] | None, rule_options:
     def build(buffer_size: int = 10, server_opt: str = "sgd", server_lr: float = 1.0,
               staleness_a: float | None = None, weight_by_samples: bool = False, dp_clip: float | None = None,
               dp_noise: float | None = None, seed: int | None = None, dp_adjacency: str | None = None,
-              dp_quantile: float | None = None, dp_count_noise: float | None = None, **rule_args: Any) -> Strategy:
-        dp_options = (dp_noise, seed, dp_adjacency, dp_quantile, dp_count_noise)
+              dp_quantile: float | None = None, dp_count_noise: float | None = None,
+              dp_sampling: float | None = None, **rule_args: Any) -> Strategy:
+        dp_options = (dp_noise, seed, dp_adjacency, dp_quantile, dp_count_noise, dp_sampling)
         if dp_clip is None and any(o is not None for o in dp_options):
-            raise ValueError("dp_noise, seed, dp_adjacency, dp_quantile and dp_count_noise are central DP options: "
-                             "give dp_clip as well")
-        dp = CentralDP(dp_clip, dp_noise or 0.0, seed or 0, adjacency=dp_adjacency or "replace",
-                       quantile=dp_quantile, count_noise=dp_count_noise or 0.0) if dp_clip is not None else None
+            raise ValueError("dp_noise, seed, dp_adjacency, dp_quantile, dp_count_noise and dp_sampling are "
+                             "central DP options: give dp_clip as well")
+        adjacency = dp_adjacency or ("replace" if dp_sampling is None else "add-remove")
+        dp = CentralDP(dp_clip, dp_noise or 0.0, seed or 0, adjacency=adjacency, quantile=dp_quantile,
+                       count_noise=dp_count_noise or 0.0, sampling=dp_sampling) if dp_clip is not None else None
         return fedbuff(buffer_size, server_optimizer(server_opt, server_lr),
                        weighting_by_name("polynomial", staleness_a), weight_by_samples, name=name,
                        combine=rule(**rule_args) if rule is not None else None, dp=dp)
