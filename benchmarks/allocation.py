@@ -16,13 +16,20 @@ bound, the strategy), and the coordinator's policy (``fedmqtt.allocation``, the 
 Device i does a round of E local steps in ``base · fᵢ`` seconds, fᵢ ~ lognormal(0, sigma) (its speed,
 steps/s = E / (base · fᵢ)), times U(1, 1.1) per round; a round of Eᵢ steps takes Eᵢ / speedᵢ. A device
 whose assignment says participation p draws before each round and, with probability 1 - p, sits out as
-long as its last round took (as the agent does). Models reach devices at once (links are not modelled
-here; see slow_links.py for those). The clock starts with every device holding the initial model.
+long as its last round took (as the agent does). The clock starts with every device holding the initial
+model. Without ``--links`` models and updates travel at once. With ``--links cellular=1,narrowband=1,wifi=1``
+each device sits behind a link of that class (fedmqtt.link_emulator's rates and one-way delays d; loss is
+not modelled), and a round is: the model peek (2d, then the model's bytes on the downlink; ``--download
+int8`` takes the int8 model), the local work, the update's bytes on the uplink plus d, and the PUBACK (d)
+before the next round. The update's bytes are those of its wire form: ``float32``, or the compression the
+device's assignment names (``bandwidth`` policy part) or every device uses (``enc=FORM``), with top-k's
+error feedback kept per device as the agent does; the policy sees each device's uplink.
 
-Configurations: ``<strategy>[+<policy parts>]``: ``fedasync``, ``fedbuff`` (K = 10), ``fedavg`` (a round
+Configurations: ``<strategy>[+<policy parts>][+enc=FORM]``: ``fedasync``, ``fedbuff`` (K = 10), ``fedavg`` (a round
 of every device), ``fedavg@0.5`` (a round closes at the first half of the cohort, the way a user tunes
 synchronous FedAvg against stragglers), and FedBuff/FedAsync with policy parts (``speed-aware``,
-``utility``), e.g. ``fedbuff+utility+speed-aware``. Reported per run: the time to each target, the final
+``utility``, ``bandwidth``), e.g. ``fedbuff+utility+speed-aware``; ``+enc=int8`` sends every update in one
+form (the uniform choice a user would make for slow links). Reported per run: the time to each target, the final
 accuracy (mean of the last 4 evaluations), uplink bytes, updates, and participation across devices (Jain's
 fairness index of updates per device, and the share of devices with fewer than a quarter of the mean).
 Medians over seeds; results/allocation-<stamp>.json.
@@ -43,10 +50,13 @@ from typing import Any
 import numpy as np
 
 from fedmqtt import codec, core
+from fedmqtt.allocation.bandwidth import size_ratio
 from fedmqtt.allocation.base import AgentView, History, PolicyConfig
 from fedmqtt.allocation.registry import make as make_policy
-from fedmqtt.capabilities import Capabilities, Compute
+from fedmqtt.capabilities import Capabilities, Compute, Link
+from fedmqtt.compression import Compression, Compressor
 from fedmqtt.core import Limits
+from fedmqtt.link_emulator import link_mix
 from fedmqtt.strategies.registry import make as make_strategy
 from fedmqtt.tasks import get_task
 
@@ -55,15 +65,18 @@ CONFIGS = ("fedasync", "fedbuff", "fedavg", "fedavg@0.5", "fedbuff+speed-aware",
            "fedbuff+utility+speed-aware", "fedasync+speed-aware")
 
 
-def parse(config: str) -> tuple[str, float, str | None]:
-    """(strategy, share of the cohort per sync round, policy parts or None)."""
-    head, _, parts = config.partition("+")
+def parse(config: str) -> tuple[str, float, str | None, str | None]:
+    """(strategy, share of the cohort per sync round, policy parts or None, every device's form or None)."""
+    head, _, rest = config.partition("+")
     strategy, _, share = head.partition("@")
-    return strategy, float(share or 1.0), parts or None
+    parts = [p for p in rest.split("+") if p]
+    form = next((p[4:] for p in parts if p.startswith("enc=")), None)
+    policy = "+".join(p for p in parts if not p.startswith("enc="))
+    return strategy, float(share or 1.0), policy or None, form
 
 
 def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
-    name, share, parts = parse(config)
+    name, share, parts, uniform_form = parse(config)
     task = get_task(a.task, seed=seed, **({"num_clients": a.clients} if a.clients else {}))
     n, e_ref = task.num_clients, task.local_steps
     rng = np.random.default_rng(seed)
@@ -77,7 +90,17 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     data = [task.data_for(i, seed) for i in range(n)]
     policy = make_policy(parts) if parts else None
     fed = "fed"
-    pconfig = PolicyConfig({fed: a.task}, local_steps=e_ref)
+    zero = {k: np.zeros_like(np.asarray(v)) for k, v in trainer.initial.items()}
+    model_bytes = len(codec.encode_update(zero, agent="d0", update_id="u", base_version=0, num_samples=1))
+    pconfig = PolicyConfig({fed: a.task}, local_steps=e_ref, model_bytes={fed: model_bytes})
+    links = link_mix(n, dict((k, float(v)) for k, _, v in (x.partition("=") for x in a.links.split(","))), seed
+                     ) if a.links else None
+    up = [c.up_kbit * 125 if links else float("inf") for c in (links or [None] * n)]  # bytes/s
+    down = [c.down_kbit * 125 if links else float("inf") for c in (links or [None] * n)]
+    delay = [c.delay_ms / 1000 if links else 0.0 for c in (links or [None] * n)]
+    download = model_bytes * (size_ratio("int8") if a.download == "int8" else 1.0)
+    compressors: dict[int, Compressor] = {}
+    forms = [uniform_form or "none"] * n  # each device's wire form, as its assignment says
     steps = [e_ref] * n
     participation = [1.0] * n
     last_round = [a.base_seconds * f for f in factors]
@@ -89,8 +112,14 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     draw = np.random.default_rng([seed, 7])
 
     def round_time(i: int) -> float:
-        return float(steps[i] / speed[i] * draw.uniform(1.0, 1.1))
+        """The next round of device i: its local work, and over its link the update's upload, the PUBACK,
+        the next model's peek and download."""
+        work = float(steps[i] / speed[i] * draw.uniform(1.0, 1.1))
+        link = model_bytes * size_ratio(forms[i]) / up[i] + 4 * delay[i] + download / down[i] if links else 0.0
+        return work + link
 
+    round_steps = list(steps)  # what each device's round under way was given
+    round_forms = list(forms)
     queue = [(round_time(i), i) for i in range(n)]
     heapq.heapify(queue)
     waiting: list[int] = []
@@ -103,7 +132,8 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
 
     def replan(now: float) -> None:
         views = {f"d{i}": AgentView(Capabilities(Compute(float(speed[i]), 32), examples=data[i].num_samples,
-                                                 tasks=(pconfig.federations[fed],), loss=loss[i]),
+                                                 tasks=(pconfig.federations[fed],), loss=loss[i],
+                                                 link=Link(up[i], 2 * delay[i]) if links else Link()),
                                     History(updates_sent=sent[i]))
                  for i in range(n)}
         assert policy is not None
@@ -111,6 +141,7 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
             i = int(agent[1:])
             steps[i] = plan.local_steps or e_ref
             participation[i] = plan.participation
+            forms[i] = uniform_form or plan.compression or "none"
 
     while queue:
         now, i = heapq.heappop(queue)
@@ -123,13 +154,21 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
             replan(now)
             next_plan = now + a.replan
         if participation[i] < 1.0 and draw.uniform() >= participation[i]:  # sits this round out
+            round_steps[i], round_forms[i] = steps[i], forms[i]
             heapq.heappush(queue, (now + last_round[i], i))
             continue
         base_version, base_params = base[i]
-        new, loss[i] = trainer.train(base_params, data[i].batches(steps[i]))
-        delta = {k: np.asarray(new[k] - base_params[k], dtype=base_params[k].dtype) for k in new}
+        new, loss[i] = trainer.train(base_params, data[i].batches(round_steps[i]))
+        delta: dict[str, Any] = {k: np.asarray(new[k] - base_params[k], dtype=base_params[k].dtype) for k in new}
+        extra: dict[str, str] = {}
+        if round_forms[i] != "none":
+            if i not in compressors or str(compressors[i].setting) != str(Compression.parse(round_forms[i])):
+                compressors[i] = Compressor(Compression.parse(round_forms[i]), np.random.default_rng([seed, i]))
+            packed = compressors[i](delta)
+            delta, extra = packed.tensors, packed.metadata
         payload = codec.encode_update(delta, agent=f"d{i}", update_id=f"u{arrivals}", base_version=base_version,
-                                      num_samples=data[i].num_samples, model_fingerprint=rules.reference.fingerprint)
+                                      num_samples=data[i].num_samples, model_fingerprint=rules.reference.fingerprint,
+                                      extra=extra)
         uplink += len(payload)
         arrivals += 1
         state, effects = core.receive(state, f"d{i}", payload, rules)
@@ -141,11 +180,13 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
                 params = {k: np.asarray(v) for k, v in state.params.items()}
                 for j in waiting:  # the new version is out: the round's devices start on it
                     base[j] = (state.version, params)
+                    round_steps[j], round_forms[j] = steps[j], forms[j]
                     last_round[j] = round_time(j)
                     heapq.heappush(queue, (now + last_round[j], j))
                 waiting.clear()
         else:
             base[i] = (state.version, {k: np.asarray(v) for k, v in state.params.items()})
+            round_steps[i], round_forms[i] = steps[i], forms[i]
             last_round[i] = round_time(i)
             heapq.heappush(queue, (now + last_round[i], i))
         if sync and not queue and waiting:  # everyone waits for a round that cannot fill: close it
@@ -162,7 +203,8 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
         "accepted": int(per_device.sum()), "arrivals": arrivals, "uplink_bytes": uplink,
         "jain": float(mean ** 2 / (per_device ** 2).mean()) if mean > 0 else 0.0,
         "starved": float((per_device < mean / 4).mean()),
-        "steps": steps, "participation": participation, "factors": factors.tolist(),
+        "steps": steps, "participation": participation, "factors": factors.tolist(), "forms": forms,
+        "links": [c.name for c in links] if links else None,
     }
 
 
@@ -179,6 +221,8 @@ def main() -> None:
     ap.add_argument("--replan", type=float, default=10.0, help="virtual seconds between policy calls")
     ap.add_argument("--max-staleness", type=int, default=64)
     ap.add_argument("--targets", default="0.85,0.9")
+    ap.add_argument("--links", default="", help="link classes and shares, e.g. cellular=1,narrowband=1,wifi=1")
+    ap.add_argument("--download", choices=("float32", "int8"), default="float32", help="--links: model form")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     a = ap.parse_args()
     a.target_list = [float(t) for t in a.targets.split(",")]
