@@ -144,8 +144,8 @@ def test_sampling_is_refused_where_it_does_not_apply() -> None:
     out = CliRunner().invoke(app, ["aggregator", "--strategy", "fedasync", "--dp-clip", "1", "--dp-sampling", "0.5",
                                    "--print-config"])
     assert out.exit_code != 0 and "--dp-sampling" in out.output
-    with pytest.raises(ConfigError):
-        core.rules(make("fedavg"), PARAMS, Limits(max_participations=3))
+    with pytest.raises(ConfigError, match="every step is charged"):
+        core.rules(make("fedbuff", dp_clip=1.0, dp_noise=1.0, dp_sampling=0.5), PARAMS, Limits(max_participations=3))
 
 
 # ---- over Mosquitto ---------------------------------------------------------------------------------------

@@ -99,6 +99,9 @@ def rules(strategy: Strategy, initial: Mapping[str, Array], limits: Limits | Non
     if lim.max_participations is not None and not gated:
         raise ConfigError("a budget of steps per device (max_participations, --dp-max-steps) counts the steps of "
                           "a gated server: use it with central DP (or one update per step)")
+    if lim.max_participations is not None and strategy.sampling is not None:
+        raise ConfigError("with participation sampling every step is charged to every device: a budget of steps "
+                          "per device (--dp-max-steps) would not bound ε; leave it out")
     if gated and sync:
         raise ConfigError("one update per step is for asynchronous strategies; a sync round takes one update "
                           "per agent already")
