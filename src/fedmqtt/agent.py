@@ -235,7 +235,8 @@ class EdgeAgent(Service):
                      self.agent_id, ack.update_id)
         elif settled == "rejected":
             self.last_rejection = ack
-            log.log(logging.INFO if ack.reason == "not_sampled" else logging.WARNING,"%s: update %s rejected: %s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
+            log.log(logging.INFO if ack.reason == "not_sampled" else logging.WARNING, "%s: update %s rejected: "
+                    "%s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
         if self._on_ack:
             self._on_ack(ack)
 

@@ -2,17 +2,21 @@
 
 An idle ``fedmqtt edge`` is large for three reasons, none of them the model (digits: 9k parameters):
 
-- XLA's CPU client sizes its compute pools by the CPUs the process may use. ``PJRT_NPROC`` sizes them
-  instead; XLA reads it when JAX's backend starts, so :func:`limit_threads` must run before the first array
-  is made. (A pool of 8 compiler threads and a few others stay whatever the setting.)
+- Threads. XLA's CPU client sizes its compute pools by the CPUs the process may use. ``PJRT_NPROC`` sizes
+  them instead; XLA reads it when JAX's backend starts, so :func:`limit_threads` must run before the first
+  array is made. It also stops numpy's OpenBLAS threads (one per CPU but the first, idle in a device: the
+  edge's numpy work is too small for them); OpenBLAS then computes on the calling thread. Compiling without
+  constant folding (:data:`COMPILER_OPTIONS`) keeps XLA from starting its pool for evaluating constants, one
+  thread per CPU. Others stay whatever the setting: a pool of 8 compiler threads (fixed in XLA's build), the
+  code generator's and MLIR's pools (one thread per CPU each), a watchdog.
 - Compiling the local round leaves freed memory in glibc's heaps; ``malloc_trim`` returns it to the system.
 - Resident memory counts every page of the XLA runtime library (350 MB, mostly code) the process has
   touched, and most were run once: at import (static initialisers) and while compiling. :func:`hand_back`
   drops the library's clean, read-only pages from the process (``madvise``); those a local round needs
   (about 10 MB) come back from the page cache on first use.
 
-:data:`COMPILER_OPTIONS` make compiling the local round itself smaller. Apart from them, Linux and glibc
-only; elsewhere each step does nothing.
+:data:`COMPILER_OPTIONS` make compiling the local round itself smaller and start fewer threads. Apart from
+them, Linux and glibc only; elsewhere each step does nothing.
 """
 
 from __future__ import annotations
@@ -30,13 +34,44 @@ COMPILER_OPTIONS = {
     # XLA's previous code generator for fused loops: compiling the digits round peaks about 40 MB lower, and
     # a round of a small model takes about as long (well under the time an update spends on the wire).
     "xla_cpu_use_fusion_emitters": False,
+    # The round's few constant expressions (index bounds, fills) are computed in the round rather than while
+    # compiling, where XLA would start a pool of one thread per CPU that then stays idle. Same results, and a
+    # round takes as long (digits and hapt).
+    "xla_disable_hlo_passes": "constant_folding",
 }
+_BLAS_THREADS = (
+    "openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads",
+)
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 
 
 def limit_threads(threads: int) -> None:
-    """Size XLA's CPU compute pools to ``threads`` (before JAX's backend starts; later it changes nothing)."""
+    """Size XLA's CPU compute pools to ``threads`` (before JAX's backend starts; later it changes nothing) and
+    stop numpy's OpenBLAS threads."""
     os.environ["PJRT_NPROC"] = str(threads)
+    single_threaded_blas()
+
+
+def single_threaded_blas() -> bool:
+    """Set the OpenBLAS this process loaded (numpy's) to one thread and stop the threads it started at import:
+    it computes on the calling thread from then on and starts none again. Call it while no other thread uses
+    BLAS. False where there is no OpenBLAS (another BLAS, or not Linux)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    done = False
+    for path in sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1].lower()}):
+        lib = ctypes.CDLL(path)
+        setter = next((getattr(lib, name) for name in _BLAS_THREADS if hasattr(lib, name)), None)
+        if setter is not None and hasattr(lib, "blas_thread_shutdown_"):
+            setter(1)  # first: a call with more threads would start them again
+            lib.blas_thread_shutdown_()
+            done = True
+    return done
 
 
 def _libc() -> ctypes.CDLL | None:
