@@ -194,3 +194,17 @@ async def test_sampled_federation_over_mosquitto_steps_on_the_clock(broker: Brok
     expected.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(0.5)), metrics["dp_steps"]))
     assert metrics["dp_epsilon"] == pytest.approx(expected.get_epsilon(1e-5), rel=1e-6)
+
+
+def test_epsilon_and_refused_statuses_reach_the_prometheus_endpoint() -> None:
+    from fedmqtt.prometheus import Exporter
+    from fedmqtt.schemas import Metrics
+
+    exporter = Exporter()
+    exporter.update(Metrics(version=3, accepted=5, rejected=0, rejected_by_reason={}, statuses_refused=2,
+                            dp_epsilon=1.5, dp_delta=1e-5, dp_sampling=0.5))
+    values = {f.name: f.samples[0].value for f in exporter.collect() if f.samples}
+    assert values["fedmqtt_dp_epsilon"] == 1.5 and values["fedmqtt_dp_delta"] == 1e-5
+    assert values["fedmqtt_statuses_refused"] == 2
+    exporter.update(Metrics(version=3, accepted=5, rejected=0, rejected_by_reason={}))
+    assert not any(f.name.startswith("fedmqtt_dp") for f in exporter.collect())  # no DP, no ε series

@@ -8,7 +8,8 @@ Series: ``fedmqtt_version``, ``fedmqtt_updates_accepted_total``, ``fedmqtt_updat
 ``fedmqtt_update_staleness`` (a histogram of accepted updates' staleness, in versions),
 ``fedmqtt_update_handling_seconds`` (a histogram of the aggregator's time per update), ``fedmqtt_agents_online``,
 ``fedmqtt_updates_per_second``, ``fedmqtt_accuracy`` and ``fedmqtt_loss`` (of the evaluated version, when the
-aggregator evaluates), ``fedmqtt_dropped_total``, ``fedmqtt_held_updates``, ``fedmqtt_models_restored_total``.
+aggregator evaluates), ``fedmqtt_dropped_total``, ``fedmqtt_held_updates``, ``fedmqtt_models_restored_total``,
+``fedmqtt_statuses_refused_total`` and, with central DP, ``fedmqtt_dp_epsilon`` and ``fedmqtt_dp_delta``.
 
 On the edge: ``fedmqtt_edge_updates_sent_total``, ``fedmqtt_edge_acks_total{outcome}`` (accepted, rejected,
 unknown), ``fedmqtt_edge_outbox`` (updates waiting for an ack), ``fedmqtt_edge_model_version``,
@@ -108,6 +109,14 @@ class Exporter(_Served):
         yield GaugeMetricFamily("fedmqtt_held_updates", "Updates held for the next step", value=m.held)
         yield CounterMetricFamily("fedmqtt_models_restored", "Foreign models replaced on the model topic",
                                   value=m.models_restored)
+        yield CounterMetricFamily("fedmqtt_statuses_refused", "Payloads on agents' status topics that are not a "
+                                  "status (ignored)", value=m.statuses_refused)
+        extra = m.model_extra or {}
+        if isinstance(epsilon := extra.get("dp_epsilon"), (int, float)):
+            yield GaugeMetricFamily("fedmqtt_dp_epsilon", "Central DP: ε spent by the most-charged device, at "
+                                    "fedmqtt_dp_delta", value=float(epsilon))
+            yield GaugeMetricFamily("fedmqtt_dp_delta", "Central DP: the δ of fedmqtt_dp_epsilon",
+                                    value=float(extra.get("dp_delta", 0.0)))
 
 
 class EdgeReading(NamedTuple):
