@@ -92,7 +92,8 @@ def run(config: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     fed = "fed"
     zero = {k: np.zeros_like(np.asarray(v)) for k, v in trainer.initial.items()}
     model_bytes = len(codec.encode_update(zero, agent="d0", update_id="u", base_version=0, num_samples=1))
-    pconfig = PolicyConfig({fed: a.task}, local_steps=e_ref, model_bytes={fed: model_bytes})
+    pconfig = PolicyConfig({fed: a.task}, local_steps=e_ref, model_bytes={fed: model_bytes},
+                           upload_budget=a.upload_budget)
     links = link_mix(n, dict((k, float(v)) for k, _, v in (x.partition("=") for x in a.links.split(","))), seed
                      ) if a.links else None
     up = [c.up_kbit * 125 if links else float("inf") for c in (links or [None] * n)]  # bytes/s
@@ -223,6 +224,8 @@ def main() -> None:
     ap.add_argument("--targets", default="0.85,0.9")
     ap.add_argument("--links", default="", help="link classes and shares, e.g. cellular=1,narrowband=1,wifi=1")
     ap.add_argument("--download", choices=("float32", "int8"), default="float32", help="--links: model form")
+    ap.add_argument("--upload-budget", type=float, default=PolicyConfig({"f": "digits"}).upload_budget,
+                    help="bandwidth part: seconds an update may take on a device's uplink")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     a = ap.parse_args()
     a.target_list = [float(t) for t in a.targets.split(",")]
