@@ -208,3 +208,18 @@ def test_epsilon_and_refused_statuses_reach_the_prometheus_endpoint() -> None:
     assert values["fedmqtt_statuses_refused"] == 2
     exporter.update(Metrics(version=3, accepted=5, rejected=0, rejected_by_reason={}))
     assert not any(f.name.startswith("fedmqtt_dp") for f in exporter.collect())  # no DP, no ε series
+
+
+def test_adaptive_clipping_on_clocked_steps_counts_over_k_not_over_who_came() -> None:
+    # 2 of K = 4 expected deltas came, both within the clip: over K the fraction within is 0.5, the quantile,
+    # so the clip stays; over the 2 that came it would be 1.0 and the clip would shrink, and how far would
+    # tell how many came (which add/remove neighbours differ in)
+    strategy = make("fedbuff", buffer_size=4, dp_clip=1.0, dp_noise=0.0, dp_quantile=0.5, dp_count_noise=1e-6,
+                    dp_sampling=1.0, staleness_a=0.0)
+    r = core.rules(strategy, PARAMS, Limits(), sampling_key=b"k")
+    s = core.init(r, PARAMS, epoch="e")
+    for a in ("a", "b"):
+        s, _ = core.receive(s, a, update(a, "u", 0.1), r)
+    s, fx = core.flush(s, r)
+    assert fx.stepped
+    assert float(s.strategy.clip) == pytest.approx(1.0, abs=1e-4)

@@ -214,7 +214,8 @@ def receive(state: ServerState, agent: str, payload: bytes, r: Rules, now: float
 
 
 def flush(state: ServerState, r: Rules) -> tuple[ServerState, Effects]:
-    """Close a sync round, or take an overdue partial step: the strategy's ``flush``, when it holds anything."""
+    """Close a sync round, take an overdue partial step, or a clocked step (participation sampling, even an
+    empty one): the strategy's ``flush``."""
     params, strategy_state, stepped = r.strategy.flush(state.params, state.strategy)
     if not bool(stepped):
         return state, Effects()

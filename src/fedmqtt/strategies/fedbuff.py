@@ -146,7 +146,8 @@ def fedbuff(
             if adaptive:  # the fraction within the clip, noised, moves the clip towards the quantile
                 assert dp.quantile is not None
                 count_noise = dp.count_noise * jax.random.normal(jax.random.fold_in(sub, 1))
-                noisy = (state.within + count_noise) / jnp.maximum(state.n, 1)
+                # clocked steps: over the expected count K, so that the clip does not reveal how many came
+                noisy = (state.within + count_noise) / (buffer_size if clocked else jnp.maximum(state.n, 1))
                 clip = clip * jnp.exp(-dp.clip_lr * (noisy - dp.quantile))
             state = state._replace(key=key, dp_steps=state.dp_steps + 1, clip=clip.astype(jnp.float32),
                                    within=jnp.zeros_like(state.within))
