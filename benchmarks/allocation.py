@@ -21,8 +21,9 @@ model. Without ``--links`` models and updates travel at once. With ``--links cel
 each device sits behind a link of that class (fedmqtt.link_emulator's rates and one-way delays d; loss is
 not modelled), and a round is: the model peek (2d, then the model's bytes on the downlink; ``--download
 int8`` takes the int8 model), the local work, the update's bytes on the uplink plus d, and the PUBACK (d)
-before the next round. The update's bytes are those of its wire form: ``float32``, or the compression the
-device's assignment names (``bandwidth`` policy part) or every device uses (``enc=FORM``), with top-k's
+before the next round. The update is encoded in its wire form (its time on the uplink from the form's size
+relative to float32: fedmqtt.allocation.bandwidth's ratios): ``float32``, or the compression the device's
+assignment names (``bandwidth`` policy part) or every device uses (``enc=FORM``), with top-k's
 error feedback kept per device as the agent does; the policy sees each device's uplink.
 
 Configurations: ``<strategy>[+<policy parts>][+enc=FORM]``: ``fedasync``, ``fedbuff`` (K = 10), ``fedavg`` (a round
