@@ -63,6 +63,9 @@ def run_aggregator(s: dict[str, Any]) -> None:
                      evaluate=task.evaluate_fn(trainer))
     replayed = agg.recover()
     err.print(f"aggregator: {strategy.name} on {task.name}, {s['broker']}, federation {topics.federation!r}")
+    if strategy.name == "fedasync-guard":
+        err.print("aggregator: warning: fedasync-guard stops taking steps in live federations (docs/security.md, "
+                  "section 4); for hostile fleets use fedbuff-guard")
     if directory is None:
         err.print("aggregator: ephemeral (no state kept): starting at version 0")
     else:
