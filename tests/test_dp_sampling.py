@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from fedmqtt import codec, core
+from fedmqtt import core
 from fedmqtt.agent import AgentConfig, EdgeAgent
 from fedmqtt.aggregator import Aggregator, AggregatorConfig
 from fedmqtt.core import Limits, Timing
@@ -24,14 +24,7 @@ from fedmqtt.strategies.registry import make
 from fedmqtt.tasks import get_task
 from fedmqtt.topics import Topics
 from fedmqtt.transport import BrokerConfig, ConnectOptions, Inbox, mqtt_connector
-
-PARAMS = {"w": np.zeros(4, np.float32)}
-FP = codec.fingerprint(PARAMS)
-
-
-def update(agent: str, update_id: str, value: float, base: int = 0) -> bytes:
-    return codec.encode_update({"w": np.full(4, value, np.float32)}, agent=agent, update_id=update_id,
-                               base_version=base, num_samples=10, encoding="delta", model_fingerprint=FP)
+from test_gate import PARAMS, update  # a 4-parameter model and a delta update on it
 
 
 def sampled_rules(q: float, k: int = 4, noise: float = 0.0, key: bytes = b"test key") -> core.Rules:

@@ -33,7 +33,7 @@ from fedmqtt.assignment import Settings
 from fedmqtt.compression import Compressor
 from fedmqtt.data import as_source
 from fedmqtt.errors import CodecError, IncompatibleModel, InvalidUpdate, TransportError
-from fedmqtt.outbox import Outbox, Pending, outcome, paced
+from fedmqtt.outbox import Outbox, Pending, log_level, outcome, paced
 from fedmqtt.privacy import ClientPrivacy
 from fedmqtt.schemas import Ack, Status, dump
 from fedmqtt.secure_member import SecureMember
@@ -235,8 +235,7 @@ class EdgeAgent(Service):
                      self.agent_id, ack.update_id)
         elif settled == "rejected":
             self.last_rejection = ack
-            log.log(logging.INFO if ack.reason == "not_sampled" else logging.WARNING, "%s: update %s rejected: "
-                    "%s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
+            log.log(log_level(ack), "%s: %s rejected: %s (%s)", self.agent_id, ack.update_id, ack.reason, ack.detail)
         if self._on_ack:
             self._on_ack(ack)
 

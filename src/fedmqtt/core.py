@@ -42,8 +42,6 @@ the per-device admission bounds do not apply (the worker, not a device, sent it)
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import secrets
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
@@ -55,7 +53,11 @@ from fedmqtt import admission, codec, dedup, gate, members
 from fedmqtt.admission import Admission, AdmissionLimits
 from fedmqtt.errors import ConfigError, InvalidUpdate, Reason, StateError
 from fedmqtt.gate import Gate, GateLimits, Held
+from fedmqtt.sampling import sampled
 from fedmqtt.strategies.base import ClientUpdate, Strategy
+from fedmqtt.timing import Timing as Timing  # when flush is due (re-exported: the service asks the core)
+from fedmqtt.timing import flush_due as flush_due
+from fedmqtt.timing import round_target as round_target
 from fedmqtt.types import Array, is_id
 from fedmqtt.validation import Checked, Reference, check_norm, check_update
 
@@ -115,20 +117,6 @@ def rules(strategy: Strategy, initial: Mapping[str, Array], limits: Limits | Non
         sampling_key = secrets.token_bytes(32)
     return Rules(strategy, ref, lim, max_staleness, max_staleness + 1 if strategy.wants == "weights" else 1,
                  gated, sampling_key or b"")
-
-
-def sampled(key: bytes, epoch: str, step: int, agent: str, q: float) -> bool:
-    """The server's coin for ``agent`` in step ``step``: True with probability ``q``. A keyed hash, so every
-    update of a device in one step gets the same answer (re-sending does not buy another draw), coins of
-    different steps and devices are independent, and nobody without the key can predict them.
-
-    >>> [sampled(b"k", "e", 3, "a", q) for q in (0.0, 1.0)]
-    [False, True]
-    >>> sum(sampled(b"k", "e", 3, f"a{i}", 0.25) for i in range(4000))  # about 1,000
-    997
-    """
-    digest = hmac.new(key, f"{epoch}/{step}/{agent}".encode(), hashlib.sha256).digest()
-    return int.from_bytes(digest[:8], "big") < q * 2.0 ** 64
 
 
 class Counters(NamedTuple):
@@ -238,50 +226,6 @@ def replay(state: ServerState, entry: Entry, r: Rules) -> ServerState:
         raise StateError(f"a journal record of {entry.agent!r} cannot be replayed ({bad[0].reason}: "
                          f"{bad[0].detail}); was the aggregator's model or strategy changed?")
     return state
-
-
-class Timing(NamedTuple):
-    """When a step is due before a full buffer: sync rounds, and partial steps while updates are held."""
-
-    round_size: int | None = None  # sync: updates per round (None: agents online)
-    round_fraction: float | None = None  # sync: round = the first ceil(fraction × agents online) updates
-    round_deadline: float | None = 30.0  # sync: close a round after this many seconds with >= 1 update
-    step_deadline: float | None = 30.0  # one update per step: with updates held, a partial step after this
-    step_every: float = 10.0  # participation sampling: a step every this many seconds, whatever it holds
-
-
-def flush_due(state: ServerState, r: Rules, timing: Timing, online: int, waited: float) -> bool:
-    """Whether :func:`flush` is due, ``waited`` seconds after the last step with ``online`` agents present.
-
-    >>> from fedmqtt.strategies import fedavg
-    >>> r = rules(fedavg(), {"w": np.zeros(1, np.float32)})
-    >>> s = init(r, {"w": np.zeros(1, np.float32)}, "e")
-    >>> flush_due(s._replace(counters=Counters(since_step=3)), r, Timing(round_fraction=0.5), online=6, waited=0)
-    True
-    """
-    count = state.counters.since_step
-    if r.strategy.mode == "sync":
-        if count >= round_target(online, timing.round_size, timing.round_fraction):
-            return True
-        return bool(timing.round_deadline is not None and waited > timing.round_deadline and count)
-    if r.strategy.sampling is not None:
-        return waited >= timing.step_every
-    deadline = timing.step_deadline
-    return bool(r.gated and deadline is not None and state.gate.held and waited > deadline)
-
-
-def round_target(online: int, size: int | None = None, fraction: float | None = None) -> int:
-    """Sync mode: updates that close a round: ``size``, else ``ceil(fraction × online)``, else ``online``.
-
-    >>> round_target(6, fraction=0.5), round_target(6), round_target(6, size=2)
-    (3, 6, 2)
-    """
-    online = max(online, 1)
-    if size:
-        return size
-    if fraction:
-        return max(1, -(-int(fraction * online * 1000) // 1000))  # ceil, float-safe
-    return online
 
 
 # ---- the steps of one update ----------------------------------------------------------------------------

@@ -124,6 +124,16 @@ def outcome(ack: Ack, pending: Pending | None) -> str:
     return "rejected"
 
 
+def log_level(ack: Ack) -> int:
+    """How loudly an agent logs a refusal: ``not_sampled`` is routine (participation sampling leaves most
+    devices out of most steps), every other refusal is a warning.
+
+    >>> log_level(Ack(update_id="u", status="rejected", version=0, reason="not_sampled")) == logging.INFO
+    True
+    """
+    return logging.INFO if ack.reason == "not_sampled" else logging.WARNING
+
+
 PRIVACY_BUDGET_PAUSE = 300.0  # seconds between rounds once the aggregator refuses updates as privacy_budget
 
 

@@ -36,6 +36,7 @@ wrapper (its own RNG, a count of releases).
 from __future__ import annotations
 
 import functools
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -97,8 +98,6 @@ def epsilon(noise_multiplier: float, releases: int, delta: float = DELTA, sampli
         return 0.0
     if noise_multiplier <= 0:
         return float("inf")
-    import logging
-
     import dp_accounting
     from dp_accounting import rdp
 
