@@ -40,7 +40,8 @@ def statuses(count: int, online: list[str], offline: list[str]) -> list[Status]:
             ("state", "ONLINE"), ("state", ""), ("state", 1), ("state", None), ("state", ["online"]),
             ("agent", 5), ("agent", None), ("agent", ["a"]), ("version", "x"), ("version", 1.5), ("version", [3]),
             ("version", 1e400), ("updates_sent", "many"), ("updates_sent", 2.5), ("ts", "noon"), ("ts", [1]),
-            ("schema", "one"), ("schema", 1.5), ("schema", None), ("capabilities", "deep"),
+            ("schema", "one"), ("schema", 1.5), ("schema", None), ("schema", 2), ("schema", 0),
+            ("ts", float("nan")), ("ts", float("inf")), ("capabilities", "deep"),
         ]
         k = i // 2 % (len(defects) + 6)
         if k < len(defects):

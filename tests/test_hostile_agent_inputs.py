@@ -227,7 +227,8 @@ def test_a_masked_input_nested_beyond_the_parser_is_a_protocol_error() -> None:
 def test_hostile_acks_and_statuses_are_refused() -> None:
     acks = [b"{", b"[]", b'{"update_id": "u"}', b'{"update_id": "u", "status": "ok", "version": 1}',
             b'{"update_id": "u", "status": "accepted", "version": "x"}', b'{"update_id": 5, "status": "accepted", '
-            b'"version": 1}', b'{"update_id": "u", "status": "accepted", "version": 1, "reason": 7}']
+            b'"version": 1}', b'{"update_id": "u", "status": "accepted", "version": 1, "reason": 7}',
+            b'{"schema": 2, "update_id": "u", "status": "accepted", "version": 1}']
     for payload in acks:
         with pytest.raises(ValidationError):
             Ack.model_validate_json(payload)

@@ -23,9 +23,10 @@ class _Frozen(BaseModel):
 
 
 class _Message(BaseModel):
-    """A JSON message that readers must accept with unknown keys (protocol: "ignore unknown keys")."""
+    """A JSON message that readers must accept with unknown keys (protocol: "ignore unknown keys"), of
+    schema 1 and with finite numbers only (JSON has no NaN, but Python's and others' encoders write it)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
 
 class UpdateHeader(_Frozen):
@@ -91,7 +92,7 @@ def parse_model_metadata(metadata: dict[str, str]) -> ModelInfo:
 class Ack(_Message):
     """Sent by the aggregator on ``.../agents/{id}/acks`` once per received update (QoS 1)."""
 
-    schema_: int = Field(default=SCHEMA, alias="schema")
+    schema_: Literal[1] = Field(default=SCHEMA, alias="schema")
     update_id: str  # empty when the update was too broken to carry one
     status: Literal["accepted", "rejected"]
     version: int
@@ -104,7 +105,7 @@ class Ack(_Message):
 class Status(_Message):
     """An agent's retained presence on ``.../agents/{id}/status``."""
 
-    schema_: int = Field(default=SCHEMA, alias="schema")
+    schema_: Literal[1] = Field(default=SCHEMA, alias="schema")
     agent: str
     state: Literal["online", "training", "offline"]
     version: int | None = None
@@ -119,7 +120,7 @@ class AggregatorStatus(_Message):
     """The aggregator's retained presence on ``.../aggregator/status`` (last will: offline). ``instance``
     names the state it serves (one per state directory), so a second aggregator can tell it is not alone."""
 
-    schema_: int = Field(default=SCHEMA, alias="schema")
+    schema_: Literal[1] = Field(default=SCHEMA, alias="schema")
     instance: str
     state: Literal["online", "offline"]
     ts: float = 0.0
@@ -130,7 +131,7 @@ class Metrics(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow", populate_by_name=True)
 
-    schema_: int = Field(default=SCHEMA, alias="schema")
+    schema_: Literal[1] = Field(default=SCHEMA, alias="schema")
     version: int
     accepted: int
     rejected: int
