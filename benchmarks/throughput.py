@@ -10,6 +10,10 @@ a freshly encoded fedmqtt update per message, as fast as the broker takes them):
    in this process, in memory or with ``--durable`` a state directory (journal, fsync); publishers take
    their base version from the aggregator's acks; a watcher process subscribes to the retained model.
 
+The aggregator and the publishers raise glibc's malloc thresholds as ``fedmqtt aggregator`` does
+(fedmqtt.allocator; ``--default-malloc`` leaves them): otherwise every model-sized buffer is faulted in
+again page by page, which on a VM costs more than the work done on it.
+
 ``--workers N`` runs the root's worker tier: N worker processes (fedmqtt.worker) share the updates through an
 MQTT 5 shared subscription, check them and send sums of up to ``--worker-k`` to the aggregator, which then
 takes combined updates only (FedBuff). Reported besides: the workers' CPU seconds per update, so that what
@@ -64,9 +68,13 @@ def _client(client_id: str) -> Any:
 
 
 def publisher(port: int, topic: str, agent: str, acks_topic: str | None, n_params: int, start_at: float,
-              seconds: float, window: int, out: Any, rate: float = 0.0) -> None:
-    from fedmqtt import codec
+              seconds: float, window: int, out: Any, rate: float = 0.0, tune: bool = True) -> None:
+    from fedmqtt import allocator, codec
 
+    # a device encodes one update at a time; with glibc's default thresholds each 400 KB (4 MB) payload is
+    # faulted in page by page, which on this VM costs more than the aggregator's whole handling of it
+    if tune:
+        allocator.tune()
     params = make_params(n_params)
     rng = np.random.default_rng(abs(hash(agent)) % 2**32)
     delta = {k: (rng.standard_normal(v.shape) * 1e-3).astype(np.float32) for k, v in params.items()}
@@ -186,7 +194,8 @@ def raw_publishers(ctx: Any, port: int, args: Any, n_params: int, out: Any) -> t
     """Run the publishers of a raw phase to the end; their start time, processes and results."""
     start_at = time.monotonic() + 1.5
     pubs = [ctx.Process(target=publisher, args=(port, f"raw/updates/p{i}", f"p{i}", None, n_params, start_at,
-                                                args.seconds, args.window, out, args.rate / args.publishers))
+                                                args.seconds, args.window, out, args.rate / args.publishers,
+                                                not args.default_malloc))
             for i in range(args.publishers)]
     for p in pubs:
         p.start()
@@ -224,10 +233,12 @@ def run_raw_c(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
     with stamps.open("w") as f:
         sub = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-t", "raw/updates/+", "-q", "1", "-F", "%U",
                                 "-i", "raw-subscriber"], stdout=f)
-    time.sleep(0.5)  # subscribed
-    start_at, pubs, results = raw_publishers(ctx, port, args, n_params, ctx.Queue())
-    sub.terminate()
-    sub.wait(10)
+    try:
+        time.sleep(0.5)  # subscribed
+        start_at, pubs, results = raw_publishers(ctx, port, args, n_params, ctx.Queue())
+    finally:
+        sub.terminate()
+        sub.wait(10)
     arrivals = [float(line) + offset for line in stamps.read_text().split()]
     stamps.unlink()
     for p in pubs:
@@ -238,7 +249,7 @@ def run_raw_c(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
 
 
 async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[str, Any]:
-    from fedmqtt import codec
+    from fedmqtt import allocator, codec
     from fedmqtt.admission import AdmissionLimits
     from fedmqtt.aggregator import Aggregator, AggregatorConfig
     from fedmqtt.core import Limits
@@ -246,6 +257,8 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
     from fedmqtt.topics import Topics
     from fedmqtt.transport import BrokerConfig, mqtt_connector
 
+    if not args.default_malloc:
+        allocator.tune()  # as `fedmqtt aggregator` does
     topics = Topics(federation=f"tp{n_params}")
     strategy = make(args.strategy, **applicable(args.strategy, buffer_size=args.buffer_size))
     # a capacity test: a few publishers stand in for a fleet, so the per-device bounds are off
@@ -292,7 +305,8 @@ async def run_aggregator(ctx: Any, port: int, args: Any, n_params: int) -> dict[
         start_at = time.monotonic() + 2.0
         pubs = [ctx.Process(target=publisher,
                             args=(port, topics.update(f"p{i}"), f"p{i}", topics.acks(f"p{i}"), n_params, start_at,
-                                  args.seconds, args.window, out, args.rate / args.publishers))
+                                  args.seconds, args.window, out, args.rate / args.publishers,
+                                  not args.default_malloc))
                 for i in range(args.publishers)]
         for p in pubs:
             p.start()
@@ -380,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="offered load in messages/s over all publishers (0: as fast as the broker takes them)")
     p.add_argument("--workers", type=int, default=0, help="worker processes in front of the aggregator (FedBuff)")
     p.add_argument("--worker-k", type=int, default=16, help="device updates per combined update")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds alone in the aggregator and the publishers "
+                        "(`fedmqtt aggregator` tunes them: fedmqtt.allocator)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
