@@ -44,6 +44,8 @@ CONFIGS = {
     "float16": ("float16", "float16", "pull"),
     "int8": ("int8", "int8", "pull"),
     "topk10": ("topk:10%", "int8", "pull"),
+    "topk5": ("topk:5%", "int8", "pull"),
+    "topk3": ("topk:3%", "int8", "pull"),
     "topk1": ("topk:1%", "int8", "pull"),
 }
 

@@ -345,6 +345,7 @@ class Aggregator(Service):
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            started = time.monotonic()
             t = self.transport
             if t is None or not self.connected.is_set():
                 await self.connected.wait()
@@ -373,7 +374,7 @@ class Aggregator(Service):
             except TransportError as exc:
                 log.warning("publish failed: %s", exc)
                 self._dirty.set()
-            await asyncio.sleep(cfg.publish_interval)
+            await asyncio.sleep(max(0.0, cfg.publish_interval - (time.monotonic() - started)))  # from start to start
 
     async def _evaluator(self, evaluate: Evaluate) -> None:
         while True:
