@@ -92,7 +92,7 @@ def parse_model_metadata(metadata: dict[str, str]) -> ModelInfo:
 class Ack(_Message):
     """Sent by the aggregator on ``.../agents/{id}/acks`` once per received update (QoS 1)."""
 
-    schema_: Literal[1] = Field(default=1, alias="schema")  # SCHEMA
+    schema_: Literal[1] = Field(default=1, alias="schema")  # SCHEMA_VERSION
     update_id: str  # empty when the update was too broken to carry one
     status: Literal["accepted", "rejected"]
     version: int
@@ -105,7 +105,7 @@ class Ack(_Message):
 class Status(_Message):
     """An agent's retained presence on ``.../agents/{id}/status``."""
 
-    schema_: Literal[1] = Field(default=1, alias="schema")  # SCHEMA
+    schema_: Literal[1] = Field(default=1, alias="schema")  # SCHEMA_VERSION
     agent: str
     state: Literal["online", "training", "offline"]
     version: int | None = None
@@ -120,7 +120,7 @@ class AggregatorStatus(_Message):
     """The aggregator's retained presence on ``.../aggregator/status`` (last will: offline). ``instance``
     names the state it serves (one per state directory), so a second aggregator can tell it is not alone."""
 
-    schema_: Literal[1] = Field(default=1, alias="schema")  # SCHEMA
+    schema_: Literal[1] = Field(default=1, alias="schema")  # SCHEMA_VERSION
     instance: str
     state: Literal["online", "offline"]
     ts: float = 0.0
@@ -131,7 +131,7 @@ class Metrics(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow", populate_by_name=True)
 
-    schema_: Literal[1] = Field(default=1, alias="schema")  # SCHEMA
+    schema_: Literal[1] = Field(default=1, alias="schema")  # SCHEMA_VERSION
     version: int
     accepted: int
     rejected: int
